@@ -1,0 +1,6 @@
+"""mistral_jax: the Mistral transformer in JAX/Flax."""
+
+from mistral_jax.config import MistralConfig
+from mistral_jax.model import Mistral
+
+__all__ = ["MistralConfig", "Mistral"]

@@ -1,0 +1,80 @@
+"""Shared fixtures: reference checkpoints written by HF transformers' PyTorch Mistral."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from mistral_jax import Mistral
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(config, params, tokens):
+    return Mistral(config).apply({"params": params}, tokens)
+
+
+@dataclasses.dataclass
+class Reference:
+    """An HF MistralForCausalLM with strong random weights, saved, and its logits on `tokens`."""
+
+    dir: str
+    model: object  # transformers.MistralForCausalLM
+    tokens: np.ndarray  # int [B, T]
+    logits: np.ndarray  # float32 [B, T, V]
+    window: int | None
+
+
+# HF's default init (std 0.02, norm weights 1) makes attention nearly uniform, so a wrong
+# window or RoPE permutation would hide under the tolerance. These weights make it peaky.
+WEIGHT_STD = 0.2
+
+
+def build_reference(tmp_dir, *, seed, window, seq_len, **hf_config) -> Reference:
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.MistralConfig(sliding_window=window, attn_implementation="eager",
+                                        tie_word_embeddings=False, max_position_embeddings=512,
+                                        **hf_config)
+    model = transformers.MistralForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, WEIGHT_STD)
+        model.save_pretrained(tmp_dir)
+        tokens = torch.randint(0, config.vocab_size, (2, seq_len))
+        logits = model(tokens).logits.float().numpy()
+    return Reference(str(tmp_dir), model, tokens.numpy(), logits, window)
+
+
+WINDOW = 16
+
+
+@pytest.fixture(scope="session")
+def ref_windowed(tmp_path_factory):
+    """v0.1-like: sliding window, rope_theta 1e4, GQA 4/2, head_dim != dim / n_heads."""
+    return build_reference(tmp_path_factory.mktemp("hf_windowed"), seed=0, window=WINDOW,
+                           seq_len=4 * WINDOW + 5, hidden_size=64, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                           intermediate_size=160, vocab_size=320, rope_theta=1e4)
+
+
+@pytest.fixture(scope="session")
+def ref_full(tmp_path_factory):
+    """v0.3-like: no window, rope_theta 1e6, a single kv head."""
+    return build_reference(tmp_path_factory.mktemp("hf_full"), seed=1, window=None, seq_len=69,
+                           hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=16, intermediate_size=128,
+                           vocab_size=352, rope_theta=1e6)
+
+
+@pytest.fixture(params=["ref_windowed", "ref_full"])
+def reference(request) -> Reference:
+    return request.getfixturevalue(request.param)

@@ -1,0 +1,127 @@
+"""Logits of converted checkpoints vs HF transformers' PyTorch MistralForCausalLM."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import WINDOW, forward
+from mistral_jax.convert import load_pytorch
+
+TOL = 1e-4  # float32 max abs logit difference
+
+
+def max_diff(config, params, ref, length=None):
+    length = length or ref.tokens.shape[1]
+    logits = np.asarray(forward(config, params, ref.tokens[:, :length]))
+    return np.abs(logits - ref.logits[:, :length]).max()
+
+
+def test_hf_safetensors(reference):
+    config, params = load_pytorch(reference.dir)
+    assert config.sliding_window == reference.window
+    # Full length uses the banded kernel (T > 2W); prefixes up to 2W the dense causal one.
+    # HF is causal, so the logits of a prefix are a prefix of the logits.
+    T = reference.tokens.shape[1]
+    for length in (T, 2 * WINDOW + 1, 2 * WINDOW, WINDOW + 1, WINDOW - 1):
+        assert max_diff(config, params, reference, length) < TOL, length
+
+
+@pytest.mark.parametrize("fmt", ["sharded_safetensors", "bin"])
+def test_hf_other_formats(ref_windowed, tmp_path, fmt):
+    if fmt == "bin":
+        # transformers 5 ignores safe_serialization=False; write the pickle ourselves.
+        shutil.copy(os.path.join(ref_windowed.dir, "config.json"), tmp_path)
+        torch.save(ref_windowed.model.state_dict(), tmp_path / "pytorch_model.bin")
+    else:
+        ref_windowed.model.save_pretrained(tmp_path, max_shard_size="100KB")
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    config, params = load_pytorch(str(tmp_path))
+    assert max_diff(config, params, ref_windowed) < TOL
+
+
+def write_native(ref, out_dir, fmt, dtype=torch.float32, permute=True):
+    """The reference's weights in Mistral-native layout, as mistral-inference ships them.
+
+    wq/wk rows go back from HF's rotate-half order to interleaved pairs: the inverse of
+    `permute` in transformers' convert_mistral_weights_to_hf.py, written out here
+    independently of the library.
+    """
+    c = ref.model.config
+
+    def unpermute(w, n_heads):
+        rows, cols = w.shape
+        return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+    renames = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk",
+               "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+               "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+               "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
+               "post_attention_layernorm": "ffn_norm"}
+    state = {}
+    for name, w in ref.model.state_dict().items():
+        if name == "model.embed_tokens.weight":
+            name = "tok_embeddings.weight"
+        elif name == "model.norm.weight":
+            name = "norm.weight"
+        elif name == "lm_head.weight":
+            name = "output.weight"
+        else:
+            layer, hf_name = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
+            name = f"layers.{layer}.{renames[hf_name]}.weight"
+            if hf_name == "self_attn.q_proj" and permute:
+                w = unpermute(w, c.num_attention_heads)
+            elif hf_name == "self_attn.k_proj" and permute:
+                w = unpermute(w, c.num_key_value_heads)
+        state[name] = w.to(dtype).contiguous()
+
+    # As the official files: v0.1's params.json has no rope_theta, v0.3's no sliding_window.
+    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "head_dim": c.head_dim,
+              "hidden_dim": c.intermediate_size, "n_heads": c.num_attention_heads,
+              "n_kv_heads": c.num_key_value_heads, "norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size}
+    if c.sliding_window is not None:
+        params["sliding_window"] = c.sliding_window
+        assert c.rope_parameters["rope_theta"] == 1e4  # what the loader must infer
+    else:
+        params["rope_theta"] = c.rope_parameters["rope_theta"]
+    (out_dir / "params.json").write_text(json.dumps(params))
+    if fmt == "safetensors":
+        save_file(state, out_dir / "consolidated.safetensors")
+    else:
+        torch.save(state, out_dir / "consolidated.00.pth")
+    return out_dir
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_native_layout(reference, tmp_path, fmt):
+    config, params = load_pytorch(str(write_native(reference, tmp_path, fmt)))
+    assert config.sliding_window == reference.window
+    assert max_diff(config, params, reference) < TOL
+
+
+def test_native_and_hf_give_identical_params(ref_windowed, tmp_path):
+    _, hf = load_pytorch(ref_windowed.dir)
+    _, native = load_pytorch(str(write_native(ref_windowed, tmp_path, "safetensors")))
+    for (path, a), (_, b) in zip(_leaves(hf), _leaves(native)):
+        np.testing.assert_array_equal(a, b, err_msg=path)
+
+
+def _leaves(tree):
+    import jax
+
+    return sorted(((jax.tree_util.keystr(p), np.asarray(x)) for p, x in
+                   jax.tree_util.tree_flatten_with_path(tree)[0]), key=lambda t: t[0])
+
+
+def test_oracle_catches_planted_bugs(ref_windowed, tmp_path):
+    """The reference weights are strong enough that the classic mistakes fail by far."""
+    config, params = load_pytorch(ref_windowed.dir)
+    # The one_file_ref off-by-one: W+1 keys.
+    assert max_diff(config.replace(sliding_window=WINDOW + 1), params, ref_windowed) > 100 * TOL
+    # Native weights whose wq/wk rows were never put in interleaved order.
+    config, params = load_pytorch(str(write_native(ref_windowed, tmp_path, "safetensors", permute=False)))
+    assert max_diff(config, params, ref_windowed) > 100 * TOL
