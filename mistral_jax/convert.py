@@ -1,10 +1,10 @@
-"""PyTorch checkpoints (HF transformers and Mistral-native layouts) -> Flax params, streamed.
+"""PyTorch checkpoints (HF transformers and Mistral-native layouts) <-> Flax params, streamed.
 
 Conversion is a rename, a transpose/reshape per tensor, and one permutation: Mistral-native
 wq/wk rows rotate interleaved pairs (2i, 2i+1) while the model (rope.py) rotates halves
 (i, i + d/2), as HF's rows already do. Tensors are read lazily (safetensors through a
-memory map, PyTorch pickles through torch's mmap) and written one stacked parameter at a
-time, so the peak is one copy of the output plus one stacked tensor.
+memory map per tensor, PyTorch pickles through torch's mmap) and produced one stacked
+parameter at a time, so the peak is one copy of the output plus one source tensor.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import glob
 import json
 import os
 import re
-import struct
-from collections.abc import Callable, Mapping
+import shutil
+from collections.abc import Callable, Iterator, Mapping
 
+import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
+from mistral_jax.checkpoint import atomic_directory, check_destination, load_checkpoint, save_checkpoint
 from mistral_jax.config import MistralConfig
+from mistral_jax.tensor_files import TensorFileError, read_tensor_file, to_numpy, write_safetensors
 
 
 class CheckpointError(ValueError):
@@ -67,6 +69,17 @@ def torch_to_flax(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
     return w
 
 
+def flax_to_torch(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
+    """The inverse of torch_to_flax."""
+    if leaf in ("wq", "wk", "wv"):
+        return w.transpose(1, 2, 0).reshape(-1, c.dim)  # [D, N, d] -> [N*d, D]
+    if leaf == "wo":
+        return w.transpose(2, 0, 1).reshape(c.dim, -1)  # [H, d, D] -> [D, H*d]
+    if leaf in ("w1", "w2", "w3", "output"):
+        return w.T
+    return w
+
+
 def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Permutes wq/wk rows [N*d, D] so that pair (2i, 2i+1) of each head becomes (i, i + d/2).
 
@@ -76,91 +89,17 @@ def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
-# ---- reading tensors ------------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-                       "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32}
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """Memory-maps every tensor of a .safetensors file; nothing is read until used.
-
-    Our own reader (the format is an 8-byte header length, a JSON header, raw bytes) because
-    safetensors' numpy backend cannot express bfloat16; ml_dtypes can.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
-        if header_len > size - 8:
-            raise CheckpointError(f"{path} is not a complete safetensors file (header past end of file)")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            raise CheckpointError(f"{path} has a corrupt safetensors header") from None
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    start = 8 + header_len
-    tensors = {}
-    for name, info in header.items():
-        begin, end = (start + offset for offset in info["data_offsets"])
-        if end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {end}, file has {size}")
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        tensors[name] = data[begin:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return tensors
-
-
-def read_torch(path: str) -> dict[str, object]:
-    """Memory-maps a PyTorch pickle (.bin/.pth) state dict; tensors stay torch tensors."""
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(f"{path} is a PyTorch pickle; reading it needs torch installed") from None
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises several types for a bad file
-        raise CheckpointError(f"cannot read {path}: {e}") from None
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"{path} does not hold a state dict")
-    return dict(state)
-
-
-def to_numpy(tensor) -> np.ndarray:
-    """A numpy view of a numpy array or torch tensor, bfloat16 included."""
-    if isinstance(tensor, np.ndarray):
-        return tensor
-    import torch
-
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
-
-
-def _read_all(files: list[str]) -> dict[str, object]:
-    tensors: dict[str, object] = {}
-    for file in files:
-        read = read_safetensors if file.endswith(".safetensors") else read_torch
-        for name, tensor in read(file).items():
-            if name in tensors:
-                raise CheckpointError(f"tensor {name} appears in more than one file of {os.path.dirname(file)}")
-            tensors[name] = tensor
-    return tensors
-
-
 # ---- finding checkpoints --------------------------------------------------------------------
 
 def find_checkpoint(path: str) -> tuple[str, list[str]]:
-    """("hf" | "native", weight files) of a checkpoint directory."""
+    """("hf" | "native", weight files) of a PyTorch checkpoint directory."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} is not a directory")
     in_dir = lambda pattern: sorted(glob.glob(os.path.join(path, pattern)))  # noqa: E731
     if os.path.isfile(os.path.join(path, "config.json")):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                names = sorted(set(json.load(f)["weight_map"].values()))
+            names = sorted(set(_read_json(index)["weight_map"].values()))
             files = [os.path.join(path, n) for n in names]
             missing = [n for n, f in zip(names, files) if not os.path.isfile(f)]
             if missing:
@@ -183,10 +122,25 @@ def find_checkpoint(path: str) -> tuple[str, list[str]]:
                           "consolidated.safetensors or consolidated.00.pth)")
 
 
-# ---- conversion -----------------------------------------------------------------------------
+def _read_all(files: list[str]) -> dict[str, Mapping[str, object]]:
+    """Tensor name -> the (lazy) file mapping that holds it."""
+    sources: dict[str, Mapping[str, object]] = {}
+    for file in files:
+        try:
+            contents = read_tensor_file(file)
+        except TensorFileError as e:
+            raise CheckpointError(str(e)) from None
+        for name in contents:
+            if name in sources:
+                raise CheckpointError(f"tensor {name} appears in more than one file of {os.path.dirname(file)}")
+            sources[name] = contents
+    return sources
 
-def _source_names(layout: str, c: MistralConfig) -> dict[tuple, str]:
-    """Flax path (layer index after 'layers') -> tensor name in the checkpoint."""
+
+# ---- PyTorch -> Flax ------------------------------------------------------------------------
+
+def tensor_names(layout: str, c: MistralConfig) -> dict[tuple, str]:
+    """Flax path (with the layer index after 'layers') -> tensor name in a checkpoint of layout."""
     pick = 0 if layout == "native" else 1
     prefix = "layers" if layout == "native" else "model.layers"
     names = {path: names[pick] + ".weight" for path, names in TOP_TENSORS.items()}
@@ -196,13 +150,17 @@ def _source_names(layout: str, c: MistralConfig) -> dict[tuple, str]:
     return names
 
 
-def convert_tensors(layout: str, tensors: Mapping[str, object], config: MistralConfig, dtype: str,
-                    on_tensor: Callable[[str], None] = lambda name: None) -> dict:
-    """Checkpoint tensors (numpy or torch, PyTorch layout) -> nested dict of jax arrays."""
-    names = _source_names(layout, config)
-    tensors = {k: v for k, v in tensors.items() if not _IGNORED.match(k)}
-    missing = sorted(set(names.values()) - set(tensors))
-    unexpected = sorted(set(tensors) - set(names.values()))
+def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], config: MistralConfig, dtype: str,
+                     on_tensor: Callable[[str], None] = lambda name: None) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yields (Flax path, numpy array in dtype) per parameter, layers stacked, one at a time.
+
+    sources maps each tensor name to the file mapping that holds it; a tensor is mapped
+    from its file only while it is converted.
+    """
+    names = tensor_names(layout, config)
+    present = {k for k in sources if not _IGNORED.match(k)}
+    missing = sorted(set(names.values()) - present)
+    unexpected = sorted(present - set(names.values()))
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}")
     if unexpected:
@@ -210,35 +168,43 @@ def convert_tensors(layout: str, tensors: Mapping[str, object], config: MistralC
                               f"e.g. {unexpected[:3]}")
     np_dtype = jnp.dtype(dtype)
 
-    def load(path: tuple) -> np.ndarray:
+    def load(path: tuple, out: np.ndarray | None = None) -> np.ndarray:
         name, leaf = names[path], path[-1]
-        w = to_numpy(tensors[name])
+        w = to_numpy(sources[name][name])
         if tuple(w.shape) != torch_shape(leaf, config):
             raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, the config expects "
                                   f"{torch_shape(leaf, config)}")
         if layout == "native" and leaf in ("wq", "wk"):
             w = interleaved_to_rotate_half(w, config.n_heads if leaf == "wq" else config.n_kv_heads)
+        w = torch_to_flax(leaf, w, config)
+        if out is None:
+            out = np.empty(w.shape, np_dtype)
+        out[...] = w  # reads the mapped source and casts, with no intermediate copy
         on_tensor(name)
-        return torch_to_flax(leaf, w, config).astype(np_dtype)
+        return out
 
-    params: dict = {}
     for path in TOP_TENSORS:
-        _set(params, path, jnp.asarray(load(path)))
+        yield path, load(path)
     for path in LAYER_TENSORS:
-        first = load(("layers", 0) + path)
-        stacked = np.empty((config.n_layers,) + first.shape, np_dtype)
-        stacked[0] = first
-        for i in range(1, config.n_layers):
-            stacked[i] = load(("layers", i) + path)
-        _set(params, ("layers",) + path, jnp.asarray(stacked))
-        del stacked
-    return params
+        shape = torch_to_flax(path[-1], np.empty(torch_shape(path[-1], config), np.int8), config).shape
+        stacked = np.empty((config.n_layers,) + shape, np_dtype)
+        for i in range(config.n_layers):
+            load(("layers", i) + path, stacked[i])
+        yield ("layers",) + path, stacked
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
+def read_pytorch(path: str, dtype: str = "float32",
+                 on_tensor: Callable[[str], None] = lambda name: None
+                 ) -> tuple[MistralConfig, str, int, Iterator[tuple[tuple, np.ndarray]]]:
+    """(config, layout, number of tensors, iterator of (Flax path, numpy array)) of a checkpoint dir."""
+    layout, files = find_checkpoint(path)
+    if layout == "hf":
+        config = MistralConfig.from_dir(path)
+    else:
+        config = MistralConfig.from_params_dict(_read_json(os.path.join(path, "params.json")))
+    config = config.replace(dtype=dtype, param_dtype=dtype)
+    sources = _read_all(files)
+    return config, layout, len(tensor_names(layout, config)), iter_flax_params(layout, sources, config, dtype, on_tensor)
 
 
 def load_pytorch(path: str, dtype: str = "float32") -> tuple[MistralConfig, dict]:
@@ -252,11 +218,117 @@ def load_pytorch(path: str, dtype: str = "float32") -> tuple[MistralConfig, dict
     Returns:
       (config, params): params is the nested dict for `Mistral(config).apply({"params": params}, ...)`.
     """
-    layout, files = find_checkpoint(path)
-    config = MistralConfig.from_dir(path) if layout == "hf" else MistralConfig.from_params_dict(
-        _read_json(os.path.join(path, "params.json")))
-    config = config.replace(dtype=dtype, param_dtype=dtype)
-    return config, convert_tensors(layout, _read_all(files), config, dtype)
+    config, _, _, arrays = read_pytorch(path, dtype)
+    params: dict = {}
+    for param_path, array in arrays:
+        set_path(params, param_path, jnp.asarray(array))
+        del array
+    return config, params
+
+
+def set_path(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+# ---- Flax -> HF -----------------------------------------------------------------------------
+
+HF_SHARD_BYTES = 5 * 2**30  # what transformers' save_pretrained uses
+
+
+def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None = None,
+            max_shard_bytes: int = HF_SHARD_BYTES, on_tensor: Callable[[str], None] = lambda name: None
+            ) -> list[str]:
+    """Writes config.json and model.safetensors (sharded with an index above max_shard_bytes),
+    as transformers' MistralForCausalLM.from_pretrained reads them. Returns the files written."""
+    np_dtype = jnp.dtype(dtype) if dtype else None
+    arrays = jax.tree_util.tree_map(np.asarray, params)  # zero-copy views on CPU
+    entries = []
+    for path, name in tensor_names("hf", config).items():
+        leaf = arrays
+        for key in (path[:1] + path[2:]) if path[0] == "layers" else path:
+            leaf = leaf[key]
+        layer = path[1] if path[0] == "layers" else None
+        shape = torch_shape(path[-1], config)
+        out_dtype = np_dtype or leaf.dtype
+
+        def make(leaf=leaf, layer=layer, kind=path[-1], name=name):
+            on_tensor(name)
+            return flax_to_torch(kind, leaf if layer is None else leaf[layer], config)
+
+        entries.append((name, shape, out_dtype, make))
+
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = int(np.prod(entry[1])) * np.dtype(entry[2]).itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    written = []
+    if len(shards) == 1:
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), shards[0])
+        written.append("model.safetensors")
+    else:
+        weight_map = {}
+        for k, shard in enumerate(shards):
+            file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(os.path.join(out_dir, file), shard)
+            weight_map.update({entry[0]: file for entry in shard})
+            written.append(file)
+        total = sum(int(np.prod(e[1])) * np.dtype(e[2]).itemsize for e in entries)
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        written.append("model.safetensors.index.json")
+    config.replace(param_dtype=np.dtype(entries[0][2]).name).save_hf(out_dir)
+    return written + ["config.json"]
+
+
+# ---- whole directories ----------------------------------------------------------------------
+
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v2", "tokenizer.model.v1")
+
+
+def find_tokenizer(path: str) -> str | None:
+    """The sentencepiece model of a checkpoint directory, under any of its usual names."""
+    for name in TOKENIZER_NAMES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return None
+
+
+def convert_pytorch_checkpoint(src: str, dst: str, dtype: str = "bfloat16", overwrite: bool = False,
+                               on_start: Callable[[int], None] = lambda n: None,
+                               on_tensor: Callable[[str], None] = lambda name: None) -> MistralConfig:
+    """A PyTorch checkpoint directory -> a mistral_jax checkpoint (orbax params, config.json,
+    tokenizer.model when src has one). Holds one copy of the params, as numpy arrays."""
+    check_destination(dst, overwrite)
+    config, _, n_tensors, arrays = read_pytorch(src, dtype, on_tensor)
+    on_start(n_tensors)
+    params: dict = {}
+    for path, array in arrays:
+        set_path(params, path, array)
+    tokenizer = find_tokenizer(src)
+    save_checkpoint(dst, config, params, overwrite=overwrite,
+                    extra_files={"tokenizer.model": tokenizer} if tokenizer else None)
+    return config
+
+
+def export_hf_checkpoint(ckpt: str, dst: str, dtype: str | None = None, overwrite: bool = False,
+                         on_start: Callable[[int], None] = lambda n: None,
+                         on_tensor: Callable[[str], None] = lambda name: None) -> MistralConfig:
+    """A mistral_jax checkpoint -> an HF transformers directory (config.json, safetensors)."""
+    check_destination(dst, overwrite)
+    config, params = load_checkpoint(ckpt, dtype)
+    on_start(len(tensor_names("hf", config)))
+    tokenizer = find_tokenizer(ckpt)
+    with atomic_directory(dst, overwrite) as tmp:
+        save_hf(tmp, config, params, on_tensor=on_tensor)
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+    return config
 
 
 def _read_json(file: str) -> dict:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mistral_jax.convert import CheckpointError, load_pytorch, read_safetensors
+from mistral_jax.convert import CheckpointError, load_pytorch
+from mistral_jax.tensor_files import SafetensorsFile
 
 
 def copy_reference(ref, tmp_path):
@@ -24,7 +25,7 @@ def test_safetensors_reader_matches_safetensors(ref_windowed, tmp_path):
     """Our memory-mapped reader against the safetensors library, bfloat16 included."""
     state = {k: v.to(torch.bfloat16) for k, v in load_file(os.path.join(ref_windowed.dir, "model.safetensors")).items()}
     save_file(state, tmp_path / "bf16.safetensors")
-    ours = read_safetensors(str(tmp_path / "bf16.safetensors"))
+    ours = SafetensorsFile(str(tmp_path / "bf16.safetensors"))
     assert set(ours) == set(state)
     for name, tensor in state.items():
         np.testing.assert_array_equal(np.asarray(ours[name], np.float32), tensor.float().numpy())

@@ -1,0 +1,116 @@
+"""Orbax save/restore of params, with config.json beside them.
+
+Layout of a checkpoint directory: config.json (HF format), params/ (orbax), and optionally
+tokenizer.model. A directory appears whole or not at all: it is written under a temporary
+name beside its destination and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from mistral_jax.config import MistralConfig
+
+PARAMS_DIR = "params"
+
+
+class CheckpointExistsError(FileExistsError):
+    """The destination exists and is not empty."""
+
+
+def check_destination(path: str, overwrite: bool = False) -> None:
+    """Refuses a destination that exists and is not empty, unless overwrite."""
+    if os.path.exists(path) and not overwrite and (not os.path.isdir(path) or os.listdir(path)):
+        raise CheckpointExistsError(f"{path} exists and is not empty (use --overwrite to replace it)")
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
+    """Yields a fresh directory beside `path` that replaces `path` if the block succeeds.
+
+    On any failure (an exception, Ctrl-C) the temporary directory is removed and `path`
+    is left as it was.
+    """
+    path = os.path.abspath(path)
+    check_destination(path, overwrite)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    try:
+        yield tmp
+        if os.path.lexists(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
+            os.rename(path, os.path.join(old, "previous"))
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _checkpointer() -> ocp.Checkpointer:
+    # Synchronous: an async save would first copy every array to host memory, doubling the peak.
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+def save_checkpoint(path: str, config: MistralConfig, params, *, overwrite: bool = False,
+                    extra_files: dict[str, str] | None = None) -> None:
+    """Writes params (jax or numpy arrays) and config.json to the directory `path`.
+
+    Args:
+      path: the checkpoint directory; refused if it exists and is not empty, unless overwrite.
+      config: its param_dtype is set from the params when written.
+      params: the nested dict of `Mistral(config).apply({"params": params}, ...)`.
+      extra_files: {name in the checkpoint: file to copy}, e.g. {"tokenizer.model": ...}.
+    """
+    dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
+    with atomic_directory(path, overwrite) as tmp:
+        try:
+            _checkpointer().save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params))
+        except Exception as e:  # tensorstore reports a full disk as ValueError
+            raise OSError(f"writing {path} failed: {e}") from e
+        config.replace(param_dtype=dtype).save_hf(tmp)
+        for name, file in (extra_files or {}).items():
+            shutil.copyfile(file, os.path.join(tmp, name))
+
+
+def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tuple[MistralConfig, dict]:
+    """Restores (config, params) from a directory written by save_checkpoint.
+
+    Args:
+      path: the checkpoint directory.
+      dtype: cast params to this dtype while restoring ("float32", "bfloat16"); also the
+        compute dtype of the returned config. Default: as stored.
+      shardings: a pytree of jax.sharding.Sharding matching the params; each array is read
+        straight onto its shards, so a model never has to fit on one device. Default: all on
+        the first device.
+    """
+    config = MistralConfig.from_dir(path)
+    params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{path} has no {PARAMS_DIR}/ directory: not a mistral_jax checkpoint")
+    checkpointer = _checkpointer()
+    stored = checkpointer.metadata(params_dir).item_metadata.tree
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, stored)
+    target = jax.tree_util.tree_map(
+        lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, np.dtype(dtype or meta.dtype), sharding=sharding),
+        stored, shardings)
+    params = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+    dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
+    return config.replace(param_dtype=dtype, dtype=dtype), params

@@ -1,0 +1,84 @@
+"""What the command-line scripts share: one-line errors, a progress bar, quiet logs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Runs a script's main(): any error is one line on stderr and exit status 1, never a
+    traceback (set MISTRAL_JAX_DEBUG=1 to see it); Ctrl-C exits with 130."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if not os.environ.get("MISTRAL_JAX_DEBUG"):
+        _quiet_library_threads()
+    try:
+        status = main() or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        status = 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns errors into a message
+        if os.environ.get("MISTRAL_JAX_DEBUG"):
+            raise
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OSError) and e.filename and e.filename not in message:
+            message = f"{message}: {e.filename}"
+        print(f"error: {message}", file=sys.stderr)
+        status = 1
+    sys.exit(status)
+
+
+def _quiet_library_threads() -> None:
+    """Orbax's and tensorstore's worker threads log and print tracebacks of their own when a
+    write fails; the main thread then raises the same error, which is what we report."""
+    import threading
+
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.FATAL)
+    except ImportError:
+        pass
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    threading.excepthook = lambda args: None
+    sys.unraisablehook = lambda args: None
+
+
+class Progress:
+    """A progress bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done = total, label, 0
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self._last_decile = -1
+
+    def update(self, item: str = "") -> None:
+        self.done += 1
+        fraction = self.done / max(self.total, 1)
+        bar = "#" * int(30 * fraction)
+        line = f"{self.label} [{bar:<30}] {self.done}/{self.total} {item}"
+        if self.tty:
+            print(f"\r\033[K{line}", end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
+        elif int(10 * fraction) > self._last_decile:
+            self._last_decile = int(10 * fraction)
+            print(line, file=sys.stderr, flush=True)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def human_count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def directory_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)

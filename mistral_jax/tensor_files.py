@@ -1,0 +1,115 @@
+"""Tensor files, read and written one tensor at a time: safetensors (no torch needed) and
+PyTorch pickles (.bin/.pth, through torch's mmap).
+
+Our own safetensors reader/writer because the safetensors package's numpy backend cannot
+express bfloat16; ml_dtypes can. The format: an 8-byte little-endian header length, a JSON
+header {name: {dtype, shape, data_offsets}}, then the raw bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator, Mapping
+
+import ml_dtypes
+import numpy as np
+
+
+class TensorFileError(ValueError):
+    """A tensor file that cannot be read."""
+
+
+_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+           "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class SafetensorsFile(Mapping):
+    """name -> np.memmap of one tensor, mapped when asked for and unmapped when dropped."""
+
+    def __init__(self, path: str):
+        self.path = path
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else size
+            if header_len > size - 8:
+                raise TensorFileError(f"{path} is not a complete safetensors file (header past end of file)")
+            try:
+                header = json.loads(f.read(header_len))
+            except ValueError:
+                raise TensorFileError(f"{path} has a corrupt safetensors header") from None
+        header.pop("__metadata__", None)
+        self._entries = {}
+        for name, info in header.items():
+            begin, end = (8 + header_len + offset for offset in info["data_offsets"])
+            if end > size:
+                raise TensorFileError(f"{path} is truncated: tensor {name} ends at byte {end}, file has {size}")
+            if info["dtype"] not in _DTYPES:
+                raise TensorFileError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            self._entries[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        dtype, shape, offset = self._entries[name]
+        if 0 in shape:
+            return np.empty(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Writes tensors (name, shape, dtype, make_array) in order, making one array at a time."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, _ in entries:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # keeps the data 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, shape, dtype, make_array in entries:
+            array = np.ascontiguousarray(make_array(), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"tensor {name} has shape {array.shape}, header says {tuple(shape)}")
+            f.write(array.reshape(-1).view(np.uint8).data)  # bytes view: bfloat16 has no buffer format
+
+
+def read_torch(path: str) -> dict[str, object]:
+    """Memory-maps a PyTorch pickle (.bin/.pth) state dict; tensors stay torch tensors."""
+    try:
+        import torch
+    except ImportError:
+        raise TensorFileError(f"{path} is a PyTorch pickle; reading it needs torch installed") from None
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises several types for a bad file
+        raise TensorFileError(f"cannot read {path}: {e}") from None
+    if not isinstance(state, Mapping):
+        raise TensorFileError(f"{path} does not hold a state dict")
+    return dict(state)
+
+
+def read_tensor_file(path: str) -> Mapping[str, object]:
+    return SafetensorsFile(path) if path.endswith(".safetensors") else read_torch(path)
+
+
+def to_numpy(tensor) -> np.ndarray:
+    """A numpy view of a numpy array or torch tensor, bfloat16 included."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()

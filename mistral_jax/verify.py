@@ -1,0 +1,73 @@
+"""Checks a conversion by running the PyTorch model of the source checkpoint beside ours.
+
+Needs torch and transformers. Both sides compute in float32 on the same weights (the
+source rounded to the converted dtype), so a difference above float32 noise means a
+conversion error, whatever dtype was converted to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax.config import MistralConfig
+from mistral_jax.convert import find_checkpoint, interleaved_to_rotate_half, tensor_names
+from mistral_jax.tensor_files import read_tensor_file, to_numpy
+from mistral_jax.model import Mistral
+
+
+@dataclasses.dataclass
+class Comparison:
+    max_abs_diff: float
+    logit_scale: float  # max |logit| of the PyTorch model
+    top1_agreement: float
+    n_tokens: int
+
+    def ok(self, tolerance: float) -> bool:
+        """max |diff| within tolerance relative to the logits' scale (at least 1)."""
+        return self.max_abs_diff <= tolerance * max(1.0, self.logit_scale)
+
+
+def pytorch_model(src: str, config: MistralConfig):
+    """transformers' MistralForCausalLM holding the source checkpoint's weights, rounded to
+    config.param_dtype and held in float32."""
+    import torch
+    import transformers
+
+    layout, files = find_checkpoint(src)
+    hf_config = transformers.MistralConfig(**config.to_hf_dict(), attn_implementation="eager")
+    with torch.device("meta"):
+        model = transformers.MistralForCausalLM(hf_config)
+    native_to_hf = dict(zip(tensor_names("native", config).values(), tensor_names("hf", config).values()))
+    state = {}
+    for file in files:
+        for name, tensor in read_tensor_file(file).items():
+            w = to_numpy(tensor)
+            if layout == "native":
+                name = native_to_hf[name]
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    n_heads = config.n_heads if "q_proj" in name else config.n_kv_heads
+                    w = interleaved_to_rotate_half(w, n_heads)
+            rounded = np.asarray(w).astype(jnp.dtype(config.param_dtype)).astype(np.float32)
+            state[name] = torch.from_numpy(rounded)
+    model.load_state_dict(state, strict=True, assign=True)
+    # The rotary frequencies are a computed buffer, not a checkpoint tensor: build them for real.
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config)
+    return model.eval()
+
+
+def compare_with_pytorch(src: str, config: MistralConfig, params, n_tokens: int = 256, seed: int = 0) -> Comparison:
+    """Logits of both models on 2 x n_tokens random tokens."""
+    import torch
+
+    tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (2, n_tokens), dtype=np.int32)
+    with torch.no_grad():
+        expected = pytorch_model(src, config)(torch.from_numpy(tokens).long()).logits.numpy()
+    f32 = config.replace(dtype="float32", param_dtype="float32")
+    params32 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    got = np.asarray(jax.jit(Mistral(f32).apply)({"params": params32}, tokens))
+    return Comparison(max_abs_diff=float(np.abs(got - expected).max()), logit_scale=float(np.abs(expected).max()),
+                      top1_agreement=float((got.argmax(-1) == expected.argmax(-1)).mean()), n_tokens=tokens.size)
