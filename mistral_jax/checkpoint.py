@@ -63,8 +63,9 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def _checkpointer() -> ocp.Checkpointer:
-    # Synchronous: an async save would first copy every array to host memory, doubling the peak.
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    # Synchronous, at most 1 GB in flight and uncompressed: saving then needs no memory beyond
+    # the params themselves (compression buffers cost ~1 GB; weights compress by little).
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, use_compression=False))
 
 
 def save_checkpoint(path: str, config: MistralConfig, params, *, overwrite: bool = False,
@@ -80,7 +81,7 @@ def save_checkpoint(path: str, config: MistralConfig, params, *, overwrite: bool
     dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
     with atomic_directory(path, overwrite) as tmp:
         try:
-            _checkpointer().save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params))
+            _checkpointer().save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
         except Exception as e:  # tensorstore reports a full disk as ValueError
             raise OSError(f"writing {path} failed: {e}") from e
         config.replace(param_dtype=dtype).save_hf(tmp)
@@ -111,6 +112,7 @@ def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tupl
     target = jax.tree_util.tree_map(
         lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, np.dtype(dtype or meta.dtype), sharding=sharding),
         stored, shardings)
-    params = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
     dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
     return config.replace(param_dtype=dtype, dtype=dtype), params

@@ -22,7 +22,7 @@ import numpy as np
 
 from mistral_jax.checkpoint import atomic_directory, check_destination, load_checkpoint, save_checkpoint
 from mistral_jax.config import MistralConfig
-from mistral_jax.tensor_files import TensorFileError, read_tensor_file, to_numpy, write_safetensors
+from mistral_jax.tensor_files import TensorFileError, aligned_empty, read_tensor_file, to_numpy, write_safetensors
 
 
 class CheckpointError(ValueError):
@@ -170,7 +170,8 @@ def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], c
 
     def load(path: tuple, out: np.ndarray | None = None) -> np.ndarray:
         name, leaf = names[path], path[-1]
-        w = to_numpy(sources[name][name])
+        source = sources[name]
+        w = to_numpy(source[name])
         if tuple(w.shape) != torch_shape(leaf, config):
             raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, the config expects "
                                   f"{torch_shape(leaf, config)}")
@@ -178,8 +179,9 @@ def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], c
             w = interleaved_to_rotate_half(w, config.n_heads if leaf == "wq" else config.n_kv_heads)
         w = torch_to_flax(leaf, w, config)
         if out is None:
-            out = np.empty(w.shape, np_dtype)
+            out = aligned_empty(w.shape, np_dtype)
         out[...] = w  # reads the mapped source and casts, with no intermediate copy
+        source.release(name)
         on_tensor(name)
         return out
 
@@ -187,7 +189,7 @@ def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], c
         yield path, load(path)
     for path in LAYER_TENSORS:
         shape = torch_to_flax(path[-1], np.empty(torch_shape(path[-1], config), np.int8), config).shape
-        stacked = np.empty((config.n_layers,) + shape, np_dtype)
+        stacked = aligned_empty((config.n_layers,) + shape, np_dtype)
         for i in range(config.n_layers):
             load(("layers", i) + path, stacked[i])
         yield ("layers",) + path, stacked
@@ -221,8 +223,7 @@ def load_pytorch(path: str, dtype: str = "float32") -> tuple[MistralConfig, dict
     config, _, _, arrays = read_pytorch(path, dtype)
     params: dict = {}
     for param_path, array in arrays:
-        set_path(params, param_path, jnp.asarray(array))
-        del array
+        set_path(params, param_path, jax.device_put(array, may_alias=True))  # no copy on CPU
     return config, params
 
 
@@ -303,13 +304,13 @@ def convert_pytorch_checkpoint(src: str, dst: str, dtype: str = "bfloat16", over
                                on_start: Callable[[int], None] = lambda n: None,
                                on_tensor: Callable[[str], None] = lambda name: None) -> MistralConfig:
     """A PyTorch checkpoint directory -> a mistral_jax checkpoint (orbax params, config.json,
-    tokenizer.model when src has one). Holds one copy of the params, as numpy arrays."""
+    tokenizer.model when src has one). Holds one copy of the params."""
     check_destination(dst, overwrite)
     config, _, n_tensors, arrays = read_pytorch(src, dtype, on_tensor)
     on_start(n_tensors)
     params: dict = {}
     for path, array in arrays:
-        set_path(params, path, array)
+        set_path(params, path, jax.device_put(array, may_alias=True))  # orbax saves jax arrays faster
     tokenizer = find_tokenizer(src)
     save_checkpoint(dst, config, params, overwrite=overwrite,
                     extra_files={"tokenizer.model": tokenizer} if tokenizer else None)

@@ -8,7 +8,10 @@ header {name: {dtype, shape, data_offsets}}, then the raw bytes.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -63,6 +66,9 @@ class SafetensorsFile(Mapping):
     def __len__(self) -> int:
         return len(self._entries)
 
+    def release(self, name: str) -> None:
+        """Nothing to do: a tensor's mapping goes away with its array."""
+
 
 def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
                       metadata: dict[str, str] | None = None) -> None:
@@ -85,23 +91,64 @@ def write_safetensors(path: str, entries: list[tuple[str, tuple[int, ...], np.dt
             f.write(array.reshape(-1).view(np.uint8).data)  # bytes view: bfloat16 has no buffer format
 
 
-def read_torch(path: str) -> dict[str, object]:
-    """Memory-maps a PyTorch pickle (.bin/.pth) state dict; tensors stay torch tensors."""
-    try:
-        import torch
-    except ImportError:
-        raise TensorFileError(f"{path} is a PyTorch pickle; reading it needs torch installed") from None
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # torch raises several types for a bad file
-        raise TensorFileError(f"cannot read {path}: {e}") from None
-    if not isinstance(state, Mapping):
-        raise TensorFileError(f"{path} does not hold a state dict")
-    return dict(state)
+class TorchFile(Mapping):
+    """name -> torch tensor of a PyTorch pickle (.bin/.pth), memory-mapped by torch.
+
+    The whole file is mapped at once, so pages read stay resident until released: call
+    release(name) once a tensor has been copied out.
+    """
+
+    def __init__(self, path: str):
+        try:
+            import torch
+        except ImportError:
+            raise TensorFileError(f"{path} is a PyTorch pickle; reading it needs torch installed") from None
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises several types for a bad file
+            raise TensorFileError(f"cannot read {path}: {e}") from None
+        if not isinstance(state, Mapping):
+            raise TensorFileError(f"{path} does not hold a state dict")
+        self.path, self._state = path, dict(state)
+
+    def __getitem__(self, name: str):
+        return self._state[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def release(self, name: str) -> None:
+        tensor = self._state[name]
+        _drop_file_pages(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_MADV_DONTNEED = 4  # Linux
+
+
+def _drop_file_pages(address: int, nbytes: int) -> None:
+    """Drops the resident pages of a read-only, file-backed private mapping (torch's mmap):
+    they are clean, so the kernel re-reads them from the file if they are touched again."""
+    page = mmap.PAGESIZE
+    start, end = -(-address // page) * page, (address + nbytes) // page * page
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def read_tensor_file(path: str) -> Mapping[str, object]:
-    return SafetensorsFile(path) if path.endswith(".safetensors") else read_torch(path)
+    return SafetensorsFile(path) if path.endswith(".safetensors") else TorchFile(path)
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.empty aligned to 64 bytes, which lets jax.device_put on CPU use it without a copy."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    offset = -raw.ctypes.data % 64
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def to_numpy(tensor) -> np.ndarray:
