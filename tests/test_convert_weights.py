@@ -165,6 +165,8 @@ def test_bad_sources(ref_windowed, tmp_path, capsys):
     assert_one_line_error(*run(capsys, src, tmp_path / "out")[::2], "truncated")
     (src / "config.json").write_text("{")
     assert_one_line_error(*run(capsys, src, tmp_path / "out")[::2], "cannot read .*config.json")
+    assert_one_line_error(*run(capsys, ref_windowed.dir, tmp_path / "out", "--to-hf")[::2],
+                          "no params/ directory: not a mistral_jax checkpoint")
     assert not (tmp_path / "out").exists()
 
 
