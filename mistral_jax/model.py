@@ -1,7 +1,7 @@
 """The Mistral transformer as Flax linen modules.
 
-Shapes: B batch, T sequence, D dim, H heads, K kv heads, d head dim, F hidden dim,
-V vocab, L layers.
+Shapes: B batch, T sequence (or chunk), C cache slots, D dim, H heads, K kv heads,
+d head dim, F hidden dim, V vocab, L layers.
 
 Parameter names are Mistral-native (tok_embeddings, layers/attention/wq, feed_forward/w1,
 attention_norm, ffn_norm, norm, output); kernels are stored input-major ([D, H, d] for wq),
@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.attention import causal_attention
+from mistral_jax.attention import attention_mask, causal_attention, masked_attention
+from mistral_jax.cache import KVCache, rolling_update, write_slots
 from mistral_jax.config import MistralConfig
 from mistral_jax.rope import apply_rope
 
@@ -50,12 +51,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE and an optional sliding window."""
+    """Grouped-query self-attention with RoPE and an optional sliding window.
+
+    Without a cache: the full sequence at positions 0..T-1. With a cache (this layer's
+    (k, v) [B, C, K, d] and the slot positions [B, C]): a chunk of T tokens at `positions`
+    [B, T] (-1 for padding), returning the updated (k, v) too. A chunk of several tokens
+    reads (cache ∪ chunk) and then writes, since its early queries may need slots its later
+    tokens overwrite; a single decode token writes and then reads, so no copy is made.
+    """
 
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, cache=None, cache_positions=None):
         c = self.config
         D, H, K, d = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
         wq = _param(self, "wq", (D, H, d), ("embed", "heads", "head_dim"), _fan_in(0, (1, 2)))
@@ -65,8 +73,25 @@ class Attention(nn.Module):
         q = apply_rope(jnp.einsum("BTD,DHd->BTHd", x, wq), positions, c.rope_theta)
         k = apply_rope(jnp.einsum("BTD,DKd->BTKd", x, wk), positions, c.rope_theta)
         v = jnp.einsum("BTD,DKd->BTKd", x, wv)
-        out = causal_attention(q, k, v, c.sliding_window)
-        return jnp.einsum("BTHd,HdD->BTD", out, wo)
+        if cache is None:
+            out, cache = causal_attention(q, k, v, c.sliding_window), None
+        else:
+            out, cache = self._with_cache(q, k, v, positions, cache, cache_positions)
+        return jnp.einsum("BTHd,HdD->BTD", out, wo), cache
+
+    def _with_cache(self, q, k, v, positions, cache, cache_positions):
+        window = self.config.sliding_window
+        k_cache, v_cache = cache
+        slots = write_slots(positions, k_cache.shape[1])
+        new_k, new_v = rolling_update(k_cache, slots, k), rolling_update(v_cache, slots, v)
+        if q.shape[1] == 1:  # decode: write, then read the cache
+            key_positions = rolling_update(cache_positions, slots, positions)
+            out = masked_attention(q, new_k, new_v, attention_mask(positions, key_positions, window))
+        else:  # prefill chunk: read cache ∪ chunk, then write
+            key_positions = jnp.concatenate([cache_positions, positions], axis=1)
+            keys, values = jnp.concatenate([k_cache, k], axis=1), jnp.concatenate([v_cache, v], axis=1)
+            out = masked_attention(q, keys, values, attention_mask(positions, key_positions, window))
+        return out, (new_k, new_v)
 
 
 class FeedForward(nn.Module):
@@ -90,35 +115,49 @@ class Block(nn.Module):
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray) -> tuple[jnp.ndarray, None]:
+    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, cache, cache_positions):
         c = self.config
-        h = x + Attention(c, name="attention")(RMSNorm(c, name="attention_norm")(x), positions)
+        attended, cache = Attention(c, name="attention")(
+            RMSNorm(c, name="attention_norm")(x), positions, cache, cache_positions)
+        h = x + attended
         out = h + FeedForward(c, name="feed_forward")(RMSNorm(c, name="ffn_norm")(h))
-        return out, None
+        return out, cache
 
 
 class Mistral(nn.Module):
-    """tokens int [B, T] -> logits float32 [B, T, V]."""
+    """tokens int [B, T] -> logits float32 [B, T, V].
+
+    With a KVCache, tokens are a chunk at `positions` [B, T] (-1 marks padding) following
+    what the cache holds, and the call returns (logits, updated cache).
+    """
 
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, tokens: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None, cache: KVCache | None = None):
         c = self.config
         B, T = tokens.shape
         embedding = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"),
                            nn.initializers.normal(1.0))
         x = jnp.take(embedding, tokens, axis=0)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+        layer_caches = None if cache is None else (cache.k, cache.v)
+        cache_positions = None if cache is None else cache.positions
 
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=nn.broadcast, length=c.n_layers,
+                         in_axes=(nn.broadcast, 0, nn.broadcast), length=c.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = layers(c, name="layers")(x, positions)
+        x, layer_caches = layers(c, name="layers")(x, positions, layer_caches, cache_positions)
 
         x = RMSNorm(c, name="norm")(x)
         output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
-        return jnp.einsum("BTD,DV->BTV", x, output, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("BTD,DV->BTV", x, output, preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits
+        slots = write_slots(positions, cache.positions.shape[1])
+        k, v = layer_caches
+        return logits, KVCache(k=k, v=v, positions=rolling_update(cache.positions, slots, positions))

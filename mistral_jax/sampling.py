@@ -1,0 +1,212 @@
+"""Sampling: logits -> token, chunked prefill into the rolling cache, a compiled decode loop.
+
+Everything per token happens inside one `jax.lax.while_loop` whose carry (SamplingState)
+holds the cache, positions, PRNG key and output buffer: no host round trip per token.
+Params are arguments, never closed over. Prompt and output lengths are padded to buckets,
+and the true lengths are traced values, so a new prompt length within a bucket does not
+recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax.cache import KVCache
+from mistral_jax.config import MistralConfig
+from mistral_jax.model import Mistral
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill step (at most the window)
+
+
+@flax.struct.dataclass
+class SamplingState:
+    cache: KVCache
+    tokens: jax.Array  # [B, N] int32: generated tokens; N is the output bucket
+    last: jax.Array  # [B] int32: the token to feed next
+    position: jax.Array  # [B] int32: its position
+    done: jax.Array  # [B] bool: the row has emitted eos
+    step: jax.Array  # [] int32: tokens generated so far
+    key: jax.Array
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int | None = None,
+                  top_p: float | None = None) -> jax.Array:
+    """logits [B, V] / temperature, with -inf outside the top_k, then outside the smallest set
+    of tokens whose probability reaches top_p (the most likely token always stays)."""
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = -jnp.sort(-logits, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
+        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int | None = None,
+                  top_p: float | None = None) -> jax.Array:
+    """logits [B, V] -> tokens [B] int32: greedy at temperature 0, else sampled from
+    filter_logits(...)."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Array:
+    """[B, chunk] positions start..start+chunk-1, -1 past each row's length."""
+    positions = start + jnp.arange(chunk, dtype=jnp.int32)[None, :]
+    return jnp.where(positions < lengths[:, None], positions, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk"))
+def prefill(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array, cache: KVCache,
+            chunk: int) -> tuple[jax.Array, KVCache]:
+    """Runs prompts [B, P] (right-padded, P a multiple of chunk) through the model `chunk`
+    tokens at a time, as far as the longest prompt. Returns the logits [B, V] at each row's
+    last prompt token and the filled cache."""
+    model = Mistral(config)
+    B = prompts.shape[0]
+
+    def body(i, carry):
+        last_logits, cache = carry
+        start = i * chunk
+        tokens = jax.lax.dynamic_slice_in_dim(prompts, start, chunk, axis=1)
+        logits, cache = model.apply({"params": params}, tokens, _chunk_positions(start, chunk, lengths), cache)
+        index = lengths - 1 - start  # each row's last token, if it lies in this chunk
+        here = jnp.take_along_axis(logits, jnp.clip(index, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        in_chunk = ((index >= 0) & (index < chunk))[:, None]
+        return jnp.where(in_chunk, here, last_logits), cache
+
+    n_chunks = (jnp.max(lengths) + chunk - 1) // chunk
+    init = (jnp.zeros((B, config.vocab_size), jnp.float32), cache)
+    return jax.lax.fori_loop(0, n_chunks, body, init)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk", "max_tokens", "temperature", "top_k", "top_p",
+                                             "eos_id"))
+def start(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array, key: jax.Array, *, chunk: int,
+          max_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+          eos_id: int) -> SamplingState:
+    """Prefills the prompts and samples the first token; max_tokens is the output bucket."""
+    B, P = prompts.shape
+    cache = KVCache.init(config, B, P + max_tokens)
+    logits, cache = prefill(params, config, prompts, lengths, cache, chunk)
+    first = sample_logits(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    tokens = jnp.zeros((B, max_tokens), jnp.int32).at[:, 0].set(first)
+    return SamplingState(cache=cache, tokens=tokens, last=first, position=lengths.astype(jnp.int32),
+                         done=first == eos_id, step=jnp.array(1, jnp.int32), key=key)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k", "top_p", "eos_id"),
+                   donate_argnames=("state",))
+def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.Array, *, temperature: float,
+           top_k: int | None, top_p: float | None, eos_id: int) -> SamplingState:
+    """Generates tokens until state.step reaches until_step or every row is done."""
+    model = Mistral(config)
+    until_step = jnp.minimum(until_step, state.tokens.shape[1])
+
+    def cond(s: SamplingState):
+        return (s.step < until_step) & ~jnp.all(s.done)
+
+    def body(s: SamplingState) -> SamplingState:
+        logits, cache = model.apply({"params": params}, s.last[:, None], s.position[:, None], s.cache)
+        token = sample_logits(logits[:, 0], jax.random.fold_in(s.key, s.step), temperature, top_k, top_p)
+        token = jnp.where(s.done, eos_id, token)
+        return SamplingState(cache=cache, tokens=s.tokens.at[:, s.step].set(token), last=token,
+                             position=s.position + 1, done=s.done | (token == eos_id), step=s.step + 1, key=s.key)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _bucket(n: int) -> int:
+    """Next power of two: the padded lengths that share one compiled program."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _validate(config: MistralConfig, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if len(prompt) > config.max_seq_len:
+            raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than the model's max_seq_len "
+                             f"{config.max_seq_len}")
+        if min(prompt) < 0 or max(prompt) >= config.vocab_size:
+            raise ValueError(f"prompt {i} has token ids outside [0, {config.vocab_size})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and not 1 <= top_k <= config.vocab_size:
+        raise ValueError(f"top_k must be in [1, {config.vocab_size}], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int = 0, eos_id: int | None = 2, steps_per_call: int | None = None,
+                    prefill_chunk: int = PREFILL_CHUNK) -> Iterator[np.ndarray]:
+    """Like generate, but yields the tokens [B, n] generated by each compiled call of
+    steps_per_call decode steps (default: all at once), the first yield holding the first
+    token. Rows that are done carry eos_id (or 0 without one)."""
+    _validate(config, prompts, max_new_tokens, temperature, top_k, top_p)
+    longest = max(len(p) for p in prompts)
+    chunk = min(prefill_chunk, config.sliding_window or prefill_chunk, _bucket(longest))
+    padded_len = chunk * _bucket(-(-longest // chunk))
+    tokens = np.zeros((len(prompts), padded_len), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, :len(prompt)] = prompt
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
+                    eos_id=-1 if eos_id is None else eos_id)
+
+    state = start(params, config, tokens, lengths, jax.random.key(seed), chunk=chunk,
+                  max_tokens=_bucket(max_new_tokens), **sampling)
+    emitted = 0
+    while True:
+        step = int(state.step)
+        yield np.asarray(state.tokens)[:, emitted:step]
+        emitted = step
+        if step >= max_new_tokens or bool(jnp.all(state.done)):
+            return
+        until = min(max_new_tokens, step + (steps_per_call or max_new_tokens))
+        state = decode(params, config, state, jnp.array(until, jnp.int32), **sampling)
+
+
+def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int | None = 2) -> list[list[int]]:
+    """Generates up to max_new_tokens after each prompt, in one batch.
+
+    Args:
+      config, params: the model, e.g. from load_checkpoint or load_pytorch.
+      prompts: token ids per prompt, of any lengths (BOS included if the model expects it).
+      max_new_tokens: the most tokens generated per prompt.
+      temperature: 0 for greedy decoding; otherwise logits are divided by it and sampled.
+      top_k, top_p: keep only the k most likely tokens / the smallest set reaching
+        probability p (applied in that order); None to disable.
+      seed: the PRNG seed; the same seed gives the same samples.
+      eos_id: a row stops after emitting it (None: never stop early).
+
+    Returns:
+      The generated tokens of each prompt, stopping before eos_id.
+    """
+    pieces = list(generate_stream(config, params, prompts, max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id))
+    out = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
+    results = []
+    for row in out.tolist():
+        results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    return results
