@@ -100,6 +100,8 @@ def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tupl
         straight onto its shards, so a model never has to fit on one device. Default: all on
         the first device.
     """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
     config = MistralConfig.from_dir(path)
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
     if not os.path.isdir(params_dir):

@@ -68,6 +68,21 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+class CompileClock:
+    """Seconds JAX has spent tracing, lowering and compiling since this clock was made."""
+
+    def __init__(self):
+        import jax.monitoring
+
+        self.seconds = 0.0
+
+        def listen(event: str, seconds: float, **_):
+            if event.startswith("/jax/core/compile/"):
+                self.seconds += seconds
+
+        jax.monitoring.register_event_duration_secs_listener(listen)
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":

@@ -138,12 +138,12 @@ def _validate(config: MistralConfig, prompts, max_new_tokens, temperature, top_k
         raise ValueError("no prompts given")
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty")
+            raise ValueError(f"prompts[{i}] is empty")
         if len(prompt) > config.max_seq_len:
-            raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than the model's max_seq_len "
+            raise ValueError(f"prompts[{i}] has {len(prompt)} tokens, more than the model's max_seq_len "
                              f"{config.max_seq_len}")
         if min(prompt) < 0 or max(prompt) >= config.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside [0, {config.vocab_size})")
+            raise ValueError(f"prompts[{i}] has token ids outside [0, {config.vocab_size})")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0:

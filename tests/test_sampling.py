@@ -180,7 +180,7 @@ def test_no_recompile_within_a_bucket(windowed):
 
 
 @pytest.mark.parametrize("prompts,new,message", [
-    ([], 5, "no prompts"), ([[1, 2], []], 5, "prompt 1 is empty"), ([[1] * 600], 5, "more than the model's max_seq_len"),
+    ([], 5, "no prompts"), ([[1, 2], []], 5, r"prompts\[1\] is empty"), ([[1] * 600], 5, "more than the model's max_seq_len"),
     ([[1, 400]], 5, "outside"), ([[1, 2]], 0, "max_new_tokens must be at least 1"),
 ])
 def test_bad_arguments(windowed, prompts, new, message):

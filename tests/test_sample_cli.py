@@ -1,0 +1,97 @@
+"""tokenizer.py against mistral-common, and sample.py end to end with the real Mistral
+tokenizer on a random-weight model converted by convert_weights.py."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+
+import sample
+from conftest import build_reference
+from mistral_jax import cli
+from mistral_jax.tokenizer import Tokenizer
+from test_convert_weights import REAL_TOKENIZER, REPO, assert_one_line_error
+
+TEXTS = ["Hello world", "The capital of France is", "  leading spaces\nand a newline",
+         "naïve café, 東京 and emoji 🙂", "def f(x):\n    return x ** 2"]
+
+
+def test_tokenizer_matches_mistral_common():
+    ours, reference = Tokenizer(REAL_TOKENIZER), SentencePieceTokenizer(REAL_TOKENIZER)
+    assert (ours.vocab_size, ours.bos_id, ours.eos_id) == (reference.n_words, reference.bos_id, reference.eos_id)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text, bos=True, eos=False)
+        assert ours.decode(ids) == reference.decode(ids) == text
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A random model with the real tokenizer's 32000-token vocabulary, converted by the CLI."""
+    root = tmp_path_factory.mktemp("sample")
+    ref = build_reference(root / "hf", seed=3, window=8, seq_len=4, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                          vocab_size=32000, rope_theta=1e4)
+    (root / "hf" / "tokenizer.model").write_bytes(open(REAL_TOKENIZER, "rb").read())
+    subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), str(root / "hf"), str(root / "jax"),
+                    "--dtype", "float32"], check=True, capture_output=True)
+    return ref, root / "jax"
+
+
+def test_sample_py_prints_hf_greedy_completion(converted):
+    ref, checkpoint = converted
+    prompt, new = "The capital of France is", 30  # several windows of 8
+    out = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(checkpoint),
+                          "--prompt", prompt, "--max-new-tokens", str(new), "--steps-per-call=7"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    reference = SentencePieceTokenizer(REAL_TOKENIZER)
+    ids = reference.encode(prompt, bos=True, eos=False)
+    with torch.no_grad():
+        hf = ref.model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=2,
+                                pad_token_id=0)[0, len(ids):].tolist()
+    hf = hf[:hf.index(2)] if 2 in hf else hf
+    assert out.stdout == reference.decode(hf) + "\n"
+    assert "compile" in out.stderr and "tok/s" in out.stderr
+
+
+def run(capsys, *argv):
+    sys_argv, sys.argv = sys.argv, ["sample.py", *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(sample.main)
+    finally:
+        sys.argv = sys_argv
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def test_batch_of_prompts_in_process(converted, capsys, tmp_path):
+    _, checkpoint = converted
+    (tmp_path / "prompt.txt").write_text("Once upon a time\n")
+    status, out, _ = run(capsys, "--checkpoint", checkpoint, "--prompt", "Hello", "--prompt-file",
+                         tmp_path / "prompt.txt", "--max-new-tokens", 5, "--temperature", 0.8, "--top-k", 20)
+    assert status == 0 and out.count("\n---\n") == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt", ""], "prompt 1 is empty"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prompt", "word " * 600], "more than the model's max_seq_len"),
+    (["--prompt", "x", "--tokenizer", REAL_TOKENIZER.replace("tokenizer.model.v1",
+                                                             "mistral_instruct_tokenizer_240323.model.v3")],
+     "tokenizer has 32768 tokens but the model's vocabulary is 32000"),
+    (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read prompt file"),
+    ([], "at least one --prompt"),
+])
+def test_bad_input(converted, capsys, argv, message):
+    _, checkpoint = converted
+    assert_one_line_error(*run(capsys, "--checkpoint", checkpoint, *argv)[::2], message)
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "--checkpoint", tmp_path / "absent", "--prompt", "x")[::2],
+                          "checkpoint .*absent not found")
