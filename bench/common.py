@@ -1,0 +1,131 @@
+"""What every benchmark shares: the two reference configs, timing that discards repetitions
+disturbed by other processes, and the machine's measured limits."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from mistral_jax.config import MistralConfig  # noqa: E402
+
+CONFIGS = {
+    "tiny": MistralConfig(dim=256, n_layers=8, head_dim=32, hidden_dim=768, n_heads=8, n_kv_heads=2,
+                          vocab_size=32000, sliding_window=256, max_seq_len=4096),
+    "small": MistralConfig(dim=768, n_layers=12, head_dim=64, hidden_dim=2048, n_heads=12, n_kv_heads=4,
+                           vocab_size=32000, sliding_window=512, max_seq_len=4096),
+}
+
+
+def _busy_jiffies() -> tuple[int, int]:
+    """(busy jiffies of the whole machine, jiffies of this process and its waited-for children)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+    with open("/proc/self/stat") as f:
+        own = f.read().rsplit(")", 1)[1].split()
+    return busy, sum(int(x) for x in own[11:15])  # utime stime cutime cstime
+
+
+def timed(fn, reps: int = 5, warmup: int = 1, max_foreign: float = 0.05, max_tries: int = 4) -> float:
+    """Median seconds of fn() over reps repetitions after warm-up. A repetition during which
+    other processes used more than max_foreign of the machine's CPU time is rerun (up to
+    max_tries times each), since these machines are shared."""
+    for _ in range(warmup):
+        fn()
+    cores = os.cpu_count() or 1
+    hz = os.sysconf("SC_CLK_TCK")
+    times = []
+    for _ in range(reps):
+        for attempt in range(max_tries):
+            busy0, own0 = _busy_jiffies()
+            start = time.perf_counter()
+            fn()
+            seconds = time.perf_counter() - start
+            busy1, own1 = _busy_jiffies()
+            foreign = max(0, (busy1 - busy0) - (own1 - own0)) / hz
+            if foreign <= max(2 / hz, max_foreign * seconds * cores) or attempt == max_tries - 1:  # jiffy noise
+                break
+            print(f"  (a repetition was disturbed: {foreign:.2f} CPU-s by other processes; rerun)", file=sys.stderr)
+        times.append(seconds)
+    return statistics.median(times)
+
+
+def matmul_peak_flops() -> float:
+    """Sustained float32 GEMM FLOP/s: best of a few square and rectangular shapes (XLA)."""
+    import jax
+    import jax.numpy as jnp
+
+    best = 0.0
+    for m, k, n in ((2048, 2048, 2048), (4096, 1024, 4096), (1024, 4096, 1024)):
+        a = jnp.ones((m, k), jnp.float32)
+        b = jnp.ones((k, n), jnp.float32)
+        matmul = jax.jit(lambda a, b: a @ b)
+        seconds = timed(lambda: matmul(a, b).block_until_ready(), reps=5)
+        best = max(best, 2 * m * k * n / seconds)
+    return best
+
+
+def memory_bandwidth() -> float:
+    """Streaming bytes/s of a fused triad a = b + s * c over 3 x 256 MiB, into a reused output.
+
+    (torch's multithreaded kernel: a jitted JAX triad allocates a fresh 256 MiB output per
+    call and measures page faults instead, ~2 GB/s here.)"""
+    import torch
+
+    n = 64 * 2**20
+    a, b, c = torch.empty(n), torch.ones(n), torch.full((n,), 2.0)
+    seconds = timed(lambda: torch.add(b, c, alpha=3.0, out=a), reps=7)
+    return 3 * 4 * n / seconds
+
+
+def machine_description() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def versions() -> str:
+    import jax
+    import torch
+    import transformers
+
+    return f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+def random_hf_model(config: MistralConfig, seed: int = 0):
+    """transformers' MistralForCausalLM of config with default random init, and the same
+    weights as our (config, params)."""
+    import tempfile
+
+    import torch
+    import transformers
+
+    from mistral_jax.convert import load_pytorch
+
+    torch.manual_seed(seed)
+    hf_config = transformers.MistralConfig(**config.to_hf_dict())
+    model = transformers.MistralForCausalLM(hf_config).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        ours = load_pytorch(tmp, "float32")
+    return model, ours
+
+
+def param_bytes(config: MistralConfig, dtype_bytes: int = 4) -> int:
+    return config.num_params * dtype_bytes
+
+
+def np_rng(seed: int = 0) -> np.random.Generator:
+    return np.random.default_rng(seed)

@@ -1,0 +1,62 @@
+"""Greedy decode: prompt 32 + 256 new tokens, batch 1 and 8, against HF transformers' generate.
+
+Both sides hold the same random float32 weights and use every core. Tokens/s counts the
+generated tokens over the whole call (prefill included, compile excluded). The roofline
+fraction compares our per-step decode time with the bytes a step must read (every weight
+except the embedding table, plus the live part of the KV cache) at the measured bandwidth;
+at batch 8 the roofline is max(those bytes / bandwidth, matmul FLOPs / measured peak).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.common import CONFIGS, random_hf_model, timed
+
+PROMPT, NEW = 32, 256
+
+
+def step_roofline_seconds(config, batch: int, bandwidth: float, peak_flops: float) -> float:
+    """Mean over the NEW steps of max(bytes read / bandwidth, matmul FLOPs / peak)."""
+    matmul_params = config.num_params - config.vocab_size * config.dim  # the embedding is a lookup
+    cache_len = min(config.sliding_window or 10**9, PROMPT + NEW)
+    per_token_cache_bytes = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 4
+    total = 0.0
+    for step in range(NEW):
+        live = min(PROMPT + step + 1, cache_len)
+        read = 4 * matmul_params + batch * live * per_token_cache_bytes
+        flops = 2 * batch * (matmul_params + config.n_layers * config.n_heads * config.head_dim * 2 * live)
+        total += max(read / bandwidth, flops / peak_flops)
+    return total / NEW
+
+
+def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int = 3) -> list[dict]:
+    import torch
+
+    from mistral_jax.sampling import generate
+
+    torch.set_num_threads(__import__("os").cpu_count())
+    rows = []
+    for name in names:
+        config = CONFIGS[name]
+        hf, (config, params) = random_hf_model(config)
+        for batch in (1, 8):
+            prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, PROMPT))
+            ours = timed(lambda: generate(config, params, prompts.tolist(), NEW, eos_id=None), reps=reps)
+            ours_prefill = timed(lambda: generate(config, params, prompts.tolist(), 1, eos_id=None), reps=reps)
+            step = (ours - ours_prefill) / (NEW - 1)
+
+            hf_times = {}
+            for cache in ("dynamic", "static"):
+                def hf_generate(cache=cache):
+                    with torch.no_grad():
+                        hf.generate(torch.tensor(prompts), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                                    cache_implementation=cache, pad_token_id=0)
+                hf_times[cache] = timed(hf_generate, reps=reps)
+            best_cache = min(hf_times, key=hf_times.get)
+            roofline = step_roofline_seconds(config, batch, bandwidth, peak_flops)
+            rows.append(dict(
+                workload=f"decode {name} b{batch}", ours=batch * NEW / ours, torch=batch * NEW / hf_times[best_cache],
+                unit="tok/s", limit=roofline / step,
+                note=f"HF best cache: {best_cache}; our step {1e3 * step:.2f} ms, roofline {1e3 * roofline:.2f} ms"))
+    return rows
