@@ -118,3 +118,25 @@ def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tupl
     params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
     dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
     return config.replace(param_dtype=dtype, dtype=dtype), params
+
+
+# ---- train state (resumable runs) -----------------------------------------------------------
+
+def train_state_manager(directory: str, save_every: int, keep: int) -> ocp.CheckpointManager:
+    """Orbax manager of a run's train states: saved every save_every steps, asynchronously,
+    keeping the last `keep`."""
+    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
+                                           enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_train_state(manager: ocp.CheckpointManager, state, force: bool = False) -> bool:
+    return manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_train_state(manager: ocp.CheckpointManager, like, step: int | None = None):
+    """The state saved at step (default: the latest), placed as the arrays of `like` are."""
+    step = manager.latest_step() if step is None else step
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))

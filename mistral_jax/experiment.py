@@ -1,0 +1,139 @@
+"""What train.py sets up around the loop: the mesh, the model config, the tokenizer (trained
+on first use), the tokenized data, initial weights; and what it does after: the final model
+and a few samples."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from mistral_jax import data
+from mistral_jax.checkpoint import load_checkpoint, save_checkpoint
+from mistral_jax.config import MistralConfig
+from mistral_jax.sharding import make_mesh
+from mistral_jax.tokenizer import Tokenizer
+
+CACHE_DIR = os.environ.get("MISTRAL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral_jax"))
+DEFAULT_CONFIG = "mistral-15m"
+SAMPLE_PROMPTS = ("The", "A function", "In Python,", "When the", "This module")
+
+
+@dataclasses.dataclass
+class Run:
+    config: MistralConfig
+    mesh: jax.sharding.Mesh
+    tokenizer_path: str
+    tokens: np.ndarray
+    params: dict | None  # initial weights of --init-from
+    peak_flops: float | None
+
+
+def resolve_config(spec: str) -> MistralConfig:
+    """A preset name, or a config.json / params.json file."""
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            d = json.load(f)
+        return MistralConfig.from_params_dict(d) if "dim" in d else MistralConfig.from_hf_dict(d)
+    return MistralConfig.preset(spec)
+
+
+def measure_peak_flops() -> float:
+    """float32 FLOP/s of a 1024^3 matmul on the first device: the MFU denominator."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((1024, 1024), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 1024**3 / best * jax.device_count()
+
+
+def prepare_run(args) -> Run:
+    if args.seq_len < 1 or args.batch_size < 1 or args.steps < 1 or args.grad_accum < 1:
+        raise ValueError("--steps, --batch-size, --seq-len and --grad-accum must be positive")
+    mesh = make_mesh(args.mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if args.batch_size % (args.grad_accum * shards) or args.batch_size % jax.process_count():
+        raise ValueError(f"--batch-size {args.batch_size} must divide into --grad-accum {args.grad_accum} "
+                         f"micro-batches, each split over data x fsdp = {shards} devices")
+    os.makedirs(args.out, exist_ok=True)
+    has_run = os.path.isdir(os.path.join(args.out, "checkpoints"))
+    if has_run and not (args.resume or args.overwrite):
+        raise ValueError(f"{args.out} holds a run: pass --resume to continue it or --overwrite to start afresh")
+    if args.overwrite and not args.resume:
+        import shutil
+
+        for name in ("checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png"):
+            path = os.path.join(args.out, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+
+    params = None
+    tokenizer_path = os.path.join(args.out, "tokenizer.model")
+    if args.init_from:
+        base, params = load_checkpoint(args.init_from, "float32")
+        if args.config and _shape(resolve_config(args.config)) != _shape(base):
+            raise ValueError(f"--init-from {args.init_from} has a different shape than --config {args.config}")
+        config = base
+        source = args.tokenizer or os.path.join(args.init_from, "tokenizer.model")
+        if not os.path.isfile(source):
+            raise ValueError(f"{args.init_from} has no tokenizer.model; pass --tokenizer")
+        _copy_if_other(source, tokenizer_path)
+    else:
+        config = resolve_config(args.config or DEFAULT_CONFIG)
+        if args.tokenizer:
+            _copy_if_other(args.tokenizer, tokenizer_path)
+        elif not os.path.isfile(tokenizer_path) and jax.process_index() == 0:
+            print(f"training a {config.vocab_size}-piece tokenizer on the data", flush=True)
+            data.train_tokenizer(args.data, tokenizer_path, config.vocab_size)
+    if args.seq_len > config.max_seq_len:
+        raise ValueError(f"--seq-len {args.seq_len} is longer than the model's max_seq_len {config.max_seq_len}")
+    config = config.replace(dtype=args.dtype, param_dtype="float32", remat=args.remat)
+    tokenizer = Tokenizer(tokenizer_path)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, the model's vocabulary is {config.vocab_size}")
+    tokens = data.tokenize(args.data, tokenizer_path, os.path.join(CACHE_DIR, "tokens"))
+    config.save_hf(args.out)
+    peak = args.peak_flops or measure_peak_flops()
+    return Run(config, mesh, tokenizer_path, tokens, params, peak)
+
+
+def _shape(c: MistralConfig) -> tuple:
+    return (c.dim, c.n_layers, c.head_dim, c.hidden_dim, c.n_heads, c.n_kv_heads, c.vocab_size)
+
+
+def _copy_if_other(source: str, destination: str) -> None:
+    import shutil
+
+    if os.path.abspath(source) != os.path.abspath(destination):
+        shutil.copyfile(source, destination)
+
+
+def save_final_model(out_dir: str, run: Run, params) -> str:
+    """out_dir/model: what sample.py and convert_weights.py --to-hf read."""
+    path = os.path.join(out_dir, "model")
+    save_checkpoint(path, run.config.replace(dtype="float32"), params, overwrite=True,
+                    extra_files={"tokenizer.model": run.tokenizer_path})
+    if jax.process_index() == 0:
+        print(f"saved {path}", flush=True)
+    return path
+
+
+def print_samples(run: Run, params, n: int, max_new_tokens: int, seed: int) -> None:
+    from mistral_jax.sampling import generate
+
+    tokenizer = Tokenizer(run.tokenizer_path)
+    prompts = [tokenizer.encode(SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]) for i in range(n)]
+    params = jax.device_get(params)  # sampling runs on one device
+    outputs = generate(run.config, params, prompts, max_new_tokens, temperature=0.8, top_p=0.95, seed=seed,
+                       eos_id=tokenizer.eos_id)
+    for prompt, tokens in zip(prompts, outputs):
+        print(f"--- {tokenizer.decode(prompt + tokens)}")  # decoded whole, so the joining space survives

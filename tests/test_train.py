@@ -1,0 +1,258 @@
+"""Training: data pipeline, tokenizer, optimizer step, resume, and train.py end to end."""
+
+import json
+import os
+import signal
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import train
+from conftest import build_reference, forward
+from mistral_jax import cli, data, trainer
+from mistral_jax.checkpoint import load_checkpoint
+from mistral_jax.config import MistralConfig
+from mistral_jax.sharding import make_mesh
+from mistral_jax.tokenizer import Tokenizer
+from test_convert_weights import assert_one_line_error
+
+TINY = MistralConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=512,
+                     sliding_window=16, max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    data.train_tokenizer([data.BUILTIN], path, 512)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokens(tokenizer_path, tmp_path_factory):
+    return data.tokenize([data.BUILTIN], tokenizer_path, str(tmp_path_factory.mktemp("cache")))
+
+
+def test_builtin_corpus_and_tokenizer_offline(tokenizer_path, tokens, tmp_path):
+    tokenizer = Tokenizer(tokenizer_path)
+    assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) == (512, 1, 2)
+    for document in data.builtin_documents()[:10] + ["naïve ünïcode → 東京"]:
+        assert tokenizer.decode(tokenizer.encode(document)) == document  # byte fallback: lossless
+    documents = data.builtin_documents()
+    assert len(tokens) == sum(len(tokenizer.encode(d, bos=True, eos=True)) for d in documents)
+    assert tokens.dtype == np.uint16 and tokens[0] == 1
+    # Cached: the same key gives the same file; a different tokenizer, another.
+    again = data.tokenize([data.BUILTIN], tokenizer_path, os.path.dirname(tokens.filename))
+    assert again.filename == tokens.filename
+
+
+def test_text_files_globs_and_jsonl(tmp_path, tokenizer_path):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.md").write_text("second")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "third"}) + "\n\n" + json.dumps({"text": "fourth"}) + "\n")
+    assert list(data.documents([str(tmp_path)])) == ["first document", "third", "fourth", "second"]
+    assert list(data.documents([str(tmp_path / "*.txt")])) == ["first document"]
+    with pytest.raises(ValueError, match="no data files matched"):
+        data.find_files([str(tmp_path / "*.csv")])
+    (tmp_path / "bad.jsonl").write_text('{"title": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1 is not a JSON object with a \"text\" field"):
+        list(data.documents([str(tmp_path / "bad.jsonl")]))
+
+
+def test_batches_deterministic_and_partitioned_by_host(tokens):
+    batches = data.TokenBatches(tokens, seq_len=32, global_batch=8, seed=3)
+    whole = batches.batch(5)
+    assert whole.shape == (8, 33)
+    np.testing.assert_array_equal(np.concatenate([batches.batch(5, p, 4) for p in range(4)]), whole)
+    np.testing.assert_array_equal(data.TokenBatches(tokens, 32, 8, seed=3).batch(5), whole)
+    assert not np.array_equal(data.TokenBatches(tokens, 32, 8, seed=4).batch(5), whole)
+    # An epoch visits every train window exactly once (distinct tokens make windows identifiable).
+    counting = data.TokenBatches(np.arange(20_000, dtype=np.uint16), seq_len=32, global_batch=8)
+    epoch = counting.n_windows // 8 * 8
+    firsts = [int(row[0]) for step in range(epoch // 8) for row in counting.batch(step)]
+    assert len(set(firsts)) == epoch and all(f % 32 == 0 for f in firsts)
+    with pytest.raises(ValueError, match="too short for a batch"):
+        data.TokenBatches(tokens[:300], seq_len=32, global_batch=16)
+
+
+def hp(**changes):
+    return trainer.Hyperparameters(**{**dict(steps=12, batch_size=8, seq_len=32, lr=3e-3, warmup=2), **changes})
+
+
+def test_grad_accumulation_equals_one_big_batch(tokens):
+    mesh = make_mesh("")
+    batch = jnp.asarray(data.TokenBatches(tokens, 32, 8).batch(0))
+    results = []
+    for accum in (1, 4):
+        h = hp(grad_accum=accum)
+        tx = trainer.make_optimizer(h)
+        state = trainer.init_state(TINY, tx, mesh, seed=0)
+        step = trainer.make_train_step(TINY, tx, h, mesh, trainer.state_shardings(state))
+        state, metrics = step(state, batch)
+        results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p1, m1), (p4, m4) = results
+    assert abs(m1["loss"] - m4["loss"]) < 1e-5 and abs(m1["grad_norm"] - m4["grad_norm"]) < 1e-4 * m1["grad_norm"]
+    for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p4)):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+class StopAt:
+    """Batches that send this process SIGTERM when asked for the batch of a given step."""
+
+    def __init__(self, batches, step):
+        self.batches, self.step = batches, step
+
+    def batch(self, step, *args):
+        if step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.batches.batch(step, *args)
+
+    def validation(self, *args):
+        return self.batches.validation(*args)
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_loss_goes_down_and_resume_is_exact(tokens, tmp_path):
+    batches = data.TokenBatches(tokens, 32, 8)
+    mesh = make_mesh("")
+    kwargs = dict(log_every=1, eval_every=100, save_every=4, peak_flops=None)
+    trainer.fit(TINY, hp(steps=40), batches, mesh, str(tmp_path / "long"), **kwargs)
+    curve = losses(tmp_path / "long")
+    assert np.mean([curve[s] for s in range(36, 41)]) < np.mean([curve[s] for s in range(1, 6)]) - 1.0
+
+    trainer.fit(TINY, hp(), batches, mesh, str(tmp_path / "a"), **kwargs)
+    state, interrupted = trainer.fit(TINY, hp(), StopAt(batches, 6), mesh, str(tmp_path / "b"), **kwargs)
+    assert interrupted and int(state.step) == 7  # the step in flight finished and was saved
+    trainer.fit(TINY, hp(), batches, mesh, str(tmp_path / "b"), resume=True, **kwargs)
+    uninterrupted, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert sorted(resumed) == list(range(1, 13))
+    for step in range(8, 13):
+        assert resumed[step] == uninterrupted[step], step  # bit-identical
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tokens, tmp_path):
+    batches = data.TokenBatches(tokens, 32, 8)
+    with pytest.raises(trainer.TrainingDiverged, match=r"loss became (nan|inf) at step \d+; the last good checkpoint is step"):
+        trainer.fit(TINY, hp(steps=30, lr=1e9, clip=1e12), batches, make_mesh(""), str(tmp_path), log_every=1,
+                    save_every=1)
+
+
+def test_flops_count_against_hand_count():
+    # tiny: matmul weights per layer 4*32*... computed by hand; attention keys with window 16 over 32.
+    layer = 32 * 8 * (4 + 2 + 2 + 4) + 3 * 32 * 64
+    mean_keys = (sum(range(1, 17)) + 16 * 16) / 32
+    expected = 3 * (2 * (2 * layer + 32 * 512) + 2 * 4 * 4 * 8 * mean_keys)
+    assert trainer.flops_per_token(TINY, 32) == pytest.approx(expected)
+
+
+def run_train(capsys, *argv):
+    sys_argv, sys.argv = sys.argv, ["train.py", *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(train.main)
+    finally:
+        sys.argv = sys_argv
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def tiny_config_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "config.json"
+    TINY.save_hf(path.parent)
+    return path
+
+
+def test_train_py_end_to_end(tiny_config_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    status, stdout, stderr = run_train(capsys, "--config", tiny_config_file, "--out", out, "--steps", 20,
+                                       "--batch-size", 8, "--seq-len", 32, "--log-every", 5, "--eval-every", 10,
+                                       "--save-every", 10, "--samples", 2, "--sample-tokens", 8)
+    assert status == 0, stderr
+    assert "eval" in stdout and "--- The" in stdout and "tok/s" in stdout and "MFU" in stdout
+    for name in ("model/params", "model/config.json", "model/tokenizer.model", "tokenizer.model", "metrics.jsonl",
+                 "loss.png", "checkpoints/20", "tensorboard"):
+        assert (out / name).exists(), name
+    # The final model, exported to HF, computes the same logits in transformers as here.
+    config, params = load_checkpoint(str(out / "model"))
+    assert run_cli_convert(out / "model", tmp_path / "hf") == 0
+    hf = transformers.MistralForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 40))
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(config, params, tokens)), expected, atol=1e-4)
+
+    status, _, stderr = run_train(capsys, "--config", tiny_config_file, "--out", out, "--steps", 20)
+    assert_one_line_error(status, stderr, "holds a run: pass --resume")
+
+
+def run_cli_convert(src, dst):
+    import subprocess
+
+    from test_convert_weights import REPO
+
+    return subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), str(src), str(dst), "--to-hf"],
+                          capture_output=True).returncode
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "/nonexistent/*.txt"], "no data files matched"),
+    (["--seq-len", "65"], "--seq-len 65 is longer than the model's max_seq_len 64"),
+    (["--mesh", "data=3"], "mesh 'data=3' has 3 devices but there are 1"),
+    (["--batch-size", "6", "--grad-accum", "4"], "must divide into --grad-accum"),
+    (["--init-from", "/nonexistent"], "checkpoint /nonexistent not found"),
+    (["--data", "{short_text}", "--tokenizer", "{tokenizer}"], "too short for a batch"),
+])
+def test_bad_input(tiny_config_file, tokenizer_path, tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "short.txt").write_text("Too short to train on. " * 20)
+    argv = [a.format(short_text=tmp_path / "short.txt", tokenizer=tokenizer_path) for a in argv]
+    status, _, stderr = run_train(capsys, "--config", tiny_config_file, "--out", tmp_path / "run", "--steps", 2,
+                                  "--batch-size", 8, "--seq-len", 32, *argv)
+    assert_one_line_error(status, stderr, message)
+
+
+def test_init_from_converted_weights(tokenizer_path, tmp_path, capsys, monkeypatch):
+    """Fine-tuning starts from the converted weights: the first loss is the HF model's loss."""
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "hf"
+    reference = build_reference(src, seed=5, window=16, seq_len=4, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64,
+                                vocab_size=512, rope_theta=1e4)  # the vocabulary of the tokenizer fixture
+    (src / "tokenizer.model").write_bytes(open(tokenizer_path, "rb").read())
+    assert run_cli_convert_to_jax(src, tmp_path / "jax") == 0
+    out = tmp_path / "run"
+    status, stdout, stderr = run_train(capsys, "--init-from", tmp_path / "jax", "--out", out, "--steps", 1,
+                                       "--batch-size", 2, "--seq-len", 40, "--lr", 0, "--samples", 0,
+                                       "--eval-every", 1000)
+    assert status == 0, stderr
+    batch = data.TokenBatches(data.tokenize([data.BUILTIN], str(out / "tokenizer.model"), str(tmp_path / "cache")),
+                              40, 2).batch(0)
+    with torch.no_grad():
+        logits = reference.model(torch.tensor(batch[:, :-1]).long()).logits
+        hf_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                    torch.tensor(batch[:, 1:]).long().reshape(-1))
+    assert losses(out)[1] == pytest.approx(float(hf_loss), abs=1e-4)
+
+    status, _, stderr = run_train(capsys, "--init-from", tmp_path / "jax", "--config", "mistral-15m",
+                                  "--out", tmp_path / "run2", "--steps", 1)
+    assert_one_line_error(status, stderr, "has a different shape than --config mistral-15m")
+
+
+def run_cli_convert_to_jax(src, dst):
+    import subprocess
+
+    from test_convert_weights import REPO
+
+    return subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), str(src), str(dst),
+                           "--dtype", "float32"], capture_output=True).returncode
