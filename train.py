@@ -11,7 +11,6 @@ metrics.jsonl, tensorboard/ and loss.png.
 """
 
 import argparse
-import os
 import sys
 
 from mistral_jax import cli

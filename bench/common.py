@@ -21,6 +21,7 @@ CONFIGS = {
                           vocab_size=32000, sliding_window=256, max_seq_len=4096),
     "small": MistralConfig(dim=768, n_layers=12, head_dim=64, hidden_dim=2048, n_heads=12, n_kv_heads=4,
                            vocab_size=32000, sliding_window=512, max_seq_len=4096),
+    "default": MistralConfig.preset("mistral-15m"),  # what train.py trains by default
 }
 
 

@@ -10,7 +10,6 @@ the same way (interpreter, JAX, orbax, torch).
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile

@@ -206,7 +206,8 @@ def read_pytorch(path: str, dtype: str = "float32",
         config = MistralConfig.from_params_dict(_read_json(os.path.join(path, "params.json")))
     config = config.replace(dtype=dtype, param_dtype=dtype)
     sources = _read_all(files)
-    return config, layout, len(tensor_names(layout, config)), iter_flax_params(layout, sources, config, dtype, on_tensor)
+    arrays = iter_flax_params(layout, sources, config, dtype, on_tensor)
+    return config, layout, len(tensor_names(layout, config)), arrays
 
 
 def load_pytorch(path: str, dtype: str = "float32") -> tuple[MistralConfig, dict]:

@@ -106,8 +106,8 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
 
         def accumulate(carry, micro_batch):
             grads, loss, ce = carry
-            (l, (c, _)), g = grad_fn(state.params, config, micro_batch, hp.z_loss)
-            return (jax.tree_util.tree_map(jnp.add, grads, g), loss + l, ce + c), None
+            (micro_loss, (micro_ce, _)), micro_grads = grad_fn(state.params, config, micro_batch, hp.z_loss)
+            return (jax.tree_util.tree_map(jnp.add, grads, micro_grads), loss + micro_loss, ce + micro_ce), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
         (grads, loss, ce), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
@@ -216,7 +216,8 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
                 last_time = time.perf_counter()  # evaluation is not training time
             eta = (hp.steps - done) * seconds_per_step
             line = (f"step {done:>{len(str(hp.steps))}}/{hp.steps} | loss {record['loss']:.3f} | "
-                    f"{record['tokens_per_s']:,.0f} tok/s" + (f" | MFU {100 * record['mfu']:.0f}%" if peak_flops else "")
+                    f"{record['tokens_per_s']:,.0f} tok/s"
+                    + (f" | MFU {100 * record['mfu']:.0f}%" if peak_flops else "")
                     + (f" | eval {record['eval_loss']:.3f} (ppl {record['eval_ppl']:.1f})" if evaluate else "")
                     + f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
             writer.write(record, line)

@@ -2,8 +2,12 @@
 
 import dataclasses
 import functools
+import os
+import re
+import sys
 
 import jax
+import mistral_common
 import numpy as np
 import pytest
 
@@ -78,3 +82,30 @@ def ref_full(tmp_path_factory):
 @pytest.fixture(params=["ref_windowed", "ref_full"])
 def reference(request) -> Reference:
     return request.getfixturevalue(request.param)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_TOKENIZER = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+
+
+def run_script(capsys, script, *argv):
+    """A CLI script's main() in this process, as `python script.py argv...` runs it:
+    (exit status, stdout, stderr)."""
+    from mistral_jax import cli
+
+    sys_argv, sys.argv = sys.argv, [script.__name__ + ".py", *map(str, argv)]
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            cli.run(script.main)
+    finally:
+        sys.argv = sys_argv
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def assert_one_line_error(status, err, pattern):
+    """A failed run that said why in one line starting with "error: ", and no traceback."""
+    assert status != 0
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(pattern, last), err

@@ -3,11 +3,9 @@
 import copy
 import json
 import os
-import re
 import subprocess
 import sys
 
-import mistral_common
 import numpy as np
 import pytest
 import torch
@@ -15,34 +13,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import convert_weights
-from conftest import forward
-from mistral_jax import cli
+from conftest import REAL_TOKENIZER, REPO, assert_one_line_error, forward, run_script
 from mistral_jax.checkpoint import atomic_directory, load_checkpoint, save_checkpoint
 from mistral_jax.convert import load_pytorch, save_hf
 from mistral_jax.verify import compare_with_pytorch
 from test_parity import write_native
 
-REAL_TOKENIZER = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def run(capsys, *argv):
-    """convert_weights.py in this process: (exit status, stdout, stderr)."""
-    sys_argv, sys.argv = sys.argv, ["convert_weights.py", *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            cli.run(convert_weights.main)
-    finally:
-        sys.argv = sys_argv
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
-
-
-def assert_one_line_error(status, err, pattern):
-    assert status != 0
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ") and re.search(pattern, last), err
+    return run_script(capsys, convert_weights, *argv)
 
 
 def rounded(model, dtype):

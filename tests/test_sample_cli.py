@@ -10,10 +10,8 @@ import torch
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 
 import sample
-from conftest import build_reference
-from mistral_jax import cli
+from conftest import REAL_TOKENIZER, REPO, assert_one_line_error, build_reference, run_script
 from mistral_jax.tokenizer import Tokenizer
-from test_convert_weights import REAL_TOKENIZER, REPO, assert_one_line_error
 
 TEXTS = ["Hello world", "The capital of France is", "  leading spaces\nand a newline",
          "naïve café, 東京 and emoji 🙂", "def f(x):\n    return x ** 2"]
@@ -59,14 +57,7 @@ def test_sample_py_prints_hf_greedy_completion(converted):
 
 
 def run(capsys, *argv):
-    sys_argv, sys.argv = sys.argv, ["sample.py", *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            cli.run(sample.main)
-    finally:
-        sys.argv = sys_argv
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
+    return run_script(capsys, sample, *argv)
 
 
 def test_batch_of_prompts_in_process(converted, capsys, tmp_path):

@@ -13,13 +13,12 @@ import torch
 import transformers
 
 import train
-from conftest import build_reference, forward
-from mistral_jax import cli, data, trainer
+from conftest import REPO, assert_one_line_error, build_reference, forward, run_script
+from mistral_jax import data, trainer
 from mistral_jax.checkpoint import load_checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.sharding import make_mesh
 from mistral_jax.tokenizer import Tokenizer
-from test_convert_weights import assert_one_line_error
 
 TINY = MistralConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=512,
                      sliding_window=16, max_seq_len=64)
@@ -141,7 +140,8 @@ def test_loss_goes_down_and_resume_is_exact(tokens, tmp_path):
 
 def test_nan_loss_stops_with_last_good_checkpoint(tokens, tmp_path):
     batches = data.TokenBatches(tokens, 32, 8)
-    with pytest.raises(trainer.TrainingDiverged, match=r"loss became (nan|inf) at step \d+; the last good checkpoint is step"):
+    diverged = r"loss became (nan|inf) at step \d+; the last good checkpoint is step"
+    with pytest.raises(trainer.TrainingDiverged, match=diverged):
         trainer.fit(TINY, hp(steps=30, lr=1e9, clip=1e12), batches, make_mesh(""), str(tmp_path), log_every=1,
                     save_every=1)
 
@@ -155,14 +155,7 @@ def test_flops_count_against_hand_count():
 
 
 def run_train(capsys, *argv):
-    sys_argv, sys.argv = sys.argv, ["train.py", *map(str, argv)]
-    try:
-        with pytest.raises(SystemExit) as exit_:
-            cli.run(train.main)
-    finally:
-        sys.argv = sys_argv
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
+    return run_script(capsys, train, *argv)
 
 
 @pytest.fixture(scope="module")
@@ -198,8 +191,6 @@ def test_train_py_end_to_end(tiny_config_file, tmp_path, capsys, monkeypatch):
 
 def run_cli_convert(src, dst):
     import subprocess
-
-    from test_convert_weights import REPO
 
     return subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), str(src), str(dst), "--to-hf"],
                           capture_output=True).returncode
@@ -251,8 +242,6 @@ def test_init_from_converted_weights(tokenizer_path, tmp_path, capsys, monkeypat
 
 def run_cli_convert_to_jax(src, dst):
     import subprocess
-
-    from test_convert_weights import REPO
 
     return subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), str(src), str(dst),
                            "--dtype", "float32"], capture_output=True).returncode
