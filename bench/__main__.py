@@ -2,7 +2,8 @@
 
   python -m bench [--only train decode] [--configs tiny small default] [--reps 3] [--write]
 
---write replaces the generated section of BENCHMARKS.md with this run's table.
+--write replaces, for each suite run, its generated section of BENCHMARKS.md with this run's
+table (the command, machine and measured limits included).
 """
 
 import argparse
@@ -14,7 +15,6 @@ import time
 from bench import common, decode, train
 
 SUITES = {"train": train.run, "decode": decode.run}
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def main():
@@ -36,21 +36,28 @@ def main():
         "| workload | mistral_jax | PyTorch (HF) | ratio | of machine limit | notes |",
         "|---|---|---|---|---|---|",
     ]
-    lines = list(header)
     print("\n".join(header), flush=True)
     for suite in args.only:
+        lines = list(header)
         for row in SUITES[suite](bandwidth, peak, names=args.configs, reps=args.reps):
             line = (f"| {row['workload']} | {row['ours']:.1f} {row['unit']} | {row['torch']:.1f} {row['unit']} | "
                     f"{row['ours'] / row['torch']:.2f}x | {100 * row['limit']:.0f}% | {row['note']} |")
             print(line, flush=True)
             lines.append(line)
-    if args.write:
-        path = os.path.join(common.REPO, "BENCHMARKS.md")
-        text = open(path).read()
-        section = f"{START}\n" + "\n".join(lines) + f"\n{END}"
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-        with open(path, "w") as f:
-            f.write(text)
+        if args.write:
+            write_section(suite, lines)
+
+
+def write_section(suite: str, lines: list[str]) -> None:
+    start, end = f"<!-- bench:{suite}:start -->", f"<!-- bench:{suite}:end -->"
+    path = os.path.join(common.REPO, "BENCHMARKS.md")
+    text = open(path).read()
+    if start not in text:
+        raise SystemExit(f"BENCHMARKS.md has no {start} ... {end} section to rewrite")
+    section = f"{start}\n" + "\n".join(lines) + f"\n{end}"
+    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
+    with open(path, "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mistral_jax.config import MistralConfig
 from mistral_jax.model import Mistral
@@ -85,8 +86,11 @@ def init_state(config: MistralConfig, tx: optax.GradientTransformation, mesh, se
     else:
         params = jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x, config.param_dtype), s),
                                         params, shardings)
-    opt_state = jax.jit(tx.init)(params)  # follows the params' shardings
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+    # Moments follow the params' shardings; scalars (the step, Adam's count) are replicated.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    on_mesh = lambda x: x if x.sharding.device_set == set(mesh.devices.flat) else jax.device_put(x, replicated)  # noqa: E731
+    opt_state = jax.tree_util.tree_map(on_mesh, jax.jit(tx.init)(params))
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, opt_state=opt_state)
 
 
 def state_shardings(state: TrainState):
@@ -223,6 +227,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
             writer.write(record, line)
             if save:
                 checkpoint.save_train_state(manager, state, force=True)
+                last_time = time.perf_counter()  # nor is saving
             if stop:
                 break
     finally:

@@ -1,0 +1,58 @@
+"""Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 by test_sharding.py: the
+forward pass, one train step and generate under several meshes against one device.
+Prints one JSON line of findings; the test asserts on them."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mistral_jax import trainer
+from mistral_jax.config import MistralConfig
+from mistral_jax.model import Mistral
+from mistral_jax.sampling import generate
+from mistral_jax.sharding import batch_sharding, make_mesh
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+assert jax.device_count() == 8, jax.devices()
+
+CONFIG = MistralConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=8, n_kv_heads=2, vocab_size=256,
+                       sliding_window=8, max_seq_len=128)
+HP = trainer.Hyperparameters(steps=10, batch_size=8, seq_len=24, lr=1e-2, warmup=1)
+rng = np.random.default_rng(0)
+BATCH = rng.integers(0, 256, (8, 25)).astype(np.int32)
+PROMPTS = [rng.integers(3, 256, n).tolist() for n in (3, 11, 20, 6)]
+
+
+def run(mesh):
+    tx = trainer.make_optimizer(HP)
+    state = trainer.init_state(CONFIG, tx, mesh, seed=0)
+    params = jax.tree_util.tree_map(np.asarray, state.params)
+    forward = jax.jit(lambda p, t: Mistral(CONFIG).apply({"params": p}, t))
+    logits = np.asarray(forward(state.params, jax.device_put(BATCH[:, :-1], batch_sharding(mesh))))
+    wq = state.params["layers"]["attention"]["wq"]
+    split = {"devices": len(wq.sharding.device_set), "shard": list(wq.addressable_shards[0].data.shape),
+             "global": list(wq.shape)}
+    tokens = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None)
+    step = trainer.make_train_step(CONFIG, tx, HP, mesh, trainer.state_shardings(state))
+    state, metrics = step(state, jax.device_put(BATCH, batch_sharding(mesh)))
+    return params, logits, tokens, jax.device_get(metrics), jax.tree_util.tree_map(np.asarray, state.params), split
+
+
+reference = run(make_mesh("", jax.devices()[:1]))
+findings = {}
+for spec in ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"):
+    params, logits, tokens, metrics, updated, split = run(make_mesh(spec))
+    findings[spec] = {
+        "init_max_diff": max(float(np.abs(a - b).max()) for a, b in
+                             zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference[0]))),
+        "logits_max_diff": float(np.abs(logits - reference[1]).max()),
+        "tokens_equal": tokens == reference[2],
+        "loss_diff": abs(float(metrics["loss"]) - float(reference[3]["loss"])),
+        "grad_norm_rel_diff": abs(float(metrics["grad_norm"]) / float(reference[3]["grad_norm"]) - 1),
+        "updated_max_diff": max(float(np.abs(a - b).max()) for a, b in
+                                zip(jax.tree_util.tree_leaves(updated), jax.tree_util.tree_leaves(reference[4]))),
+        "wq": split,
+    }
+print(json.dumps(findings))

@@ -1,0 +1,56 @@
+"""Sharding: mesh specs, the divisibility rule, and equality with one device on 8 fake CPU
+devices (in a subprocess, so the other tests keep one device)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import REPO
+from mistral_jax.sharding import parse_mesh_spec, spec_for
+
+
+def test_mesh_specs():
+    assert parse_mesh_spec("data=2,fsdp=2,tensor=2", 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert parse_mesh_spec("tensor=2,data=-1", 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert parse_mesh_spec("", 8) == {"data": 1, "fsdp": 8, "tensor": 1}
+    for spec, message in [("data=3", "has 3 devices but there are 8"), ("data=-1,fsdp=-1", "at most one -1"),
+                          ("pipeline=2", "unknown mesh axis"), ("data=two", "needs an integer"),
+                          ("data=3,fsdp=-1", "does not divide")]:
+        with pytest.raises(ValueError, match=message):
+            parse_mesh_spec(spec, 8)
+
+
+def test_dimensions_that_do_not_divide_are_replicated():
+    class FakeMesh:  # spec_for only reads the axis sizes
+        shape = {"data": 1, "fsdp": 2, "tensor": 16}
+
+    # 8 kv heads on tensor=16: wk keeps whole heads; 32 query heads split.
+    assert spec_for(("layers", "embed", "kv_heads", "head_dim"), (32, 4096, 8, 128), FakeMesh) == \
+        P(None, "fsdp", None, None)
+    assert spec_for(("layers", "embed", "heads", "head_dim"), (32, 4096, 32, 128), FakeMesh) == \
+        P(None, "fsdp", "tensor", None)
+
+
+def test_equal_to_one_device_under_meshes():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": REPO}
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tests", "sharded_equality.py")], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    findings = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(findings) == {"data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"}
+    for spec, f in findings.items():
+        assert f["init_max_diff"] == 0.0, spec  # params born sharded are the same numbers
+        assert f["logits_max_diff"] < 1e-5, spec
+        assert f["tokens_equal"], spec
+        assert f["loss_diff"] < 1e-6 and f["grad_norm_rel_diff"] < 1e-5, spec
+        assert f["updated_max_diff"] < 1e-6, spec
+    # wq [L, D, H, d] = [2, 64, 8, 16]: really split where the mesh has fsdp or tensor axes.
+    assert findings["data=8"]["wq"]["devices"] == 8 and findings["data=8"]["wq"]["shard"] == [2, 64, 8, 16]
+    assert findings["fsdp=8"]["wq"]["shard"] == [2, 8, 8, 16]
+    assert findings["data=2,fsdp=2,tensor=2"]["wq"]["shard"] == [2, 32, 4, 16]
+    assert findings["fsdp=2,tensor=4"]["wq"]["shard"] == [2, 32, 2, 16]
