@@ -8,6 +8,10 @@ host: the loop fetches metrics when it chooses to.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import signal
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +21,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from mistral_jax import checkpoint
 from mistral_jax.config import MistralConfig
+from mistral_jax.metrics import MetricsWriter
 from mistral_jax.model import Mistral
 from mistral_jax.sharding import batch_sharding, param_shardings
 
@@ -157,14 +163,6 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     Returns (state, interrupted): SIGTERM or SIGINT stops the run after the current step with
     a checkpoint saved.
     """
-    import math
-    import os
-    import signal
-    import time
-
-    from mistral_jax import checkpoint
-    from mistral_jax.metrics import MetricsWriter
-
     tx = make_optimizer(hp)
     state = init_state(config, tx, mesh, hp.seed, params)
     shardings = state_shardings(state)
@@ -201,8 +199,10 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
                 continue
             metrics = jax.device_get(metrics)  # the only host sync of the loop
             if not math.isfinite(metrics["loss"]):
-                raise TrainingDiverged(f"loss became {metrics['loss']} at step {done}; the last good checkpoint "
-                                       f"is step {manager.latest_step()} in {os.path.join(out_dir, 'checkpoints')}")
+                good = manager.latest_step()
+                raise TrainingDiverged(f"loss became {metrics['loss']} at step {done}; " + (
+                    f"the last good checkpoint is step {good} in {os.path.join(out_dir, 'checkpoints')}"
+                    if good is not None else "no checkpoint had been saved"))
             now = time.perf_counter()
             seconds_per_step = (now - last_time) / (done - last_step)
             last_time, last_step = now, done
