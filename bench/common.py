@@ -9,8 +9,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -122,11 +120,3 @@ def random_hf_model(config: MistralConfig, seed: int = 0):
         model.save_pretrained(tmp)
         ours = load_pytorch(tmp, "float32")
     return model, ours
-
-
-def param_bytes(config: MistralConfig, dtype_bytes: int = 4) -> int:
-    return config.num_params * dtype_bytes
-
-
-def np_rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)

@@ -5,7 +5,6 @@ Prints one JSON line of findings; the test asserts on them."""
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax import trainer
