@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -69,12 +70,13 @@ def prepare_run(args) -> Run:
     has_run = os.path.isdir(os.path.join(args.out, "checkpoints"))
     if has_run and not (args.resume or args.overwrite):
         raise ValueError(f"{args.out} holds a run: pass --resume to continue it or --overwrite to start afresh")
-    if args.overwrite and not args.resume:
-        import shutil
-
-        for name in ("checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png"):
+    if args.overwrite and not args.resume:  # afresh: the tokenizer too, as the data may differ
+        for name in ("checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png", "tokenizer.model"):
             path = os.path.join(args.out, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
 
     params = None
     tokenizer_path = os.path.join(args.out, "tokenizer.model")
@@ -111,8 +113,6 @@ def _shape(c: MistralConfig) -> tuple:
 
 
 def _copy_if_other(source: str, destination: str) -> None:
-    import shutil
-
     if os.path.abspath(source) != os.path.abspath(destination):
         shutil.copyfile(source, destination)
 

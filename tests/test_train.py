@@ -187,6 +187,10 @@ def test_train_py_end_to_end(tiny_config_file, tmp_path, capsys, monkeypatch):
 
     status, _, stderr = run_train(capsys, "--config", tiny_config_file, "--out", out, "--steps", 20)
     assert_one_line_error(status, stderr, "holds a run: pass --resume")
+    status, _, stderr = run_train(capsys, "--config", tiny_config_file, "--out", out, "--steps", 2, "--batch-size", 8,
+                                  "--seq-len", 32, "--log-every", 1, "--samples", 0, "--overwrite")
+    assert status == 0, stderr
+    assert sorted(losses(out)) == [1, 2]  # a fresh run: the old metrics are gone
 
 
 def run_cli_convert(src, dst):
