@@ -39,6 +39,12 @@ def parse_args():
     p.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default="none")
     p.add_argument("--mesh", default="", help='e.g. "data=2,fsdp=2,tensor=2"; -1 = the rest (default: all fsdp)')
     p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: measured)")
+    p.add_argument("--distributed", action="store_true",
+                   help="a multi-process run: jax.distributed.initialize(), which detects TPU pods and SLURM; "
+                        "elsewhere give --coordinator, --num-processes and --process-id")
+    p.add_argument("--coordinator", help="host:port of process 0 (implies --distributed)")
+    p.add_argument("--num-processes", type=int)
+    p.add_argument("--process-id", type=int)
     return p.parse_args()
 
 
@@ -47,7 +53,10 @@ def main():
     import jax
 
     from mistral_jax import data, trainer
-    from mistral_jax.experiment import prepare_run, print_samples, save_final_model
+    from mistral_jax.experiment import initialize_distributed, prepare_run, print_samples, save_final_model
+
+    if args.distributed or args.coordinator:
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id)
 
     run = prepare_run(args)
     hp = trainer.Hyperparameters(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
@@ -66,7 +75,7 @@ def main():
         print(f"interrupted: saved a checkpoint at step {int(state.step)}; continue with --resume", file=sys.stderr)
         return 130
     save_final_model(args.out, run, state.params)
-    if args.samples and jax.process_index() == 0:
+    if args.samples:
         print_samples(run, state.params, args.samples, args.sample_tokens, args.seed)
     return 0
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 
 import jax
@@ -33,32 +32,47 @@ def check_destination(path: str, overwrite: bool = False) -> None:
         raise CheckpointExistsError(f"{path} exists and is not empty (use --overwrite to replace it)")
 
 
+def barrier(name: str) -> None:
+    """Waits for every process of a multi-process run (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a fresh directory beside `path` that replaces `path` if the block succeeds.
 
-    On any failure (an exception, Ctrl-C) the temporary directory is removed and `path`
-    is left as it was.
+    On any failure (an exception, Ctrl-C) the temporary directory is removed and `path` is
+    left as it was. Every process of a multi-process run gets the same directory (for orbax
+    to write its shards into); process 0 creates and renames it.
     """
     path = os.path.abspath(path)
     check_destination(path, overwrite)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+    parent, name = os.path.split(path)
+    tmp, old = os.path.join(parent, f".{name}.partial"), os.path.join(parent, f".{name}.old")
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left behind by a run that was killed
+        os.makedirs(tmp)
+    barrier(f"created {tmp}")
     try:
         yield tmp
-        if os.path.lexists(path):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
-            os.rename(path, os.path.join(old, "previous"))
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
+        barrier(f"written {tmp}")
+        if primary:
+            if os.path.lexists(path):
+                shutil.rmtree(old, ignore_errors=True)
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.rename(tmp, path)
+        barrier(f"renamed {tmp}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -84,9 +98,10 @@ def save_checkpoint(path: str, config: MistralConfig, params, *, overwrite: bool
             _checkpointer().save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
         except Exception as e:  # tensorstore reports a full disk as ValueError
             raise OSError(f"writing {path} failed: {e}") from e
-        config.replace(param_dtype=dtype).save_hf(tmp)
-        for name, file in (extra_files or {}).items():
-            shutil.copyfile(file, os.path.join(tmp, name))
+        if jax.process_index() == 0:
+            config.replace(param_dtype=dtype).save_hf(tmp)
+            for name, file in (extra_files or {}).items():
+                shutil.copyfile(file, os.path.join(tmp, name))
 
 
 def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tuple[MistralConfig, dict]:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from mistral_jax import data
-from mistral_jax.checkpoint import load_checkpoint, save_checkpoint
+from mistral_jax.checkpoint import barrier, load_checkpoint, save_checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.sharding import make_mesh
 from mistral_jax.tokenizer import Tokenizer
@@ -58,6 +58,13 @@ def measure_peak_flops() -> float:
     return 2 * 1024**3 / best * jax.device_count()
 
 
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """jax.distributed.initialize for a multi-process run. Without arguments it detects the
+    cluster (TPU pod slices, SLURM, ...); CPU processes talk through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
 def prepare_run(args) -> Run:
     if args.seq_len < 1 or args.batch_size < 1 or args.steps < 1 or args.grad_accum < 1:
         raise ValueError("--steps, --batch-size, --seq-len and --grad-accum must be positive")
@@ -66,11 +73,13 @@ def prepare_run(args) -> Run:
     if args.batch_size % (args.grad_accum * shards) or args.batch_size % jax.process_count():
         raise ValueError(f"--batch-size {args.batch_size} must divide into --grad-accum {args.grad_accum} "
                          f"micro-batches, each split over data x fsdp = {shards} devices")
+    primary = jax.process_index() == 0
     os.makedirs(args.out, exist_ok=True)
     has_run = os.path.isdir(os.path.join(args.out, "checkpoints"))
+    barrier("checked for a previous run")  # before any process writes into --out
     if has_run and not (args.resume or args.overwrite):
         raise ValueError(f"{args.out} holds a run: pass --resume to continue it or --overwrite to start afresh")
-    if args.overwrite and not args.resume:  # afresh: the tokenizer too, as the data may differ
+    if args.overwrite and not args.resume and primary:  # afresh: the tokenizer too, as the data may differ
         for name in ("checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png", "tokenizer.model"):
             path = os.path.join(args.out, name)
             if os.path.isdir(path):
@@ -88,14 +97,16 @@ def prepare_run(args) -> Run:
         source = args.tokenizer or os.path.join(args.init_from, "tokenizer.model")
         if not os.path.isfile(source):
             raise ValueError(f"{args.init_from} has no tokenizer.model; pass --tokenizer")
-        _copy_if_other(source, tokenizer_path)
+        if primary:
+            _copy_if_other(source, tokenizer_path)
     else:
         config = resolve_config(args.config or DEFAULT_CONFIG)
-        if args.tokenizer:
+        if args.tokenizer and primary:
             _copy_if_other(args.tokenizer, tokenizer_path)
-        elif not os.path.isfile(tokenizer_path) and jax.process_index() == 0:
+        elif not os.path.isfile(tokenizer_path) and primary:
             print(f"training a {config.vocab_size}-piece tokenizer on the data", flush=True)
             data.train_tokenizer(args.data, tokenizer_path, config.vocab_size)
+    barrier("tokenizer ready")
     if args.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {args.seq_len} is longer than the model's max_seq_len {config.max_seq_len}")
     config = config.replace(dtype=args.dtype, param_dtype="float32", remat=args.remat)
@@ -103,7 +114,8 @@ def prepare_run(args) -> Run:
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, the model's vocabulary is {config.vocab_size}")
     tokens = data.tokenize(args.data, tokenizer_path, os.path.join(CACHE_DIR, "tokens"))
-    config.save_hf(args.out)
+    if primary:
+        config.save_hf(args.out)
     peak = args.peak_flops or measure_peak_flops()
     return Run(config, mesh, tokenizer_path, tokens, params, peak)
 
@@ -128,11 +140,16 @@ def save_final_model(out_dir: str, run: Run, params) -> str:
 
 
 def print_samples(run: Run, params, n: int, max_new_tokens: int, seed: int) -> None:
+    """Samples on process 0 (every process must call this: the params are gathered first)."""
+    from jax.experimental import multihost_utils
+
     from mistral_jax.sampling import generate
 
+    params = multihost_utils.process_allgather(params, tiled=True)  # numpy, whole, on every process
+    if jax.process_index() != 0:
+        return
     tokenizer = Tokenizer(run.tokenizer_path)
     prompts = [tokenizer.encode(SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]) for i in range(n)]
-    params = jax.device_get(params)  # sampling runs on one device
     outputs = generate(run.config, params, prompts, max_new_tokens, temperature=0.8, top_p=0.95, seed=seed,
                        eos_id=tokenizer.eos_id)
     for prompt, tokens in zip(prompts, outputs):
