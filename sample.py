@@ -57,7 +57,7 @@ def main():
     clock = cli.CompileClock()
 
     from mistral_jax.checkpoint import load_checkpoint
-    from mistral_jax.sampling import generate_stream
+    from mistral_jax.sampling import generate_stream, until_eos
     from mistral_jax.tokenizer import Tokenizer
 
     tokenizer_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
@@ -84,7 +84,7 @@ def main():
         for row, tokens in zip(generated, piece.tolist()):
             row.extend(tokens)
         if stream:
-            text = tokenizer.decode(_until_eos(generated[0], tokenizer.eos_id))
+            text = tokenizer.decode(until_eos(generated[0], tokenizer.eos_id))
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
@@ -93,18 +93,16 @@ def main():
         print()
     else:
         for i, row in enumerate(generated):
-            print(("" if i == 0 else "\n---\n") + tokenizer.decode(_until_eos(row, tokenizer.eos_id)))
+            if i:
+                print("---")
+            print(tokenizer.decode(until_eos(row, tokenizer.eos_id)))
 
     prefill_time = first_piece[0] - first_piece[1]
     decode_time = total - first_piece[0] - (clock.seconds - first_piece[1])
     n_prompt = sum(len(e) for e in encoded)
-    n_decoded = sum(max(0, len(_until_eos(row, tokenizer.eos_id)) - 1) for row in generated)
+    n_decoded = sum(max(0, len(until_eos(row, tokenizer.eos_id)) - 1) for row in generated)
     print(f"compile {clock.seconds:.2f} s; prefill {n_prompt} tokens, {n_prompt / max(prefill_time, 1e-9):.0f} tok/s; "
           f"decode {n_decoded} tokens, {n_decoded / max(decode_time, 1e-9):.1f} tok/s", file=sys.stderr)
-
-
-def _until_eos(tokens: list[int], eos_id: int) -> list[int]:
-    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ def tokenize(data: list[str], tokenizer_path: str, cache_dir: str) -> np.ndarray
     keyed by the tokenizer's bytes and the corpus fingerprint."""
     tokenizer = Tokenizer(tokenizer_path)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    key = hashlib.sha256(open(tokenizer_path, "rb").read() + corpus_fingerprint(data).encode()).hexdigest()[:16]
+    with open(tokenizer_path, "rb") as f:
+        key = hashlib.sha256(f.read() + corpus_fingerprint(data).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"tokens-{key}.{np.dtype(dtype).name}")
     if not os.path.exists(path):
         chunks = [np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype) for text in documents(data)]

@@ -53,17 +53,15 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional sliding window.
 
-    Without a cache: the full sequence at positions 0..T-1. With a cache (this layer's
-    (k, v) [B, C, K, d] and the slot positions [B, C]): a chunk of T tokens at `positions`
-    [B, T] (-1 for padding), returning the updated (k, v) too. A chunk of several tokens
-    reads (cache ∪ chunk) and then writes, since its early queries may need slots its later
-    tokens overwrite; a single decode token writes and then reads, so no copy is made.
+    Without a cache: the full sequence at positions 0..T-1. With a cache: this layer's (k, v)
+    [B, C, K, d], the slots [B, T] this chunk writes, and the mask [B, T, S] of the keys it
+    reads (built once per call by Mistral), returning the updated (k, v) too.
     """
 
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, cache=None, cache_positions=None):
+    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, cache=None, slots=None, mask=None):
         c = self.config
         D, H, K, d = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
         wq = _param(self, "wq", (D, H, d), ("embed", "heads", "head_dim"), _fan_in(0, (1, 2)))
@@ -74,24 +72,16 @@ class Attention(nn.Module):
         k = apply_rope(jnp.einsum("BTD,DKd->BTKd", x, wk), positions, c.rope_theta)
         v = jnp.einsum("BTD,DKd->BTKd", x, wv)
         if cache is None:
-            out, cache = causal_attention(q, k, v, c.sliding_window), None
+            out = causal_attention(q, k, v, c.sliding_window)
         else:
-            out, cache = self._with_cache(q, k, v, positions, cache, cache_positions)
+            k_cache, v_cache = cache
+            cache = rolling_update(k_cache, slots, k), rolling_update(v_cache, slots, v)
+            if q.shape[1] == 1:  # decode: write, then read the cache (no copy of it)
+                out = masked_attention(q, *cache, mask)
+            else:  # prefill chunk: read cache ∪ chunk, since early queries need slots later tokens overwrite
+                out = masked_attention(q, jnp.concatenate([k_cache, k], axis=1),
+                                       jnp.concatenate([v_cache, v], axis=1), mask)
         return jnp.einsum("BTHd,HdD->BTD", out, wo), cache
-
-    def _with_cache(self, q, k, v, positions, cache, cache_positions):
-        window = self.config.sliding_window
-        k_cache, v_cache = cache
-        slots = write_slots(positions, k_cache.shape[1])
-        new_k, new_v = rolling_update(k_cache, slots, k), rolling_update(v_cache, slots, v)
-        if q.shape[1] == 1:  # decode: write, then read the cache
-            key_positions = rolling_update(cache_positions, slots, positions)
-            out = masked_attention(q, new_k, new_v, attention_mask(positions, key_positions, window))
-        else:  # prefill chunk: read cache ∪ chunk, then write
-            key_positions = jnp.concatenate([cache_positions, positions], axis=1)
-            keys, values = jnp.concatenate([k_cache, k], axis=1), jnp.concatenate([v_cache, v], axis=1)
-            out = masked_attention(q, keys, values, attention_mask(positions, key_positions, window))
-        return out, (new_k, new_v)
 
 
 class FeedForward(nn.Module):
@@ -115,10 +105,10 @@ class Block(nn.Module):
     config: MistralConfig
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, cache, cache_positions):
+    def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, cache, slots, mask):
         c = self.config
         attended, cache = Attention(c, name="attention")(
-            RMSNorm(c, name="attention_norm")(x), positions, cache, cache_positions)
+            RMSNorm(c, name="attention_norm")(x), positions, cache, slots, mask)
         h = x + attended
         out = h + FeedForward(c, name="feed_forward")(RMSNorm(c, name="ffn_norm")(h))
         return out, cache
@@ -142,22 +132,27 @@ class Mistral(nn.Module):
         x = jnp.take(embedding, tokens, axis=0)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-        layer_caches = None if cache is None else (cache.k, cache.v)
-        cache_positions = None if cache is None else cache.positions
+        layer_caches = slots = mask = new_positions = None
+        if cache is not None:
+            layer_caches = (cache.k, cache.v)
+            slots = write_slots(positions, cache.positions.shape[1])
+            new_positions = rolling_update(cache.positions, slots, positions)
+            # What every layer reads: after writing for a decode token; cache ∪ chunk for a prefill chunk.
+            key_positions = new_positions if T == 1 else jnp.concatenate([cache.positions, positions], axis=1)
+            mask = attention_mask(positions, key_positions, c.sliding_window)
 
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, 0, nn.broadcast), length=c.n_layers,
+                         in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=c.n_layers,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, layer_caches = layers(c, name="layers")(x, positions, layer_caches, cache_positions)
+        x, layer_caches = layers(c, name="layers")(x, positions, layer_caches, slots, mask)
 
         x = RMSNorm(c, name="norm")(x)
         output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
         logits = jnp.einsum("BTD,DV->BTV", x, output, preferred_element_type=jnp.float32)
         if cache is None:
             return logits
-        slots = write_slots(positions, cache.positions.shape[1])
         k, v = layer_caches
-        return logits, KVCache(k=k, v=v, positions=rolling_update(cache.positions, slots, positions))
+        return logits, KVCache(k=k, v=v, positions=new_positions)

@@ -176,10 +176,10 @@ def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[in
                   max_tokens=_bucket(max_new_tokens), **sampling)
     emitted = 0
     while True:
-        step = int(state.step)
-        yield np.asarray(state.tokens)[:, emitted:step]
-        emitted = step
-        if step >= max_new_tokens or bool(jnp.all(state.done)):
+        tokens, step, done = jax.device_get((state.tokens, state.step, state.done))  # one host sync per call
+        yield tokens[:, emitted:step]
+        emitted = int(step)
+        if emitted >= max_new_tokens or done.all():
             return
         until = min(max_new_tokens, step + (steps_per_call or max_new_tokens))
         state = decode(params, config, state, jnp.array(until, jnp.int32), **sampling)
@@ -206,7 +206,9 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], ma
     pieces = list(generate_stream(config, params, prompts, max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id))
     out = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
-    results = []
-    for row in out.tolist():
-        results.append(row[:row.index(eos_id)] if eos_id in row else row)
-    return results
+    return [until_eos(row, eos_id) for row in out.tolist()]
+
+
+def until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """The tokens before the first eos_id."""
+    return tokens[:tokens.index(eos_id)] if eos_id in tokens else tokens

@@ -46,13 +46,7 @@ def test_sample_py_prints_hf_greedy_completion(converted):
                           "--prompt", prompt, "--max-new-tokens", str(new), "--steps-per-call=7"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    reference = SentencePieceTokenizer(REAL_TOKENIZER)
-    ids = reference.encode(prompt, bos=True, eos=False)
-    with torch.no_grad():
-        hf = ref.model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=2,
-                                pad_token_id=0)[0, len(ids):].tolist()
-    hf = hf[:hf.index(2)] if 2 in hf else hf
-    assert out.stdout == reference.decode(hf) + "\n"
+    assert out.stdout == hf_greedy_text(ref.model, prompt, new) + "\n"
     assert "compile" in out.stderr and "tok/s" in out.stderr
 
 
@@ -60,12 +54,25 @@ def run(capsys, *argv):
     return run_script(capsys, sample, *argv)
 
 
+def hf_greedy_text(model, prompt, new):
+    """transformers' greedy completion of prompt (BOS first, eos 2), decoded by mistral-common."""
+    reference = SentencePieceTokenizer(REAL_TOKENIZER)
+    ids = reference.encode(prompt, bos=True, eos=False)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=2,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    return reference.decode(out[:out.index(2)] if 2 in out else out)
+
+
 def test_batch_of_prompts_in_process(converted, capsys, tmp_path):
-    _, checkpoint = converted
-    (tmp_path / "prompt.txt").write_text("Once upon a time\n")
+    """Two prompts of different lengths, one from a file; top-k 1 must be HF's greedy."""
+    ref, checkpoint = converted
+    (tmp_path / "prompt.txt").write_text("Once upon a time there was\n")
     status, out, _ = run(capsys, "--checkpoint", checkpoint, "--prompt", "Hello", "--prompt-file",
-                         tmp_path / "prompt.txt", "--max-new-tokens", 5, "--temperature", 0.8, "--top-k", 20)
-    assert status == 0 and out.count("\n---\n") == 1
+                         tmp_path / "prompt.txt", "--max-new-tokens", 12, "--temperature", 0.8, "--top-k", 1)
+    assert status == 0
+    expected = [hf_greedy_text(ref.model, p, 12) for p in ("Hello", "Once upon a time there was")]
+    assert out == "\n---\n".join(expected) + "\n"
 
 
 @pytest.mark.parametrize("argv,message", [
