@@ -149,9 +149,8 @@ def save_train_state(manager: ocp.CheckpointManager, state, force: bool = False)
     return manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
 
 
-def restore_train_state(manager: ocp.CheckpointManager, like, step: int | None = None):
-    """The state saved at step (default: the latest), placed as the arrays of `like` are."""
+def restore_train_state(manager: ocp.CheckpointManager, abstract, step: int | None = None):
+    """The state saved at step (default: the latest), read onto the shardings of `abstract`
+    (a pytree of jax.ShapeDtypeStruct)."""
     step = manager.latest_step() if step is None else step
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
     return manager.restore(step, args=ocp.args.StandardRestore(abstract))

@@ -82,21 +82,37 @@ def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float):
     return ce + z, (ce, z)
 
 
+def _init_params(config: MistralConfig, key: jax.Array):
+    return nn.unbox(Mistral(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def abstract_state(config: MistralConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
+    """The train state's shapes, dtypes and shardings, with nothing allocated: params per the
+    rules table, Adam's moments as their params, scalars (the step, Adam's count) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params_sharding = param_shardings(config, mesh)
+    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                    jax.eval_shape(lambda key: _init_params(config, key), jax.random.key(0)),
+                                    params_sharding)
+    opt_state = optax.tree_map_params(
+        tx, lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, params),
+        params_sharding, transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params=params,
+                      opt_state=opt_state)
+
+
 def init_state(config: MistralConfig, tx: optax.GradientTransformation, mesh, seed: int = 0,
                params=None) -> TrainState:
     """A train state born sharded over mesh: fresh params from seed, or the given ones placed."""
-    shardings = param_shardings(config, mesh)
+    shardings = state_shardings(abstract_state(config, tx, mesh))
     if params is None:
-        init = lambda key: nn.unbox(Mistral(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])  # noqa: E731
-        params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+        params = jax.jit(_init_params, static_argnums=0, out_shardings=shardings.params)(config, jax.random.key(seed))
     else:
         params = jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x, config.param_dtype), s),
-                                        params, shardings)
-    # Moments follow the params' shardings; scalars (the step, Adam's count) are replicated.
-    replicated = NamedSharding(mesh, PartitionSpec())
-    on_mesh = lambda x: x if x.sharding.device_set == set(mesh.devices.flat) else jax.device_put(x, replicated)  # noqa: E731
-    opt_state = jax.tree_util.tree_map(on_mesh, jax.jit(tx.init)(params))
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), replicated), params=params, opt_state=opt_state)
+                                        params, shardings.params)
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                      opt_state=opt_state)
 
 
 def state_shardings(state: TrainState):
@@ -164,11 +180,12 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     a checkpoint saved.
     """
     tx = make_optimizer(hp)
-    state = init_state(config, tx, mesh, hp.seed, params)
-    shardings = state_shardings(state)
     manager = checkpoint.train_state_manager(os.path.join(out_dir, "checkpoints"), save_every, keep)
-    if resume and manager.latest_step() is not None:
-        state = checkpoint.restore_train_state(manager, state)
+    if resume and manager.latest_step() is not None:  # read straight onto the shardings; nothing initialised
+        state = checkpoint.restore_train_state(manager, abstract_state(config, tx, mesh))
+    else:
+        state = init_state(config, tx, mesh, hp.seed, params)
+    shardings = state_shardings(state)
     train_step = make_train_step(config, tx, hp, mesh, shardings)
     eval_step = make_eval_step(config, mesh, shardings.params)
     process, processes = jax.process_index(), jax.process_count()
