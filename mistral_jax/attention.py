@@ -43,47 +43,60 @@ def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.n
     return out.reshape(B, T, H, d)
 
 
-def banded_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int) -> jnp.ndarray:
-    """Causal sliding-window self-attention over positions 0..T-1 in O(T*W) time and memory.
+def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None,
+                      block: int) -> jnp.ndarray:
+    """Causal (sliding-window) self-attention at positions 0..T-1, `block` queries at a time.
 
-    The sequence is cut into N blocks of W queries; block n attends to key blocks n-1 and n
-    (2W keys), which hold every key its queries may see. T is padded up to N*W; padded keys
-    lie in the future of every real query, so the causal mask hides them.
+    Block n reads the `span` keys ending at its last query, which hold every key its queries
+    may see: all earlier keys without a window, the W-1 before its first query with one. So
+    time is O(T * span), linear in T under a window, and memory O(block * span) per block:
+    each block is a `jax.checkpoint`, recomputed in the backward pass, so no T x T (or T x W)
+    matrix is ever held. T is padded up to a multiple of the block; padded keys lie in the
+    future of every real query, so the causal mask hides them. A sequence of at most one
+    block is one dense masked_attention, not recomputed.
     """
     B, T, H, d = q.shape
-    K = k.shape[2]
-    W = window
-    N = -(-T // W)
-    pad = [(0, 0), (0, N * W - T), (0, 0), (0, 0)]
+    Q = min(block, T)
+    N = -(-T // Q)
+    padded = N * Q
+    span = padded if window is None else min(padded, Q * (1 + -(-(window - 1) // Q)))
+    pad = [(0, 0), (0, padded - T), (0, 0), (0, 0)]
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-    q = q.reshape(B, N, W, K, H // K, d)
 
-    def with_previous_block(x):  # [B, N*W, K, d] -> [B, N, 2W, K, d]
-        x = x.reshape(B, N, W, K, d)
-        previous = jnp.pad(x, [(0, 0), (1, 0), (0, 0), (0, 0), (0, 0)])[:, :-1]
-        return jnp.concatenate([previous, x], axis=2)
+    def one_block(n, q_n):  # q_n [B, Q, H, d] -> [B, Q, H, d]
+        first_key = jnp.clip((n + 1) * Q - span, 0, padded - span)
+        k_n, v_n = (jax.lax.dynamic_slice_in_dim(x, first_key, span, axis=1) for x in (k, v))
+        mask = attention_mask(n * Q + jnp.arange(Q), first_key + jnp.arange(span), window)
+        return masked_attention(q_n, k_n, v_n, jnp.broadcast_to(mask, (B, Q, span)))
 
-    k, v = with_previous_block(k), with_previous_block(v)
-    q_pos = np.arange(N * W).reshape(N, W)
-    k_pos = q_pos[:, :1] - W + np.arange(2 * W)  # keys of block n start at n*W - W
-    mask = attention_mask(q_pos, k_pos, W)  # [N, W, 2W], static
-
-    logits = jnp.einsum("BNTKGd,BNSKd->BNKGTS", q, k, preferred_element_type=jnp.float32) * d**-0.5
-    logits = jnp.where(mask[None, :, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BNKGTS,BNSKd->BNTKGd", probs, v)
-    return out.reshape(B, N * W, H, d)[:, :T]
+    if N == 1:
+        return one_block(0, q)[:, :T]
+    blocks = q.reshape(B, N, Q, H, d).swapaxes(0, 1)
+    out = jax.lax.map(lambda args: jax.checkpoint(one_block)(*args), (jnp.arange(N), blocks))
+    return out.swapaxes(0, 1).reshape(B, padded, H, d)[:, :T]
 
 
-def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None) -> jnp.ndarray:
+def target_platform() -> str:
+    """The platform being compiled for: the mesh's in a mesh context, else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
+
+
+def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None, kernel: str,
+                     block: int) -> jnp.ndarray:
     """Self-attention of a full sequence at positions 0..T-1; q [B, T, H, d], k, v [B, T, K, d].
 
-    Banded when the window is much shorter than the sequence (the band then costs less than
-    the T^2 causal form); otherwise `jax.nn.dot_product_attention`, which dispatches to
-    cuDNN on GPU.
+    kernel: "xla" blocked_attention (any platform); "dot_product" jax.nn.dot_product_attention
+    with a local window (cuDNN's fused kernel on GPU for bf16/f16 inputs, a dense XLA form
+    elsewhere); "splash" the Pallas splash-attention kernel with a LocalMask (TPU; Pallas
+    interpret mode elsewhere); "auto" dot_product on GPU, splash on TPU, xla otherwise.
     """
-    T = q.shape[1]
-    if window is not None and T > 2 * window:
-        return banded_attention(q, k, v, window)
-    return jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, local_window_size=None if window is None else (window - 1, 0))
+    if kernel == "auto":
+        kernel = {"gpu": "dot_product", "tpu": "splash"}.get(target_platform(), "xla")
+    if kernel == "dot_product":
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, local_window_size=None if window is None else (window - 1, 0))
+    if kernel == "splash":
+        from mistral_jax.splash import splash_attention
+        return splash_attention(q, k, v, window)
+    return blocked_attention(q, k, v, window, block)

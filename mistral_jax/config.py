@@ -12,6 +12,7 @@ logger = logging.getLogger("mistral_jax")
 
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_KERNELS = ("auto", "xla", "dot_product", "splash")  # see attention.causal_attention
 _DEFAULT_MAX_SEQ_LEN = 32768  # what Mistral 7B's HF config.json states; params.json never says
 
 
@@ -21,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
-    """Architecture (params.json names) plus the dtypes and remat policy to run it with.
+    """Architecture (params.json names) plus how to run it: dtypes, remat policy, attention kernel.
 
     Hashable, so it can be a static argument of `jax.jit`.
     """
@@ -40,10 +41,12 @@ class MistralConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # activation checkpointing policy of each block, see model.py
+    attention: str = "auto"  # self-attention kernel of full sequences, see attention.py
+    attention_block: int = 512  # queries per block of the "xla" kernel
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads",
-                     "vocab_size", "max_seq_len"):
+                     "vocab_size", "max_seq_len", "attention_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -63,6 +66,8 @@ class MistralConfig:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
 
     def replace(self, **changes) -> MistralConfig:
         return dataclasses.replace(self, **changes)

@@ -17,6 +17,9 @@ from mistral_jax.attention import attention_mask, causal_attention, masked_atten
 from mistral_jax.cache import KVCache, rolling_update, write_slots
 from mistral_jax.config import MistralConfig
 from mistral_jax.rope import apply_rope
+from mistral_jax.sharding import constrain
+
+ACTIVATIONS = ("batch", "length", None)  # [B, T, D] between blocks: split by rows, whole in D
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -72,7 +75,7 @@ class Attention(nn.Module):
         k = apply_rope(jnp.einsum("BTD,DKd->BTKd", x, wk), positions, c.rope_theta)
         v = jnp.einsum("BTD,DKd->BTKd", x, wv)
         if cache is None:
-            out = causal_attention(q, k, v, c.sliding_window)
+            out = causal_attention(q, k, v, c.sliding_window, c.attention, c.attention_block)
         else:
             k_cache, v_cache = cache
             cache = rolling_update(k_cache, slots, k), rolling_update(v_cache, slots, v)
@@ -111,7 +114,7 @@ class Block(nn.Module):
             RMSNorm(c, name="attention_norm")(x), positions, cache, slots, mask)
         h = x + attended
         out = h + FeedForward(c, name="feed_forward")(RMSNorm(c, name="ffn_norm")(h))
-        return out, cache
+        return constrain(out, ACTIVATIONS), cache
 
 
 class Mistral(nn.Module):
@@ -129,7 +132,7 @@ class Mistral(nn.Module):
         B, T = tokens.shape
         embedding = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"),
                            nn.initializers.normal(1.0))
-        x = jnp.take(embedding, tokens, axis=0)
+        x = constrain(jnp.take(embedding, tokens, axis=0), ACTIVATIONS)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
         layer_caches = slots = mask = new_positions = None
@@ -151,7 +154,8 @@ class Mistral(nn.Module):
 
         x = RMSNorm(c, name="norm")(x)
         output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
-        logits = jnp.einsum("BTD,DV->BTV", x, output, preferred_element_type=jnp.float32)
+        logits = constrain(jnp.einsum("BTD,DV->BTV", x, output, preferred_element_type=jnp.float32),
+                           ("batch", "length", "vocab"))
         if cache is None:
             return logits
         k, v = layer_caches

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mistral_jax.cache import KVCache
 from mistral_jax.config import MistralConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -93,6 +94,18 @@ def sharding_for(names, shape, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec_for(tuple(names), tuple(shape), mesh))
 
 
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """x laid out by the rules table over the mesh being traced under, if any (see
+    trainer._under); unchanged outside a mesh context. Activations need this: left to
+    itself, the partitioner may follow the weights' fsdp split of `embed` into the
+    activations and gather the batch instead (on 8 devices it did, and the 7B train step's
+    temporaries went from 9 to 20 GB)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, x.shape, mesh)))
+
+
 def param_shardings(config: MistralConfig, mesh: Mesh):
     """NamedSharding per parameter, from the logical axes the model declares."""
     from mistral_jax.model import Mistral
@@ -100,6 +113,13 @@ def param_shardings(config: MistralConfig, mesh: Mesh):
     boxed = jax.eval_shape(Mistral(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     return jax.tree_util.tree_map(lambda p: sharding_for(p.names, p.value.shape, mesh), boxed,
                                   is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def cache_shardings(mesh: Mesh, cache: KVCache) -> KVCache:
+    """NamedSharding per array of a KV cache (or its shapes): rows split like batches, kv
+    heads over `tensor` like wk/wv, and each device's rows and heads kept whole in length."""
+    kv = sharding_for(("layers", "batch", "length", "kv_heads", "head_dim"), cache.k.shape, mesh)
+    return KVCache(k=kv, v=kv, positions=sharding_for(("batch", "length"), cache.positions.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -1,16 +1,18 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 by test_sharding.py: the
-forward pass, one train step and generate under several meshes against one device.
+forward pass, one train step (with the XLA and the splash attention kernels) and generate
+under several meshes against one device.
 Prints one JSON line of findings; the test asserts on them."""
 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax import trainer
 from mistral_jax.config import MistralConfig
 from mistral_jax.model import Mistral
-from mistral_jax.sampling import generate
+from mistral_jax.sampling import generate, start
 from mistral_jax.sharding import batch_sharding, make_mesh
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -33,16 +35,26 @@ def run(mesh):
     wq = state.params["layers"]["attention"]["wq"]
     split = {"devices": len(wq.sharding.device_set), "shard": list(wq.addressable_shards[0].data.shape),
              "global": list(wq.shape)}
-    tokens = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None)
+    tokens = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None, mesh=mesh)
+    cache = start(state.params, CONFIG, np.zeros((4, 8), np.int32), np.full(4, 8, np.int32), jax.random.key(0),
+                  chunk=8, max_tokens=8, temperature=0.0, top_k=None, top_p=None, eos_id=-1, mesh=mesh).cache
+    split["cache_shard"] = list(cache.k.addressable_shards[0].data.shape)
+    batch = jax.device_put(BATCH, batch_sharding(mesh))
+    # The splash kernel (Pallas interpret mode) inside shard_map, from a copy of the state.
+    splash_step = trainer.make_train_step(CONFIG.replace(attention="splash"), tx, HP, mesh,
+                                          trainer.state_shardings(state))
+    splash_state, splash_metrics = splash_step(jax.tree_util.tree_map(jnp.copy, state), batch)
+    splash = (jax.device_get(splash_metrics), jax.tree_util.tree_map(np.asarray, splash_state.params))
     step = trainer.make_train_step(CONFIG, tx, HP, mesh, trainer.state_shardings(state))
-    state, metrics = step(state, jax.device_put(BATCH, batch_sharding(mesh)))
-    return params, logits, tokens, jax.device_get(metrics), jax.tree_util.tree_map(np.asarray, state.params), split
+    state, metrics = step(state, batch)
+    return (params, logits, tokens, jax.device_get(metrics), jax.tree_util.tree_map(np.asarray, state.params), split,
+            splash)
 
 
 reference = run(make_mesh("", jax.devices()[:1]))
 findings = {}
 for spec in ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"):
-    params, logits, tokens, metrics, updated, split = run(make_mesh(spec))
+    params, logits, tokens, metrics, updated, split, splash = run(make_mesh(spec))
     findings[spec] = {
         "init_max_diff": max(float(np.abs(a - b).max()) for a, b in
                              zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference[0]))),
@@ -52,6 +64,10 @@ for spec in ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"):
         "grad_norm_rel_diff": abs(float(metrics["grad_norm"]) / float(reference[3]["grad_norm"]) - 1),
         "updated_max_diff": max(float(np.abs(a - b).max()) for a, b in
                                 zip(jax.tree_util.tree_leaves(updated), jax.tree_util.tree_leaves(reference[4]))),
+        "splash_loss_diff": abs(float(splash[0]["loss"]) - float(reference[3]["loss"])),
+        "splash_updated_max_diff": max(float(np.abs(a - b).max()) for a, b in zip(
+            jax.tree_util.tree_leaves(splash[1]), jax.tree_util.tree_leaves(reference[4]))),
+        "cache_shard": split.pop("cache_shard"),
         "wq": split,
     }
 print(json.dumps(findings))

@@ -1,4 +1,5 @@
-"""Masks with exact expected arrays; banded and dense kernels against the O(T^2) reference."""
+"""Masks with exact expected arrays; the blocked kernel against the O(T^2) reference, forward and
+backward, and its memory linear in T under a window."""
 
 import functools
 
@@ -7,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.attention import attention_mask, banded_attention, causal_attention, masked_attention
+from mistral_jax.attention import attention_mask, blocked_attention, causal_attention, masked_attention
 
 
 def test_window_mask_exact():
@@ -37,8 +38,7 @@ def reference(q, k, v, window):
     return masked_attention(q, k, v, attention_mask(pos, pos, window))
 
 
-banded = jax.jit(banded_attention, static_argnums=3)
-causal = jax.jit(causal_attention, static_argnums=3)
+blocked = jax.jit(blocked_attention, static_argnums=(3, 4))
 
 
 def qkv(T, H=4, K=2, d=8, seed=0):
@@ -48,24 +48,57 @@ def qkv(T, H=4, K=2, d=8, seed=0):
     return q, k, rng.normal(size=(2, T, K, d)).astype(np.float32)
 
 
-@pytest.mark.parametrize("window,T", [(4, 12), (4, 13), (4, 3), (4, 4), (4, 5), (5, 23), (1, 7), (7, 1)])
-def test_banded_equals_reference(window, T):
-    q, k, v = qkv(T)
-    np.testing.assert_allclose(banded(q, k, v, window), reference(q, k, v, window), atol=1e-5)
+# (window, T, block): one block, several with T a multiple of the block or not, windows
+# shorter, equal to and longer than the block, no window.
+CASES = [(4, 12, 4), (4, 13, 4), (4, 3, 4), (4, 5, 4), (5, 23, 4), (1, 7, 2), (7, 1, 4), (None, 9, 4),
+         (None, 9, 16), (3, 17, 8), (6, 20, 3), (16, 40, 8)]
 
 
-@pytest.mark.parametrize("window,T", [(None, 9), (4, 8), (4, 6), (4, 9), (3, 17)])
-def test_causal_attention_equals_reference(window, T):
-    # (4, 8) and (4, 6) take jax.nn.dot_product_attention with a local window; (4, 9) and (3, 17) the band.
+@pytest.mark.parametrize("window,T,block", CASES)
+def test_blocked_equals_reference(window, T, block):
     q, k, v = qkv(T, H=6, K=3)
-    np.testing.assert_allclose(causal(q, k, v, window), reference(q, k, v, window), atol=1e-5)
+    np.testing.assert_allclose(blocked(q, k, v, window, block), reference(q, k, v, window), atol=1e-5)
 
 
-def test_banded_is_linear_in_length():
-    """No intermediate of the banded program has a T x T (or larger) attention matrix."""
-    T, W = 256, 16
+@pytest.mark.parametrize("window,T,block", [(5, 23, 4), (None, 9, 4)])
+def test_blocked_gradients_equal_reference(window, T, block):
     q, k, v = qkv(T)
-    jaxpr = jax.make_jaxpr(lambda q, k, v: causal_attention(q, k, v, W))(q, k, v)
-    sizes = [np.prod(var.aval.shape) for eqn in jaxpr.eqns for var in eqn.outvars]
-    largest_dense = 2 * 4 * T * T  # B * H * T * T of the dense form
-    assert max(sizes) <= 2 * 4 * T * 2 * W < largest_dense
+    cotangent = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
+    grads = [jax.jit(jax.grad(lambda *qkv: jnp.vdot(f(*qkv), cotangent), argnums=(0, 1, 2)))(q, k, v)
+             for f in (lambda q, k, v: blocked_attention(q, k, v, window, block),
+                       lambda q, k, v: reference(q, k, v, window))]
+    for got, want in zip(*grads):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_blocked_memory_is_linear_in_length():
+    """Under a window, the compiled forward+backward's temporary memory grows with T, not T^2:
+    4x the length takes at most ~4x the memory (dense would take 16x)."""
+    def temp_bytes(T):
+        q, k, v = (jax.ShapeDtypeStruct(x.shape, x.dtype) for x in qkv(T))
+        loss = jax.grad(lambda q, k, v: blocked_attention(q, k, v, 64, 64).sum(), argnums=(0, 1, 2))
+        return jax.jit(loss).lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(1024), temp_bytes(4096)
+    assert large <= 4.5 * small, (small, large)
+    assert large < 2 * 4 * 4096 * 4096 * 4 / 8  # an eighth of one dense f32 [B, H, T, T] matrix
+
+
+@pytest.mark.parametrize("window,T", [(64, 200), (None, 130)])
+def test_splash_and_dot_product_kernels_equal_reference(window, T):
+    """The Pallas splash kernel (interpret mode here, the same program TPUs compile) and
+    jax.nn.dot_product_attention (XLA here, cuDNN on GPU): outputs and gradients. T is not
+    a multiple of the kernel's 128-row tiles, so padding is exercised."""
+    q, k, v = qkv(T, H=4, K=2, d=32)
+    cotangent = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def out_and_grads(kernel, q, k, v):
+        out, vjp = jax.vjp(lambda q, k, v: causal_attention(q, k, v, window, kernel, 64), q, k, v)
+        return (out, *vjp(cotangent))
+
+    want = out_and_grads("xla", q, k, v)
+    for kernel in ("splash", "dot_product"):
+        got = out_and_grads(kernel, q, k, v)
+        for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+            np.testing.assert_allclose(g, w, atol=2e-5, err_msg=f"{kernel} {name}")

@@ -24,11 +24,20 @@ def max_diff(config, params, ref, length=None):
 def test_hf_safetensors(reference):
     config, params = load_pytorch(reference.dir)
     assert config.sliding_window == reference.window
-    # Full length uses the banded kernel (T > 2W); prefixes up to 2W the dense causal one.
     # HF is causal, so the logits of a prefix are a prefix of the logits.
     T = reference.tokens.shape[1]
-    for length in (T, 2 * WINDOW + 1, 2 * WINDOW, WINDOW + 1, WINDOW - 1):
+    for length in (T, 2 * WINDOW + 1, WINDOW + 1, WINDOW - 1):
         assert max_diff(config, params, reference, length) < TOL, length
+
+
+@pytest.mark.parametrize("attention,block", [("xla", WINDOW // 2), ("xla", 3 * WINDOW), ("splash", None),
+                                             ("dot_product", None)])
+def test_every_attention_kernel(ref_windowed, attention, block):
+    """The whole model with each kernel: blocked with blocks shorter and longer than the
+    window, splash (Pallas interpret mode), jax.nn.dot_product_attention."""
+    config, params = load_pytorch(ref_windowed.dir)
+    config = config.replace(attention=attention, attention_block=block or config.attention_block)
+    assert max_diff(config, params, ref_windowed) < TOL
 
 
 @pytest.mark.parametrize("fmt", ["sharded_safetensors", "bin"])
