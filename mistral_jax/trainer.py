@@ -163,12 +163,9 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
             (micro_loss, (micro_ce, _)), micro_grads = grad_fn(state.params, config, micro_batch, hp.z_loss)
             return (jax.tree_util.tree_map(jnp.add, grads, micro_grads), loss + micro_loss, ce + micro_ce), None
 
-        if A == 1:  # no accumulator: it would hold a second gradient-sized buffer
-            (loss, (ce, _)), grads = grad_fn(state.params, config, batch, hp.z_loss)
-        else:
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-            (grads, loss, ce), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
-            grads = jax.tree_util.tree_map(lambda g: g / A, grads)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, loss, ce), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+        grads = jax.tree_util.tree_map(lambda g: g / A, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss / A, "ce": ce / A, "grad_norm": optax.tree.norm(grads),

@@ -6,6 +6,8 @@ import os
 import re
 import sys
 
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is installed as a compile target only
+
 import jax
 import mistral_common
 import numpy as np

@@ -1,0 +1,269 @@
+"""The memory plan of a model on a mesh, checked by compiling it ahead of time.
+
+Lowers and compiles the train step and generate (prefill + decode) from abstract inputs
+(nothing of the model's size is allocated) for a mesh of TPU devices described by libtpu's
+topologies (`pip install "jax[tpu]"`; no TPU needed) or of this machine's CPU devices
+(`XLA_FLAGS=--xla_force_host_platform_device_count=8`, the stand-in for an 8-GPU node, for
+which no compiler is available here), and reads per-device memory from XLA's
+`memory_analysis()`.
+
+  python -m mistral_jax.aot --target v5e-16 --mesh fsdp=16 --program train --batch 16 --seq 4096
+  python -m mistral_jax.aot --plan docs/SCALING.md   # recompiles every row there and rewrites it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mistral_jax import sampling, trainer
+from mistral_jax.config import MistralConfig
+from mistral_jax.sharding import make_mesh, param_shardings
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    platform: str
+    topology: str | None  # libtpu's topology name
+    chip_config: str | None  # "megacore": one device per chip of two TensorCores
+    hbm_gib: float  # memory per device
+    devices: int
+
+
+TARGETS = {
+    "v5e-16": Target("tpu", "v5e:4x4", "default", 16, 16),
+    "v4-8": Target("tpu", "v4:2x2x1", "megacore", 32, 4),
+    "v5p-8": Target("tpu", "v5:2x2x1", "megacore", 95, 4),
+    "cpu-8": Target("cpu", None, None, 80, 8),  # stand-in for 8 x 80 GB GPUs (A100/H100)
+}
+
+
+def target_devices(name: str) -> list:
+    target = TARGETS[name]
+    if target.platform == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) != target.devices:
+            raise RuntimeError(f"target {name} needs {target.devices} CPU devices, this process has {len(devices)}; "
+                               f"run with XLA_FLAGS=--xla_force_host_platform_device_count={target.devices}")
+        return devices
+    from jax.experimental import topologies
+    try:
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
+                                                chip_config_name=target.chip_config, chips_per_host_bounds=(2, 2, 1),
+                                                num_slices=1, wrap=(False, False, False))
+    except Exception as e:  # libtpu missing or unable to describe the topology
+        raise RuntimeError(f"cannot describe TPU topology {target.topology} ({type(e).__name__}: {e}); "
+                           'TPU targets need libtpu: pip install "jax[tpu]==0.10.2"') from None
+    return topology.devices
+
+
+@dataclasses.dataclass
+class Report:
+    """Bytes per device of one compiled program."""
+
+    program: str
+    arguments: int
+    outputs: int
+    aliased: int  # outputs written into donated arguments
+    temporaries: int
+    compile_s: float
+    params: int = 0  # of the arguments
+    optimizer: int = 0  # of the arguments
+    error: str | None = None  # the compiler refused: not enough memory
+    kernels: tuple[str, ...] = ()  # Pallas (Mosaic) kernels in the compiled program
+
+    @property
+    def total(self) -> int:
+        return self.arguments + self.outputs - self.aliased + self.temporaries
+
+
+def _report(program: str, compiled, compile_s: float, **parts) -> Report:
+    m = compiled.memory_analysis()
+    kernels = tuple(sorted(set(re.findall(r"\bsplash_mqa_\w+", compiled.as_text()))))
+    return Report(program, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
+                  m.temp_size_in_bytes, compile_s, kernels=kernels, **parts)
+
+
+def _bytes_per_device(tree) -> int:
+    """Bytes of one device's shards of abstract arrays with shardings (the largest shard)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree_util.tree_leaves(tree))
+
+
+def compile_train_step(config: MistralConfig, hp: trainer.Hyperparameters, mesh) -> Report:
+    """The train step as train.py builds it: f32 master params and AdamW state, `config`'s
+    compute dtype and remat, a global batch [batch_size, seq_len + 1]."""
+    tx = trainer.make_optimizer(hp)
+    state = trainer.abstract_state(config, tx, mesh)
+    step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state))
+    batch = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding(mesh))
+    start = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    return _report("train", compiled, time.perf_counter() - start, params=_bytes_per_device(state.params),
+                   optimizer=_bytes_per_device(state.opt_state))
+
+
+def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, new_tokens: int) -> list[Report]:
+    """Prefill of prompts [batch, prompt_len] then the decode loop up to new_tokens, params in
+    config.param_dtype, the KV cache sharded as cache_shardings says."""
+    params = jax.tree_util.tree_map(
+        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, jnp.dtype(config.param_dtype), sharding=s),
+        jax.eval_shape(lambda key: trainer._init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=replicated)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=2)
+    chunk = min(sampling.PREFILL_CHUNK, config.sliding_window or sampling.PREFILL_CHUNK)
+
+    start = time.perf_counter()
+    prefill = sampling.start.lower(params, config, prompts, lengths, key, chunk=chunk, max_tokens=new_tokens,
+                                   mesh=mesh, **options).compile()
+    reports = [_report("prefill", prefill, time.perf_counter() - start, params=_bytes_per_device(params))]
+    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                   prefill.out_info, prefill.output_shardings)
+    start = time.perf_counter()
+    decode = sampling.decode.lower(params, config, state, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+                                   **options).compile()
+    reports.append(_report("decode", decode, time.perf_counter() - start, params=_bytes_per_device(params)))
+    return reports
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One row of docs/SCALING.md."""
+
+    target: str
+    mesh: str
+    program: str  # "train" or "generate"
+    batch: int
+    seq: int  # train: tokens per sequence; generate: context = prompt + new tokens, half each
+    preset: str = "mistral-7b-v0.1"
+
+    def command(self) -> str:
+        return (f"python -m mistral_jax.aot --target {self.target} --mesh {self.mesh} --program {self.program} "
+                f"--batch {self.batch} --seq {self.seq}")
+
+
+# Every row of docs/SCALING.md: `python -m mistral_jax.aot --all --write docs/SCALING.md`.
+PLANS = [
+    Plan("v5e-16", "fsdp=16", "train", 16, 4096),
+    Plan("v4-8", "fsdp=4", "train", 4, 4096),
+    Plan("v4-8", "fsdp=4", "train", 4, 1024),
+    Plan("v5p-8", "fsdp=4", "train", 16, 4096),
+    Plan("cpu-8", "fsdp=8", "train", 8, 4096),
+    Plan("cpu-8", "fsdp=4,tensor=2", "train", 8, 1024),  # tests/test_aot.py's guard
+    Plan("v5e-16", "data=2,tensor=8", "generate", 8, 4096),
+    Plan("v4-8", "tensor=4", "generate", 8, 4096),
+    Plan("v5p-8", "tensor=4", "generate", 8, 4096),
+    Plan("cpu-8", "tensor=8", "generate", 8, 4096),
+]
+
+
+def config_for(plan: Plan) -> MistralConfig:
+    """bf16 compute, remat of every block for training with f32 master params (and AdamW
+    state), bf16 params for generation; splash attention on TPU, the blocked XLA kernel on
+    the CPU stand-in."""
+    tpu = TARGETS[plan.target].platform == "tpu"
+    training = plan.program == "train"
+    return MistralConfig.preset(plan.preset, dtype="bfloat16", param_dtype="float32" if training else "bfloat16",
+                                remat="full" if training else "none", attention="splash" if tpu else "xla")
+
+
+def run(plan: Plan) -> list[Report]:
+    """Compiles the plan; a compiler that refuses for lack of memory gives a report saying so."""
+    mesh = make_mesh(plan.mesh, target_devices(plan.target))
+    config = config_for(plan)
+    try:
+        if plan.program == "train":
+            return [compile_train_step(config, trainer.Hyperparameters(batch_size=plan.batch, seq_len=plan.seq), mesh)]
+        return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        reason = str(e).split("RESOURCE_EXHAUSTED: ")[-1].split("\n")[0]
+        return [Report(plan.program, 0, 0, 0, 0, 0.0, error=reason)]
+
+
+def fits(plan: Plan, report: Report) -> str:
+    """yes / tight (within 5% of the device's memory, part of which the runtime keeps) / no."""
+    capacity = TARGETS[plan.target].hbm_gib * GiB
+    if report.error or report.total > capacity:
+        return "no"
+    return "yes" if report.total <= 0.95 * capacity else "tight"
+
+
+HEADER = ("| target | mesh | program | batch x context | params | optimizer | temporaries | total | device | fits |\n"
+          "|---|---|---|---|---:|---:|---:|---:|---:|---|")
+
+
+def format_row(plan: Plan, r: Report) -> str:
+    device = f"{TARGETS[plan.target].hbm_gib:g}"
+    head = f"| {plan.target} | {plan.mesh} | {r.program} | {plan.batch} x {plan.seq} |"
+    if r.error:
+        return head + f" | | | | {device} | no: {r.error} |"
+    return head + (f" {r.params / GiB:.2f} | {r.optimizer / GiB:.2f} | {r.temporaries / GiB:.2f} | "
+                   f"{r.total / GiB:.2f} | {device} | {fits(plan, r)} |")
+
+
+def write_table(path: str, rows: list[str]) -> None:
+    """Replaces the table between the aot markers of path, atomically."""
+    import os
+
+    start, end = "<!-- aot:start -->", "<!-- aot:end -->"
+    with open(path) as f:
+        text = f.read()
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} section to rewrite")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    body = "\n".join([HEADER, *rows])
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{before}{start}\n{body}\n{end}{after}")
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None) -> None:
+    import argparse
+    import os
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--target", choices=sorted(TARGETS), default="cpu-8")
+    p.add_argument("--mesh", default="", help="e.g. fsdp=16 or data=2,tensor=8 (default: all devices on fsdp)")
+    p.add_argument("--program", choices=["train", "generate"], default="train")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=4096, help="train: sequence length; generate: prompt + new tokens")
+    p.add_argument("--preset", default="mistral-7b-v0.1")
+    p.add_argument("--all", action="store_true", help="every plan of docs/SCALING.md")
+    p.add_argument("--write", metavar="PATH", help="with --all: rewrite the table in PATH")
+    args = p.parse_args(argv)
+    if args.write and not args.all:
+        p.error("--write rewrites the whole table: use it with --all")
+    # Compiling needs no accelerator: CPU as the backend (with 8 devices for the cpu-8
+    # stand-in), TPUs only as compile targets. This must happen before JAX starts a backend.
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = flags.strip()
+
+    plans = PLANS if args.all else [Plan(args.target, args.mesh, args.program, args.batch, args.seq, args.preset)]
+    rows = []
+    for plan in plans:
+        for report in run(plan):
+            rows.append(format_row(plan, report))
+            print(rows[-1], f"(compiled in {report.compile_s:.0f} s)", flush=True)
+    if args.write:
+        write_table(args.write, rows)
+
+
+if __name__ == "__main__":
+    from mistral_jax.cli import run as run_cli
+
+    run_cli(main)
