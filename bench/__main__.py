@@ -1,6 +1,6 @@
 """Runs the benchmarks side by side with the PyTorch baseline and prints one table.
 
-  python -m bench [--only train decode] [--configs tiny small default] [--reps 3] [--write]
+  python -m bench [--only train decode scaling] [--configs tiny small default] [--reps 3] [--write]
 
 --write replaces, for each suite run, its generated section of BENCHMARKS.md with this run's
 table (the command, machine and measured limits included).
@@ -12,9 +12,9 @@ import re
 import sys
 import time
 
-from bench import common, decode, train
+from bench import common, decode, scaling, train
 
-SUITES = {"train": train.run, "decode": decode.run}
+SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run}
 
 
 def main():
@@ -40,8 +40,10 @@ def main():
     for suite in args.only:
         lines = list(header)
         for row in SUITES[suite](bandwidth, peak, names=args.configs, reps=args.reps):
-            line = (f"| {row['workload']} | {row['ours']:.1f} {row['unit']} | {row['torch']:.1f} {row['unit']} | "
-                    f"{row['ours'] / row['torch']:.2f}x | {100 * row['limit']:.0f}% | {row['note']} |")
+            torch, limit = row["torch"], row["limit"]
+            line = (f"| {row['workload']} | {row['ours']:.1f} {row['unit']} | "
+                    + (f"{torch:.1f} {row['unit']} | {row['ours'] / torch:.2f}x | " if torch else "— | — | ")
+                    + (f"{100 * limit:.0f}% | " if limit else "— | ") + f"{row['note']} |")
             print(line, flush=True)
             lines.append(line)
         if args.write:

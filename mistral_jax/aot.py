@@ -8,7 +8,7 @@ which no compiler is available here), and reads per-device memory from XLA's
 `memory_analysis()`.
 
   python -m mistral_jax.aot --target v5e-16 --mesh fsdp=16 --program train --batch 16 --seq 4096
-  python -m mistral_jax.aot --plan docs/SCALING.md   # recompiles every row there and rewrites it
+  python -m mistral_jax.aot --all --write docs/SCALING.md   # recompiles every row there and rewrites it
 """
 
 from __future__ import annotations
@@ -147,10 +147,6 @@ class Plan:
     seq: int  # train: tokens per sequence; generate: context = prompt + new tokens, half each
     preset: str = "mistral-7b-v0.1"
 
-    def command(self) -> str:
-        return (f"python -m mistral_jax.aot --target {self.target} --mesh {self.mesh} --program {self.program} "
-                f"--batch {self.batch} --seq {self.seq}")
-
 
 # Every row of docs/SCALING.md: `python -m mistral_jax.aot --all --write docs/SCALING.md`.
 PLANS = [
@@ -258,7 +254,8 @@ def main(argv=None) -> None:
     for plan in plans:
         for report in run(plan):
             rows.append(format_row(plan, report))
-            print(rows[-1], f"(compiled in {report.compile_s:.0f} s)", flush=True)
+            print(rows[-1], "(refused by the compiler)" if report.error else f"(compiled in {report.compile_s:.0f} s)",
+                  flush=True)
     if args.write:
         write_table(args.write, rows)
 

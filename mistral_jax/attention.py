@@ -35,8 +35,8 @@ def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.n
     """
     B, T, H, d = q.shape
     K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, d)
-    logits = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32) * d**-0.5
+    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(B, T, K, H // K, d)  # scaling q: T*d products, not T*S
+    logits = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
     logits = jnp.where(mask[:, None, None], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v)
@@ -59,7 +59,7 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
     Q = min(block, T)
     N = -(-T // Q)
     padded = N * Q
-    span = padded if window is None else min(padded, Q * (1 + -(-(window - 1) // Q)))
+    span = padded if window is None else min(padded, Q + window - 1)
     pad = [(0, 0), (0, padded - T), (0, 0), (0, 0)]
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
 

@@ -71,9 +71,11 @@ class Attention(nn.Module):
         wk = _param(self, "wk", (D, K, d), ("embed", "kv_heads", "head_dim"), _fan_in(0, (1, 2)))
         wv = _param(self, "wv", (D, K, d), ("embed", "kv_heads", "head_dim"), _fan_in(0, (1, 2)))
         wo = _param(self, "wo", (H, d, D), ("heads", "head_dim", "embed"), _fan_in((0, 1), 2))
-        q = apply_rope(jnp.einsum("BTD,DHd->BTHd", x, wq), positions, c.rope_theta)
-        k = apply_rope(jnp.einsum("BTD,DKd->BTKd", x, wk), positions, c.rope_theta)
-        v = jnp.einsum("BTD,DKd->BTKd", x, wv)
+        B, T, _ = x.shape
+        tokens = x.reshape(B * T, D)  # see FeedForward
+        q = apply_rope(jnp.einsum("ND,DHd->NHd", tokens, wq).reshape(B, T, H, d), positions, c.rope_theta)
+        k = apply_rope(jnp.einsum("ND,DKd->NKd", tokens, wk).reshape(B, T, K, d), positions, c.rope_theta)
+        v = jnp.einsum("ND,DKd->NKd", tokens, wv).reshape(B, T, K, d)
         if cache is None:
             out = causal_attention(q, k, v, c.sliding_window, c.attention, c.attention_block)
         else:
@@ -84,7 +86,7 @@ class Attention(nn.Module):
             else:  # prefill chunk: read cache ∪ chunk, since early queries need slots later tokens overwrite
                 out = masked_attention(q, jnp.concatenate([k_cache, k], axis=1),
                                        jnp.concatenate([v_cache, v], axis=1), mask)
-        return jnp.einsum("BTHd,HdD->BTD", out, wo), cache
+        return jnp.einsum("NHd,HdD->ND", out.reshape(B * T, H, d), wo).reshape(B, T, D), cache
 
 
 class FeedForward(nn.Module):
@@ -98,8 +100,11 @@ class FeedForward(nn.Module):
         w1 = _param(self, "w1", (c.dim, c.hidden_dim), ("embed", "mlp"), _fan_in(0, 1))
         w3 = _param(self, "w3", (c.dim, c.hidden_dim), ("embed", "mlp"), _fan_in(0, 1))
         w2 = _param(self, "w2", (c.hidden_dim, c.dim), ("mlp", "embed"), _fan_in(0, 1))
-        gate = jax.nn.silu(jnp.einsum("BTD,DF->BTF", x, w1))
-        return jnp.einsum("BTF,FD->BTD", gate * jnp.einsum("BTD,DF->BTF", x, w3), w2)
+        # On [B*T, D], not [B, T, D]: each weight gradient then contracts one dimension, not
+        # two, which XLA:CPU ran ~1.5x slower (a 6-layer SwiGLU stack's gradient: 870 vs 560 ms).
+        tokens = x.reshape(-1, c.dim)
+        gate = jax.nn.silu(jnp.einsum("ND,DF->NF", tokens, w1))
+        return jnp.einsum("NF,FD->ND", gate * jnp.einsum("ND,DF->NF", tokens, w3), w2).reshape(x.shape)
 
 
 class Block(nn.Module):
@@ -154,8 +159,8 @@ class Mistral(nn.Module):
 
         x = RMSNorm(c, name="norm")(x)
         output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
-        logits = constrain(jnp.einsum("BTD,DV->BTV", x, output, preferred_element_type=jnp.float32),
-                           ("batch", "length", "vocab"))
+        logits = jnp.einsum("ND,DV->NV", x.reshape(B * T, c.dim), output, preferred_element_type=jnp.float32)
+        logits = constrain(logits.reshape(B, T, c.vocab_size), ("batch", "length", "vocab"))
         if cache is None:
             return logits
         k, v = layer_caches

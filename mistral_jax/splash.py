@@ -5,11 +5,11 @@ against keys and values [T, d] (its MQA form), vmapped over kv heads and batch. 
 is a LocalMask(left=W-1, right=0), which is causal too; without a window a CausalMask. The
 kernel skips the blocks the mask empties, so time is O(T * W).
 
-Under a mesh (set with `jax.set_mesh` or `jax.sharding.use_abstract_mesh` while tracing)
-the kernel runs inside `shard_map`: batch split as the rules table says, kv heads over
-`tensor` when it divides them (otherwise every tensor device computes all heads). Off TPU
-the kernel runs in Pallas interpret mode: slow, but the same program, which is how the
-tests check its numbers on CPU.
+Under a mesh (`sharding.under_mesh`, as the train and eval steps are traced, or
+`jax.set_mesh`) the kernel runs inside `shard_map`: batch split as the rules table says,
+kv heads over `tensor` when it divides them (otherwise every tensor device computes all
+heads). Off TPU the kernel runs in Pallas interpret mode: slow, but the same program,
+which is how the tests check its numbers on CPU.
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ host: the loop fetches metrics when it chooses to.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import signal
@@ -26,7 +25,7 @@ from mistral_jax import checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.metrics import MetricsWriter
 from mistral_jax.model import Mistral
-from mistral_jax.sharding import batch_sharding, param_shardings
+from mistral_jax.sharding import batch_sharding, param_shardings, under_mesh
 
 
 @flax.struct.dataclass
@@ -134,23 +133,11 @@ def state_shardings(state: TrainState):
     return jax.tree_util.tree_map(lambda x: x.sharding, state)
 
 
-def _under(mesh):
-    """Traces the decorated function with mesh as the abstract mesh, which is how kernels
-    that need shard_map (splash attention) learn it."""
-    def decorate(fn):
-        @functools.wraps(fn)
-        def traced(*args):
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                return fn(*args)
-        return traced
-    return decorate
-
-
 def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp: Hyperparameters, mesh,
                     shardings):
     """jitted (state, batch [B, T+1]) -> (state, metrics), the state donated."""
 
-    @_under(mesh)
+    @under_mesh(mesh)
     def train_step(state: TrainState, batch: jax.Array):
         B = batch.shape[0]
         A = hp.grad_accum
@@ -178,7 +165,7 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
 
 def make_eval_step(config: MistralConfig, mesh, param_sharding):
     """jitted (params, batch) -> mean cross-entropy."""
-    @_under(mesh)
+    @under_mesh(mesh)
     def eval_step(params, batch):
         return loss_fn(params, config, batch, 0.0)[1][0]
 

@@ -1,0 +1,114 @@
+"""How cost grows with length under a sliding window, and with depth at compile time.
+
+- forward of one sequence at T = 4W and T = 16W (tiny: W = 256): a windowed model should
+  take ~4x the time and memory for 4x the tokens, not 16x. Memory is the compiled
+  program's temporaries (XLA's memory_analysis), for us; HF's is not measured.
+- decode step time after a history of 1x, 4x and 16x the window: the rolling cache holds W
+  slots, so a step should cost the same however long the history. Ours is timed on the
+  compiled decode loop alone; HF's by difference of whole generate calls (noisier).
+- compile time of the train step with 4 and 32 layers (tiny's dimensions): the layers are
+  one scan, so depth should barely change it. PyTorch has no compile step here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from bench.common import CONFIGS, random_hf_model, timed
+from bench.decode import step_roofline_seconds
+
+DECODE_NEW = 64
+SUPPORTED = ("tiny", "default")  # small at 16W = 8192 tokens: HF's dense attention alone needs ~3 GB a layer
+
+
+def _our_decode_step(config, params, prompt: np.ndarray, reps: int) -> float:
+    """Seconds per decode step after prefilling prompt [1, P]: the compiled decode loop run
+    for DECODE_NEW and for 8 steps from the same prefilled state (copied, since decode
+    donates it), the difference divided by the extra steps."""
+    import jax
+    import jax.numpy as jnp
+
+    from mistral_jax import sampling
+
+    options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=-1)
+    state = sampling.start(params, config, prompt, np.array([prompt.shape[1]], np.int32), jax.random.key(0),
+                           chunk=min(sampling.PREFILL_CHUNK, config.sliding_window), max_tokens=DECODE_NEW, **options)
+
+    def decode(steps):
+        fresh = jax.tree_util.tree_map(jnp.copy, state)
+        jax.block_until_ready(sampling.decode(params, config, fresh, jnp.array(steps, jnp.int32), **options))
+    return (timed(lambda: decode(DECODE_NEW), reps=reps) - timed(lambda: decode(8), reps=reps)) / (DECODE_NEW - 8)
+
+
+def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> list[dict]:
+    import jax
+    import torch
+
+    from mistral_jax import trainer
+    from mistral_jax.model import Mistral
+    from mistral_jax.sampling import generate
+
+    torch.set_num_threads(os.cpu_count())
+    rows = []
+    for name in (n for n in names if n in SUPPORTED):
+        hf, (config, params) = random_hf_model(CONFIGS[name].replace(max_seq_len=32 * CONFIGS[name].sliding_window))
+        W = config.sliding_window
+        hf = hf.eval()
+        hf.config._attn_implementation = "sdpa"
+
+        forward = jax.jit(lambda p, t: Mistral(config).apply({"params": p}, t))
+        times, temps, hf_times = {}, {}, {}
+        for multiple in (4, 16):
+            tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, multiple * W)).astype(np.int32)
+            times[multiple] = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
+            temps[multiple] = forward.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+
+            def hf_forward():
+                with torch.no_grad():
+                    hf(torch.from_numpy(tokens).long(), use_cache=False)
+            hf_times[multiple] = timed(hf_forward, reps=reps)
+            flops = trainer.flops_per_token(config, tokens.size, training=False) * tokens.size
+            note = f"HF sdpa attention, at {100 * flops / hf_times[multiple] / peak_flops:.0f}% of peak"
+            if multiple == 16:
+                note += (f"; 16W vs 4W: time {times[16] / times[4]:.2f}x (HF {hf_times[16] / hf_times[4]:.2f}x), "
+                         f"memory {temps[16] / temps[4]:.2f}x")
+            rows.append(dict(workload=f"forward {name} 1x{multiple * W} ({multiple}W)", ours=tokens.size / times[multiple],
+                             torch=tokens.size / hf_times[multiple], unit="tok/s", limit=flops / times[multiple] / peak_flops,
+                             note=note))
+
+        steps = {}
+        for multiple in (1, 4, 16):
+            prompt = np.random.default_rng(1).integers(3, config.vocab_size, (1, multiple * W)).astype(np.int32)
+            steps[multiple] = _our_decode_step(config, params, prompt, reps)
+
+            def hf_generate(n):
+                with torch.no_grad():
+                    hf.generate(torch.from_numpy(prompt).long(), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                pad_token_id=0)
+            hf_step = (timed(lambda: hf_generate(DECODE_NEW), reps=reps) - timed(lambda: hf_generate(1), reps=reps)) / (
+                DECODE_NEW - 1)
+            roofline = step_roofline_seconds(config, 1, bandwidth, peak_flops)
+            rows.append(dict(workload=f"decode step {name} b1 after {multiple}W", ours=1 / steps[multiple],
+                             torch=1 / hf_step, unit="tok/s", limit=roofline / steps[multiple],
+                             note=f"step {1e3 * steps[multiple]:.2f} ms = {steps[multiple] / steps[1]:.2f}x the "
+                                  f"step after 1W; HF dynamic cache, by difference of whole generate calls"))
+
+        compile_s = {}
+        for n_layers in (4, 32):
+            deep = config.replace(n_layers=n_layers)
+            hp = trainer.Hyperparameters(batch_size=8, seq_len=256)
+            tx = trainer.make_optimizer(hp)
+            mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+            state = trainer.abstract_state(deep, tx, mesh)
+            step = trainer.make_train_step(deep, tx, hp, mesh, trainer.state_shardings(state))
+            batch = jax.ShapeDtypeStruct((8, 257), np.int32, sharding=trainer.batch_sharding(mesh))
+            start = time.perf_counter()
+            step.lower(state, batch).compile()
+            compile_s[n_layers] = time.perf_counter() - start
+        rows.append(dict(workload=f"compile train step {name} dims, 32 layers", ours=compile_s[32], torch=None,
+                         unit="s", limit=None,
+                         note=f"4 layers: {compile_s[4]:.1f} s; 32 vs 4 layers: {compile_s[32] / compile_s[4]:.2f}x"))
+    return rows
