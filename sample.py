@@ -57,11 +57,12 @@ def main():
     clock = cli.CompileClock()
 
     from mistral_jax.checkpoint import load_checkpoint
+    from mistral_jax.convert import find_tokenizer
     from mistral_jax.sampling import generate_stream, until_eos
     from mistral_jax.tokenizer import Tokenizer
 
-    tokenizer_path = args.tokenizer or os.path.join(args.checkpoint, "tokenizer.model")
-    if not args.tokenizer and not os.path.isfile(tokenizer_path) and os.path.isdir(args.checkpoint):
+    tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
+    if tokenizer_path is None and os.path.isdir(args.checkpoint):
         raise ValueError(f"{args.checkpoint} has no tokenizer.model; pass --tokenizer")
     config, params = load_checkpoint(args.checkpoint, args.dtype)
     tokenizer = Tokenizer(tokenizer_path)
@@ -84,13 +85,16 @@ def main():
         for row, tokens in zip(generated, piece.tolist()):
             row.extend(tokens)
         if stream:
+            # A character whose bytes are split across pieces decodes as U+FFFD until its last
+            # byte arrives: hold back trailing replacement characters until they settle.
             text = tokenizer.decode(until_eos(generated[0], tokenizer.eos_id))
-            sys.stdout.write(text[len(printed):])
+            settled = text.rstrip("\ufffd")
+            sys.stdout.write(settled[len(printed):])
             sys.stdout.flush()
-            printed = text
+            printed = settled
     total = time.perf_counter() - start
     if stream:
-        print()
+        print(tokenizer.decode(until_eos(generated[0], tokenizer.eos_id))[len(printed):])
     else:
         for i, row in enumerate(generated):
             if i:

@@ -58,18 +58,12 @@ def timed(fn, reps: int = 5, warmup: int = 1, max_foreign: float = 0.05, max_tri
 
 
 def matmul_peak_flops() -> float:
-    """Sustained float32 GEMM FLOP/s: best of a few square and rectangular shapes (XLA)."""
-    import jax
-    import jax.numpy as jnp
+    """Sustained float32 GEMM FLOP/s: best of a few square and rectangular shapes (XLA), each
+    the median of 5 undisturbed runs."""
+    from mistral_jax.experiment import measure_peak_flops
 
-    best = 0.0
-    for m, k, n in ((2048, 2048, 2048), (4096, 1024, 4096), (1024, 4096, 1024)):
-        a = jnp.ones((m, k), jnp.float32)
-        b = jnp.ones((k, n), jnp.float32)
-        matmul = jax.jit(lambda a, b: a @ b)
-        seconds = timed(lambda: matmul(a, b).block_until_ready(), reps=5)
-        best = max(best, 2 * m * k * n / seconds)
-    return best
+    return measure_peak_flops(((2048, 2048, 2048), (4096, 1024, 4096), (1024, 4096, 1024)),
+                              timer=lambda fn: timed(fn, reps=5))
 
 
 def memory_bandwidth() -> float:

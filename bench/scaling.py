@@ -35,7 +35,7 @@ def _our_decode_step(config, params, prompt: np.ndarray, reps: int) -> float:
 
     options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=-1)
     state = sampling.start(params, config, prompt, np.array([prompt.shape[1]], np.int32), jax.random.key(0),
-                           chunk=min(sampling.PREFILL_CHUNK, config.sliding_window), max_tokens=DECODE_NEW, **options)
+                           chunk=sampling.chunk_size(config, prompt.shape[1]), max_tokens=DECODE_NEW, **options)
 
     def decode(steps):
         fresh = jax.tree_util.tree_map(jnp.copy, state)
@@ -49,7 +49,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> 
 
     from mistral_jax import trainer
     from mistral_jax.model import Mistral
-    from mistral_jax.sampling import generate
+    from mistral_jax.sharding import make_mesh
 
     torch.set_num_threads(os.cpu_count())
     rows = []
@@ -75,9 +75,9 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> 
             if multiple == 16:
                 note += (f"; 16W vs 4W: time {times[16] / times[4]:.2f}x (HF {hf_times[16] / hf_times[4]:.2f}x), "
                          f"memory {temps[16] / temps[4]:.2f}x")
-            rows.append(dict(workload=f"forward {name} 1x{multiple * W} ({multiple}W)", ours=tokens.size / times[multiple],
-                             torch=tokens.size / hf_times[multiple], unit="tok/s", limit=flops / times[multiple] / peak_flops,
-                             note=note))
+            rows.append(dict(workload=f"forward {name} 1x{multiple * W} ({multiple}W)", unit="tok/s",
+                             ours=tokens.size / times[multiple], torch=tokens.size / hf_times[multiple],
+                             limit=flops / times[multiple] / peak_flops, note=note))
 
         steps = {}
         for multiple in (1, 4, 16):
@@ -101,7 +101,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> 
             deep = config.replace(n_layers=n_layers)
             hp = trainer.Hyperparameters(batch_size=8, seq_len=256)
             tx = trainer.make_optimizer(hp)
-            mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+            mesh = make_mesh("", jax.devices()[:1])
             state = trainer.abstract_state(deep, tx, mesh)
             step = trainer.make_train_step(deep, tx, hp, mesh, trainer.state_shardings(state))
             batch = jax.ShapeDtypeStruct((8, 257), np.int32, sharding=trainer.batch_sharding(mesh))

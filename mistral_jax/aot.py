@@ -121,7 +121,7 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=2)
-    chunk = min(sampling.PREFILL_CHUNK, config.sliding_window or sampling.PREFILL_CHUNK)
+    chunk = sampling.chunk_size(config, prompt_len)
 
     start = time.perf_counter()
     prefill = sampling.start.lower(params, config, prompts, lengths, key, chunk=chunk, max_tokens=new_tokens,

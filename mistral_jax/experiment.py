@@ -43,19 +43,29 @@ def resolve_config(spec: str) -> MistralConfig:
     return MistralConfig.preset(spec)
 
 
-def measure_peak_flops() -> float:
-    """float32 FLOP/s of a 1024^3 matmul on the first device: the MFU denominator."""
+def measure_peak_flops(shapes=((1024, 1024, 1024),), timer=None) -> float:
+    """Sustained float32 matmul FLOP/s of one device: the best over (m, k, n) GEMM shapes,
+    each timed by timer(fn) -> seconds (default: the fastest of 5 runs after a warm-up).
+    train.py's MFU denominator, and the benchmarks' (which pass more shapes and a timer
+    that discards disturbed runs)."""
     import jax.numpy as jnp
 
-    a = jnp.ones((1024, 1024), jnp.float32)
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * 1024**3 / best * jax.device_count()
+    def fastest_of_5(fn):
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    timer = timer or fastest_of_5
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        matmul = jax.jit(lambda a, b: a @ b)
+        best = max(best, 2 * m * k * n / timer(lambda: matmul(a, b).block_until_ready()))
+    return best
 
 
 def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -116,7 +126,7 @@ def prepare_run(args) -> Run:
     tokens = data.tokenize(args.data, tokenizer_path, os.path.join(CACHE_DIR, "tokens"))
     if primary:
         config.save_hf(args.out)
-    peak = args.peak_flops or measure_peak_flops()
+    peak = (args.peak_flops or measure_peak_flops()) * jax.device_count()  # MFU is over all devices
     return Run(config, mesh, tokenizer_path, tokens, params, peak)
 
 

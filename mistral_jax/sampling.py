@@ -133,6 +133,11 @@ def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.
     return jax.lax.while_loop(cond, body, state)
 
 
+def chunk_size(config: MistralConfig, longest: int, limit: int = PREFILL_CHUNK) -> int:
+    """Prefill chunk for prompts of up to `longest` tokens: at most `limit` and the window."""
+    return min(limit, config.sliding_window or limit, _bucket(longest))
+
+
 def _bucket(n: int) -> int:
     """Next power of two: the padded lengths that share one compiled program."""
     return 1 << max(0, (n - 1).bit_length())
@@ -168,7 +173,7 @@ def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[in
     token. Rows that are done carry eos_id (or 0 without one)."""
     _validate(config, prompts, max_new_tokens, temperature, top_k, top_p)
     longest = max(len(p) for p in prompts)
-    chunk = min(prefill_chunk, config.sliding_window or prefill_chunk, _bucket(longest))
+    chunk = chunk_size(config, longest, prefill_chunk)
     padded_len = chunk * _bucket(-(-longest // chunk))
     tokens = np.zeros((len(prompts), padded_len), np.int32)
     for row, prompt in enumerate(prompts):

@@ -210,7 +210,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     tokens_per_step = hp.batch_size * hp.seq_len
     flops_per_step = flops_per_token(config, hp.seq_len) * tokens_per_step
 
-    example = global_batch(batches.batch(int(state.step), process, processes))
+    example = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh))
     compile_start = time.perf_counter()
     train_step = train_step.lower(state, example).compile()
     if process == 0:
@@ -246,9 +246,9 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
             if peak_flops:
                 record["mfu"] = flops_per_step / seconds_per_step / peak_flops
             if evaluate:
-                losses = [float(eval_step(state.params, global_batch(b)))
-                          for b in batches.validation(eval_batches, process, processes)]
-                record["eval_loss"] = sum(losses) / len(losses)
+                losses = jax.device_get([eval_step(state.params, global_batch(b))  # one host sync
+                                         for b in batches.validation(eval_batches, process, processes)])
+                record["eval_loss"] = float(sum(losses) / len(losses))
                 record["eval_ppl"] = math.exp(record["eval_loss"])
                 last_time = time.perf_counter()  # evaluation is not training time
             eta = (hp.steps - done) * seconds_per_step
