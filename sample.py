@@ -58,6 +58,7 @@ def main():
 
     from mistral_jax.checkpoint import load_checkpoint
     from mistral_jax.convert import find_tokenizer
+    from mistral_jax.model import unstack_layers
     from mistral_jax.sampling import generate_stream, until_eos
     from mistral_jax.tokenizer import Tokenizer
 
@@ -65,6 +66,7 @@ def main():
     if tokenizer_path is None and os.path.isdir(args.checkpoint):
         raise ValueError(f"{args.checkpoint} has no tokenizer.model; pass --tokenizer")
     config, params = load_checkpoint(args.checkpoint, args.dtype)
+    params = unstack_layers(params, free_stacked=True)  # decoding reads each layer's own arrays: see model.py
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

@@ -18,29 +18,10 @@ import time
 import numpy as np
 
 from bench.common import CONFIGS, random_hf_model, timed
-from bench.decode import step_roofline_seconds
+from bench.decode import decode_step_seconds, step_roofline_seconds
 
 DECODE_NEW = 64
 SUPPORTED = ("tiny", "default")  # small at 16W = 8192 tokens: HF's dense attention alone needs ~3 GB a layer
-
-
-def _our_decode_step(config, params, prompt: np.ndarray, reps: int) -> float:
-    """Seconds per decode step after prefilling prompt [1, P]: the compiled decode loop run
-    for DECODE_NEW and for 8 steps from the same prefilled state (copied, since decode
-    donates it), the difference divided by the extra steps."""
-    import jax
-    import jax.numpy as jnp
-
-    from mistral_jax import sampling
-
-    options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=-1)
-    state = sampling.start(params, config, prompt, np.array([prompt.shape[1]], np.int32), jax.random.key(0),
-                           chunk=sampling.chunk_size(config, prompt.shape[1]), max_tokens=DECODE_NEW, **options)
-
-    def decode(steps):
-        fresh = jax.tree_util.tree_map(jnp.copy, state)
-        jax.block_until_ready(sampling.decode(params, config, fresh, jnp.array(steps, jnp.int32), **options))
-    return (timed(lambda: decode(DECODE_NEW), reps=reps) - timed(lambda: decode(8), reps=reps)) / (DECODE_NEW - 8)
 
 
 def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> list[dict]:
@@ -48,7 +29,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> 
     import torch
 
     from mistral_jax import trainer
-    from mistral_jax.model import Mistral
+    from mistral_jax.model import Mistral, unstack_layers
     from mistral_jax.sharding import make_mesh
 
     torch.set_num_threads(os.cpu_count())
@@ -80,9 +61,10 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> 
                              limit=flops / times[multiple] / peak_flops, note=note))
 
         steps = {}
+        decode_params = unstack_layers(params)
         for multiple in (1, 4, 16):
             prompt = np.random.default_rng(1).integers(3, config.vocab_size, (1, multiple * W)).astype(np.int32)
-            steps[multiple] = _our_decode_step(config, params, prompt, reps)
+            steps[multiple] = decode_step_seconds(config, decode_params, prompt, DECODE_NEW, reps)
 
             def hf_generate(n):
                 with torch.no_grad():

@@ -30,17 +30,21 @@ from mistral_jax.config import MistralConfig
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array  # [L, B, C, K, d]
-    v: jax.Array  # [L, B, C, K, d]
+    k: jax.Array | list[jax.Array]  # [L, B, C, K, d], or L arrays [B, C, K, d] (see Mistral.scan_layers)
+    v: jax.Array | list[jax.Array]  # as k
     positions: jax.Array  # [B, C] int32: the absolute position in each slot, -1 if empty
 
     @classmethod
-    def init(cls, config: MistralConfig, batch: int, max_len: int) -> KVCache:
-        """An empty cache for sequences of up to max_len tokens (unbounded with a window)."""
+    def init(cls, config: MistralConfig, batch: int, max_len: int, stacked: bool = True) -> KVCache:
+        """An empty cache for sequences of up to max_len tokens (unbounded with a window):
+        layers stacked in one array per K and V, or (stacked=False) an array per layer."""
         C = cache_length(config, max_len)
-        shape = (config.n_layers, batch, C, config.n_kv_heads, config.head_dim)
-        zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
-        return cls(k=zeros, v=zeros, positions=jnp.full((batch, C), -1, jnp.int32))
+        shape = (batch, C, config.n_kv_heads, config.head_dim)
+        if stacked:
+            k = v = jnp.zeros((config.n_layers, *shape), jnp.dtype(config.dtype))
+        else:
+            k = v = [jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.n_layers)]
+        return cls(k=k, v=v, positions=jnp.full((batch, C), -1, jnp.int32))
 
 
 def cache_length(config: MistralConfig, max_len: int) -> int:

@@ -6,12 +6,17 @@ d head dim, F hidden dim, V vocab, L layers.
 Parameter names are Mistral-native (tok_embeddings, layers/attention/wq, feed_forward/w1,
 attention_norm, ffn_norm, norm, output); kernels are stored input-major ([D, H, d] for wq),
 and each carries logical axis names for sharding.py. The layer stack is one `nn.scan`, so
-every parameter under `layers` has a leading L axis and the block compiles once.
+every parameter under `layers` has a leading L axis and the block compiles once: the layout
+of checkpoints and training. For decoding, `unstack_layers` gives each layer its own arrays
+(`layers_0` ... `layers_{L-1}`) and `Mistral(config, scan_layers=False)` runs them as L
+blocks: a scan slices each layer's weights out of the stack, and XLA:CPU copies every slice
+before multiplying by it, which doubles the bytes a decode step moves.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mistral_jax.attention import attention_mask, causal_attention, masked_attention
 from mistral_jax.cache import KVCache, rolling_update, write_slots
@@ -127,9 +132,14 @@ class Mistral(nn.Module):
 
     With a KVCache, tokens are a chunk at `positions` [B, T] (-1 marks padding) following
     what the cache holds, and the call returns (logits, updated cache).
+
+    scan_layers: one scanned block over params stacked under `layers` (and a cache stacked
+    [L, ...]), or, if False, a block per layer over `unstack_layers(params)` (and a cache
+    holding a list of L arrays, KVCache.init(..., stacked=False)).
     """
 
     config: MistralConfig
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None, cache: KVCache | None = None):
@@ -152,10 +162,19 @@ class Mistral(nn.Module):
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=c.n_layers,
-                         metadata_params={nn.PARTITION_NAME: "layers"})
-        x, layer_caches = layers(c, name="layers")(x, positions, layer_caches, slots, mask)
+        if self.scan_layers:
+            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=c.n_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            x, layer_caches = layers(c, name="layers")(x, positions, layer_caches, slots, mask)
+        else:
+            written = []
+            for i in range(c.n_layers):
+                layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
+                x, layer_cache = block(c, name=f"layers_{i}")(x, positions, layer_cache, slots, mask)
+                written.append(layer_cache)
+            if cache is not None:
+                layer_caches = [k for k, _ in written], [v for _, v in written]
 
         x = RMSNorm(c, name="norm")(x)
         output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
@@ -165,3 +184,34 @@ class Mistral(nn.Module):
             return logits
         k, v = layer_caches
         return logits, KVCache(k=k, v=v, positions=new_positions)
+
+
+def layers_stacked(params: dict) -> bool:
+    """Whether params are in the scanned layout (`layers`) rather than unstack_layers'."""
+    return "layers" in params
+
+
+def unstack_layers(params: dict, free_stacked: bool = False) -> dict:
+    """params of Mistral(config) -> params of Mistral(config, scan_layers=False): `layers_i`
+    holds layer i's weights where `layers` held all of them stacked on a leading axis. Each
+    weight keeps its sharding (less the unsharded layer axis). With free_stacked, each
+    stacked array is deleted once split (params must not be used afterwards), so the peak
+    memory is the params plus one stacked weight rather than twice the params."""
+    params = dict(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params.pop("layers"))
+    per_layer = [[] for _ in range(leaves[0].shape[0])]
+    for stacked in leaves:
+        for layer, weight in zip(per_layer, _split_leading_axis(stacked)):
+            layer.append(weight)
+        if free_stacked and isinstance(stacked, jax.Array):
+            stacked.delete()
+    params.update({f"layers_{i}": jax.tree_util.tree_unflatten(treedef, w) for i, w in enumerate(per_layer)})
+    return params
+
+
+def _split_leading_axis(stacked: jax.Array) -> tuple[jax.Array, ...]:
+    sharding = getattr(stacked, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        spec = tuple(sharding.spec) + (None,) * (stacked.ndim - len(sharding.spec))
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+    return jax.jit(lambda w: tuple(w), out_shardings=sharding)(stacked)

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from mistral_jax.cache import KVCache
 from mistral_jax.config import MistralConfig
-from mistral_jax.model import Mistral
+from mistral_jax.model import Mistral, layers_stacked
 from mistral_jax.sharding import cache_shardings
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (at most the window)
@@ -76,7 +76,7 @@ def prefill(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Arra
     """Runs prompts [B, P] (right-padded, P a multiple of chunk) through the model `chunk`
     tokens at a time, as far as the longest prompt. Returns the logits [B, V] at each row's
     last prompt token and the filled cache."""
-    model = Mistral(config)
+    model = Mistral(config, scan_layers=layers_stacked(params))
     B = prompts.shape[0]
 
     def body(i, carry):
@@ -102,7 +102,7 @@ def start(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array,
     """Prefills the prompts and samples the first token; max_tokens is the output bucket.
     With a mesh, the cache is born sharded over it (cache_shardings)."""
     B, P = prompts.shape
-    cache = KVCache.init(config, B, P + max_tokens)
+    cache = KVCache.init(config, B, P + max_tokens, stacked=layers_stacked(params))
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, cache))
     logits, cache = prefill(params, config, prompts, lengths, cache, chunk)
@@ -117,7 +117,7 @@ def start(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array,
 def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.Array, *, temperature: float,
            top_k: int | None, top_p: float | None, eos_id: int) -> SamplingState:
     """Generates tokens until state.step reaches until_step or every row is done."""
-    model = Mistral(config)
+    model = Mistral(config, scan_layers=layers_stacked(params))
     until_step = jnp.minimum(until_step, state.tokens.shape[1])
 
     def cond(s: SamplingState):
@@ -201,7 +201,8 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], ma
     """Generates up to max_new_tokens after each prompt, in one batch.
 
     Args:
-      config, params: the model, e.g. from load_checkpoint or load_pytorch.
+      config, params: the model, e.g. from load_checkpoint or load_pytorch; params stacked
+        as loaded, or per layer (model.unstack_layers), which decodes faster.
       prompts: token ids per prompt, of any lengths (BOS included if the model expects it).
       max_new_tokens: the most tokens generated per prompt.
       temperature: 0 for greedy decoding; otherwise logits are divided by it and sampled.

@@ -131,8 +131,10 @@ def param_shardings(config: MistralConfig, mesh: Mesh):
 def cache_shardings(mesh: Mesh, cache: KVCache) -> KVCache:
     """NamedSharding per array of a KV cache (or its shapes): rows split like batches, kv
     heads over `tensor` like wk/wv, and each device's rows and heads kept whole in length."""
-    kv = sharding_for(("layers", "batch", "length", "kv_heads", "head_dim"), cache.k.shape, mesh)
-    return KVCache(k=kv, v=kv, positions=sharding_for(("batch", "length"), cache.positions.shape, mesh))
+    def kv(x):  # [L, B, C, K, d] stacked, [B, C, K, d] per layer
+        return sharding_for(("layers", "batch", "length", "kv_heads", "head_dim")[-x.ndim:], x.shape, mesh)
+    return KVCache(k=jax.tree_util.tree_map(kv, cache.k), v=jax.tree_util.tree_map(kv, cache.v),
+                   positions=sharding_for(("batch", "length"), cache.positions.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import WINDOW, forward
 from mistral_jax.convert import load_pytorch
+from mistral_jax.model import unstack_layers
 
 TOL = 1e-4  # float32 max abs logit difference
 
@@ -38,6 +40,15 @@ def test_every_attention_kernel(ref_windowed, attention, block):
     config, params = load_pytorch(ref_windowed.dir)
     config = config.replace(attention=attention, attention_block=block or config.attention_block)
     assert max_diff(config, params, ref_windowed) < TOL
+
+
+def test_per_layer_layout(reference):
+    """Mistral(config, scan_layers=False) over unstack_layers(params): a block per layer."""
+    config, params = load_pytorch(reference.dir)
+    per_layer = unstack_layers(params, free_stacked=True)
+    assert "layers" not in per_layer and len([k for k in per_layer if k.startswith("layers_")]) == config.n_layers
+    assert all(w.is_deleted() for w in jax.tree_util.tree_leaves(params["layers"]))  # freed as split
+    assert max_diff(config, per_layer, reference) < TOL
 
 
 @pytest.mark.parametrize("fmt", ["sharded_safetensors", "bin"])

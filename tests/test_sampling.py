@@ -12,7 +12,7 @@ from transformers.generation import logits_process
 from conftest import WINDOW, forward
 from mistral_jax.cache import KVCache
 from mistral_jax.convert import load_pytorch
-from mistral_jax.model import Mistral
+from mistral_jax.model import Mistral, layers_stacked, unstack_layers
 from mistral_jax.sampling import decode, filter_logits, generate, sample_logits, start
 
 NEW = 3 * WINDOW + 7  # generation wraps the cache several times
@@ -42,10 +42,16 @@ def hf_greedy(model, prompt, new):
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("which", ["windowed", "full"])
-def test_greedy_equals_hf_generate(request, which):
-    """A ragged batch, prompts shorter and longer than the window, in one call."""
+def in_layout(params, layout):
+    return unstack_layers(params) if layout == "per_layer" else params
+
+
+@pytest.mark.parametrize("which,layout", [("windowed", "stacked"), ("full", "stacked"), ("windowed", "per_layer")])
+def test_greedy_equals_hf_generate(request, which, layout):
+    """A ragged batch, prompts shorter and longer than the window, in one call; params as
+    loaded (stacked over layers) and per layer (unstack_layers)."""
     ref, config, params = request.getfixturevalue(which)
+    params = in_layout(params, layout)
     prompts = prompts_of([5, WINDOW - 1, WINDOW, 2 * WINDOW + 3], config.vocab_size)
     ours = generate(config, params, prompts, NEW, eos_id=None)
     for prompt, tokens in zip(prompts, ours):
@@ -69,22 +75,25 @@ def logits_by_chunks(config, params, tokens, chunk):
     def step(cache, i):
         positions = i * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
         positions = jnp.broadcast_to(jnp.where(positions < T, positions, -1), (B, chunk))
-        logits, cache = Mistral(config).apply({"params": params}, pieces[i], positions, cache)
+        logits, cache = Mistral(config, scan_layers=layers_stacked(params)).apply(
+            {"params": params}, pieces[i], positions, cache)
         return cache, logits
 
-    cache, logits = jax.lax.scan(step, KVCache.init(config, B, T), jnp.arange(n))
+    cache, logits = jax.lax.scan(step, KVCache.init(config, B, T, stacked=layers_stacked(params)), jnp.arange(n))
     return logits.transpose(1, 0, 2, 3).reshape(B, n * chunk, -1)[:, :T], cache
 
 
-@pytest.mark.parametrize("chunk", [1, 5, WINDOW])  # 1 is decode; 5 straddles the cache's wrap
-def test_cached_logits_equal_full_forward(windowed, chunk):
+# chunk 1 is decode; 5 straddles the cache's wrap
+@pytest.mark.parametrize("chunk,layout", [(1, "stacked"), (5, "stacked"), (WINDOW, "stacked"), (1, "per_layer"),
+                                          (5, "per_layer")])
+def test_cached_logits_equal_full_forward(windowed, chunk, layout):
     ref, config, params = windowed
     T = ref.tokens.shape[1]
-    cached, cache = logits_by_chunks(config, params, ref.tokens, chunk)
+    cached, cache = logits_by_chunks(config, in_layout(params, layout), ref.tokens, chunk)
     full = np.asarray(forward(config, params, ref.tokens))
     np.testing.assert_allclose(cached, full, atol=1e-4)  # the float32 parity tolerance
     np.testing.assert_allclose(cached, ref.logits, atol=1e-4)
-    assert cache.k.shape[2] == WINDOW  # the cache never grows past the window
+    assert all(k.shape[-3] == WINDOW for k in jax.tree_util.tree_leaves(cache.k))  # never past the window
     np.testing.assert_array_equal(np.sort(cache.positions, axis=1), np.tile(np.arange(T - WINDOW, T), (2, 1)))
 
 
