@@ -131,7 +131,9 @@ class Mistral(nn.Module):
     """tokens int [B, T] -> logits float32 [B, T, V].
 
     With a KVCache, tokens are a chunk at `positions` [B, T] (-1 marks padding) following
-    what the cache holds, and the call returns (logits, updated cache).
+    what the cache holds, and the call returns (logits, updated cache). With logits_at [B]
+    (an index into T per row), only those positions are projected onto the vocabulary:
+    logits [B, 1, V], what a prefill chunk needs, at 1/T of the output projection's cost.
 
     scan_layers: one scanned block over params stacked under `layers` (and a cache stacked
     [L, ...]), or, if False, a block per layer over `unstack_layers(params)` (and a cache
@@ -142,7 +144,8 @@ class Mistral(nn.Module):
     scan_layers: bool = True
 
     @nn.compact
-    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None, cache: KVCache | None = None):
+    def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None, cache: KVCache | None = None,
+                 logits_at: jnp.ndarray | None = None):
         c = self.config
         B, T = tokens.shape
         embedding = _param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"),
@@ -176,10 +179,13 @@ class Mistral(nn.Module):
             if cache is not None:
                 layer_caches = [k for k, _ in written], [v for _, v in written]
 
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = RMSNorm(c, name="norm")(x)
         output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
-        logits = jnp.einsum("ND,DV->NV", x.reshape(B * T, c.dim), output, preferred_element_type=jnp.float32)
-        logits = constrain(logits.reshape(B, T, c.vocab_size), ("batch", "length", "vocab"))
+        n = x.shape[1]
+        logits = jnp.einsum("ND,DV->NV", x.reshape(B * n, c.dim), output, preferred_element_type=jnp.float32)
+        logits = constrain(logits.reshape(B, n, c.vocab_size), ("batch", "length", "vocab"))
         if cache is None:
             return logits
         k, v = layer_caches

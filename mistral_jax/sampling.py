@@ -83,11 +83,11 @@ def prefill(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Arra
         last_logits, cache = carry
         start = i * chunk
         tokens = jax.lax.dynamic_slice_in_dim(prompts, start, chunk, axis=1)
-        logits, cache = model.apply({"params": params}, tokens, _chunk_positions(start, chunk, lengths), cache)
         index = lengths - 1 - start  # each row's last token, if it lies in this chunk
-        here = jnp.take_along_axis(logits, jnp.clip(index, 0, chunk - 1)[:, None, None], axis=1)[:, 0]
+        logits, cache = model.apply({"params": params}, tokens, _chunk_positions(start, chunk, lengths), cache,
+                                    logits_at=jnp.clip(index, 0, chunk - 1))
         in_chunk = ((index >= 0) & (index < chunk))[:, None]
-        return jnp.where(in_chunk, here, last_logits), cache
+        return jnp.where(in_chunk, logits[:, 0], last_logits), cache
 
     n_chunks = (jnp.max(lengths) + chunk - 1) // chunk
     init = (jnp.zeros((B, config.vocab_size), jnp.float32), cache)

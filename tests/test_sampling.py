@@ -97,6 +97,15 @@ def test_cached_logits_equal_full_forward(windowed, chunk, layout):
     np.testing.assert_array_equal(np.sort(cache.positions, axis=1), np.tile(np.arange(T - WINDOW, T), (2, 1)))
 
 
+def test_logits_at_projects_only_the_asked_positions(windowed):
+    """What prefill uses: the logits of one position per row, against HF's."""
+    ref, config, params = windowed
+    at = np.array([3, ref.tokens.shape[1] - 1], np.int32)
+    logits = jax.jit(lambda p, t, i: Mistral(config).apply({"params": p}, t, logits_at=i))(params, ref.tokens, at)
+    assert logits.shape == (2, 1, config.vocab_size)
+    np.testing.assert_allclose(logits[:, 0], ref.logits[[0, 1], at], atol=1e-4)
+
+
 def test_cache_worked_example():
     """The example in cache.py's docstring: window 3, prompts of lengths [5, 2], chunks of 3."""
     from mistral_jax.config import MistralConfig
