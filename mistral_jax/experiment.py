@@ -16,7 +16,7 @@ import numpy as np
 from mistral_jax import data
 from mistral_jax.checkpoint import barrier, load_checkpoint, save_checkpoint
 from mistral_jax.config import MistralConfig
-from mistral_jax.sharding import make_mesh
+from mistral_jax.sharding import make_mesh, param_shardings
 from mistral_jax.tokenizer import Tokenizer
 
 CACHE_DIR = os.environ.get("MISTRAL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral_jax"))
@@ -100,10 +100,13 @@ def prepare_run(args) -> Run:
     params = None
     tokenizer_path = os.path.join(args.out, "tokenizer.model")
     if args.init_from:
-        base, params = load_checkpoint(args.init_from, "float32")
+        if not os.path.isdir(args.init_from):
+            raise FileNotFoundError(f"checkpoint {args.init_from} not found")
+        base = MistralConfig.from_dir(args.init_from)
         if args.config and _shape(resolve_config(args.config)) != _shape(base):
             raise ValueError(f"--init-from {args.init_from} has a different shape than --config {args.config}")
-        config = base
+        # Read straight onto the mesh: no device (or host) ever holds the whole model.
+        config, params = load_checkpoint(args.init_from, "float32", shardings=param_shardings(base, mesh))
         source = args.tokenizer or os.path.join(args.init_from, "tokenizer.model")
         if not os.path.isfile(source):
             raise ValueError(f"{args.init_from} has no tokenizer.model; pass --tokenizer")
