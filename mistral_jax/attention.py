@@ -8,6 +8,8 @@ positions j with i - W < j <= i. This is HF transformers' definition. (Mistral's
 one_file_ref lets prefill see W+1 keys and decode W; we do not copy that.)
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,13 +57,16 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
                       block: int) -> jnp.ndarray:
     """Causal (sliding-window) self-attention at positions 0..T-1, `block` queries at a time.
 
-    Block n reads the `span` keys ending at its last query, which hold every key its queries
-    may see: all earlier keys without a window, the W-1 before its first query with one. So
-    time is O(T * span), linear in T under a window, and memory O(block * span) per block:
-    each block is a `jax.checkpoint`, recomputed in the backward pass, so no T x T (or T x W)
-    matrix is ever held. T is padded up to a multiple of the block; padded keys lie in the
-    future of every real query, so the causal mask hides them. A sequence of at most one
-    block is one dense masked_attention, not recomputed.
+    Block n reads the keys ending at its last query that its queries may see: the (n+1)Q
+    keys up to there, or, with a window, at most span = Q + W - 1 of them (the W-1 before its
+    first query on). Blocks that read a full span are one `lax.map`; the first ones (every
+    block but the last without a window) each read their own static (n+1)Q keys, so causal
+    attention computes about half of T x T rather than all of it, and time is O(T * span),
+    linear in T, under a window. Each block is a `jax.checkpoint`, recomputed in the backward
+    pass, so no T x T (or T x W) matrix is ever held: memory is O(block * span). T is padded
+    up to a multiple of the block; padded keys lie in the future of every real query, so the
+    causal mask hides them. A sequence of at most one block is one dense masked_attention,
+    not recomputed.
     """
     B, T, H, d = q.shape
     Q = min(block, T)
@@ -71,17 +76,22 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
     pad = [(0, 0), (0, padded - T), (0, 0), (0, 0)]
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
 
-    def one_block(n, q_n):  # q_n [B, Q, H, d] -> [B, Q, H, d]
-        first_key = jnp.clip((n + 1) * Q - span, 0, padded - span)
-        k_n, v_n = (jax.lax.dynamic_slice_in_dim(x, first_key, span, axis=1) for x in (k, v))
-        mask = attention_mask(n * Q + jnp.arange(Q), first_key + jnp.arange(span), window)
-        return masked_attention(q_n, k_n, v_n, jnp.broadcast_to(mask, (B, Q, span)))
+    def one_block(q_n, n, keys: int):  # q_n [B, Q, H, d] of block n -> [B, Q, H, d], over `keys` keys
+        first_key = (n + 1) * Q - keys
+        k_n, v_n = (jax.lax.dynamic_slice_in_dim(x, first_key, keys, axis=1) for x in (k, v))
+        mask = attention_mask(n * Q + jnp.arange(Q), first_key + jnp.arange(keys), window)
+        return masked_attention(q_n, k_n, v_n, jnp.broadcast_to(mask, (B, Q, keys)))
 
     if N == 1:
-        return one_block(0, q)[:, :T]
+        return one_block(q, 0, Q)[:, :T]
     blocks = q.reshape(B, N, Q, H, d).swapaxes(0, 1)
-    out = jax.lax.map(lambda args: jax.checkpoint(one_block)(*args), (jnp.arange(N), blocks))
-    return out.swapaxes(0, 1).reshape(B, padded, H, d)[:, :T]
+    ramp = min(N, -(-span // Q) - 1)  # blocks 0..ramp-1 see fewer than span keys
+    outs = [jax.checkpoint(functools.partial(one_block, n=n, keys=(n + 1) * Q))(blocks[n]) for n in range(ramp)]
+    if ramp < N:
+        full = jax.lax.map(lambda args: jax.checkpoint(one_block, static_argnums=2)(*args, span),
+                           (blocks[ramp:], jnp.arange(ramp, N)))
+        outs.append(full.swapaxes(0, 1).reshape(B, (N - ramp) * Q, H, d))
+    return jnp.concatenate(outs, axis=1)[:, :T]
 
 
 def target_platform() -> str:
