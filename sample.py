@@ -60,7 +60,7 @@ def main():
     from mistral_jax.convert import find_tokenizer
     from mistral_jax.model import unstack_layers
     from mistral_jax.sampling import generate_stream, until_eos
-    from mistral_jax.tokenizer import Tokenizer
+    from mistral_jax.tokenizer import StreamDecoder, Tokenizer
 
     tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
     if tokenizer_path is None and os.path.isdir(args.checkpoint):
@@ -75,7 +75,7 @@ def main():
 
     stream = len(prompts) == 1
     generated = [[] for _ in prompts]
-    printed = ""
+    text = StreamDecoder(tokenizer)
     start = time.perf_counter()
     pieces = generate_stream(config, params, encoded, args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
@@ -87,16 +87,11 @@ def main():
         for row, tokens in zip(generated, piece.tolist()):
             row.extend(tokens)
         if stream:
-            # A character whose bytes are split across pieces decodes as U+FFFD until its last
-            # byte arrives: hold back trailing replacement characters until they settle.
-            text = tokenizer.decode(until_eos(generated[0], tokenizer.eos_id))
-            settled = text.rstrip("\ufffd")
-            sys.stdout.write(settled[len(printed):])
+            sys.stdout.write(text.push(until_eos(piece[0].tolist(), tokenizer.eos_id)))
             sys.stdout.flush()
-            printed = settled
     total = time.perf_counter() - start
     if stream:
-        print(tokenizer.decode(until_eos(generated[0], tokenizer.eos_id))[len(printed):])
+        print(text.flush())
     else:
         for i, row in enumerate(generated):
             if i:

@@ -10,7 +10,7 @@ every parameter under `layers` has a leading L axis and the block compiles once:
 of checkpoints and training. For decoding, `unstack_layers` gives each layer its own arrays
 (`layers_0` ... `layers_{L-1}`) and `Mistral(config, scan_layers=False)` runs them as L
 blocks: a scan slices each layer's weights out of the stack, and XLA:CPU copies every slice
-before multiplying by it, which doubles the bytes a decode step moves.
+before multiplying by it, which adds a copy of every weight to each decode step.
 """
 
 import flax.linen as nn
@@ -203,6 +203,8 @@ def unstack_layers(params: dict, free_stacked: bool = False) -> dict:
     weight keeps its sharding (less the unsharded layer axis). With free_stacked, each
     stacked array is deleted once split (params must not be used afterwards), so the peak
     memory is the params plus one stacked weight rather than twice the params."""
+    if not layers_stacked(params):
+        raise ValueError("params have no stacked `layers`: already per layer?")
     params = dict(params)
     leaves, treedef = jax.tree_util.tree_flatten(params.pop("layers"))
     per_layer = [[] for _ in range(leaves[0].shape[0])]

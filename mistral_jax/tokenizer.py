@@ -35,3 +35,35 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.DecodeIds(list(ids))
+
+
+class StreamDecoder:
+    """Text of a token stream, piece by piece, each call decoding only the tokens since the
+    last piece and the one piece before (the context sentencepiece needs to place a word's
+    leading space). A character whose bytes are split across pieces decodes as U+FFFD until
+    its last byte arrives, so such a piece is held back until it settles. Joined, the pieces
+    are tokenizer.decode(all tokens)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._tokens: list[int] = []
+        self._context = 0  # start of the piece before the unread tokens
+        self._read = 0  # tokens already turned into text
+
+    def push(self, tokens: list[int]) -> str:
+        """The new text that tokens settle (possibly "")."""
+        self._tokens.extend(tokens)
+        decode = self._tokenizer.decode
+        text = decode(self._tokens[self._context:])
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[len(decode(self._tokens[self._context:self._read])):]
+        self._context, self._read = self._read, len(self._tokens)
+        return new
+
+    def flush(self) -> str:
+        """Whatever is held back, as it decodes now (at the end of the stream)."""
+        decode = self._tokenizer.decode
+        new = decode(self._tokens[self._context:])[len(decode(self._tokens[self._context:self._read])):]
+        self._context = self._read = len(self._tokens)
+        return new

@@ -5,13 +5,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import sentencepiece
 import torch
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 
 import sample
 from conftest import REAL_TOKENIZER, REPO, assert_one_line_error, build_reference, run_script
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.tokenizer import StreamDecoder, Tokenizer
 
 TEXTS = ["Hello world", "The capital of France is", "  leading spaces\nand a newline",
          "naïve café, 東京 and emoji 🙂", "def f(x):\n    return x ** 2"]
@@ -24,6 +26,23 @@ def test_tokenizer_matches_mistral_common():
         ids = ours.encode(text)
         assert ids == reference.encode(text, bos=True, eos=False)
         assert ours.decode(ids) == reference.decode(ids) == text
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_stream_decoder_pieces_join_to_the_whole_decode(size):
+    """Real text, a character spelled in byte-fallback tokens split across pieces, random ids,
+    pushed `size` tokens at a time, against the real tokenizer's whole decode."""
+    tokenizer = Tokenizer(REAL_TOKENIZER)
+    real = tokenizer.encode(" ".join(TEXTS), bos=False)
+    pieces = sentencepiece.SentencePieceProcessor(model_file=REAL_TOKENIZER)
+    parrot = [pieces.piece_to_id(f"<0x{b:02X}>") for b in "🦜".encode()]
+    assert tokenizer.decode(parrot) == "🦜"  # four byte-fallback tokens, one character
+    random_ids = np.random.default_rng(size).integers(3, tokenizer.vocab_size, 300).tolist()
+    for ids in (real, real[:5] + parrot + real[5:], random_ids, parrot[1:] + real):  # the last: dangling bytes
+        stream = StreamDecoder(tokenizer)
+        pieces = [stream.push(ids[i:i + size]) for i in range(0, len(ids), size)]
+        assert "".join(pieces) + stream.flush() == tokenizer.decode(ids)
+        assert "\ufffd" not in "".join(pieces[:-1]) or "\ufffd" in tokenizer.decode(ids)
 
 
 @pytest.fixture(scope="module")
