@@ -6,6 +6,7 @@ import signal
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -146,12 +147,31 @@ def test_nan_loss_stops_with_last_good_checkpoint(tokens, tmp_path):
                     save_every=1)
 
 
-def test_flops_count_against_hand_count():
-    # tiny: matmul weights per layer 4*32*... computed by hand; attention keys with window 16 over 32.
-    layer = 32 * 8 * (4 + 2 + 2 + 4) + 3 * 32 * 64
-    mean_keys = (sum(range(1, 17)) + 16 * 16) / 32
-    expected = 3 * (2 * (2 * layer + 32 * 512) + 2 * 4 * 4 * 8 * mean_keys)
-    assert trainer.flops_per_token(TINY, 32) == pytest.approx(expected)
+def dot_flops(jaxpr) -> int:
+    """2 x the multiply-adds of every dot_general a program runs: scan bodies (the layers,
+    lax.map's blocks) counted once per iteration."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), (lhs_batch, _) = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(np.prod([lhs[i] for i in lhs_contract]))
+        repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            total += repeat * dot_flops(sub)
+    return total
+
+
+@pytest.mark.parametrize("window", [16, None])
+def test_flops_count_equals_the_program_with_one_query_blocks(window):
+    """flops_per_token counts attention as the mask lets it be: with one-query blocks, the
+    xla kernel computes exactly those products, so its jaxpr's dot FLOPs are the count."""
+    config = TINY.replace(sliding_window=window, attention="xla", attention_block=1)
+    B, T = 2, 32
+    params = trainer._init_params(config, jax.random.key(0))
+    jaxpr = jax.make_jaxpr(lambda p, t: forward(config, p, t))(params, jnp.zeros((B, T), jnp.int32)).jaxpr
+    assert dot_flops(jaxpr) == pytest.approx(B * T * trainer.flops_per_token(config, T, training=False), rel=1e-9)
+    assert trainer.flops_per_token(config, T) == 3 * trainer.flops_per_token(config, T, training=False)
 
 
 def run_train(capsys, *argv):
