@@ -56,6 +56,8 @@ def main():
         raise ValueError(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
     clock = cli.CompileClock()
 
+    import jax
+
     from mistral_jax.checkpoint import load_checkpoint
     from mistral_jax.convert import find_tokenizer
     from mistral_jax.model import unstack_layers
@@ -66,7 +68,12 @@ def main():
     if tokenizer_path is None and os.path.isdir(args.checkpoint):
         raise ValueError(f"{args.checkpoint} has no tokenizer.model; pass --tokenizer")
     config, params = load_checkpoint(args.checkpoint, args.dtype)
-    params = unstack_layers(params, free_stacked=True)  # decoding reads each layer's own arrays: see model.py
+    if jax.default_backend() == "cpu":
+        # XLA:CPU copies each layer's weights out of the scanned stack every decode step; with
+        # an array per layer it does not (BENCHMARKS.md: small's step 39 -> 20 ms). Not on
+        # accelerators: compiled for TPU v5e-16, the per-layer prefill held 3.0 GB of
+        # temporaries against 0.3 GB (8 x 4096, 7B), for a gain no one has measured there.
+        params = unstack_layers(params, free_stacked=True)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

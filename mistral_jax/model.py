@@ -7,10 +7,11 @@ Parameter names are Mistral-native (tok_embeddings, layers/attention/wq, feed_fo
 attention_norm, ffn_norm, norm, output); kernels are stored input-major ([D, H, d] for wq),
 and each carries logical axis names for sharding.py. The layer stack is one `nn.scan`, so
 every parameter under `layers` has a leading L axis and the block compiles once: the layout
-of checkpoints and training. For decoding, `unstack_layers` gives each layer its own arrays
-(`layers_0` ... `layers_{L-1}`) and `Mistral(config, scan_layers=False)` runs them as L
-blocks: a scan slices each layer's weights out of the stack, and XLA:CPU copies every slice
-before multiplying by it, which adds a copy of every weight to each decode step.
+of checkpoints and training. For decoding on CPU, `unstack_layers` gives each layer its own
+arrays (`layers_0` ... `layers_{L-1}`) and `Mistral(config, scan_layers=False)` runs them
+as L blocks: a scan slices each layer's weights out of the stack, and XLA:CPU copies every
+slice before multiplying by it, which adds a copy of every weight to each decode step. (For
+TPU the per-layer program's prefill compiled to 10x the temporaries: see sample.py.)
 """
 
 import flax.linen as nn

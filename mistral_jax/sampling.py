@@ -202,7 +202,7 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], ma
 
     Args:
       config, params: the model, e.g. from load_checkpoint or load_pytorch; params stacked
-        as loaded, or per layer (model.unstack_layers), which decodes faster.
+        as loaded, or per layer (model.unstack_layers), which decodes faster on CPU.
       prompts: token ids per prompt, of any lengths (BOS included if the model expects it).
       max_new_tokens: the most tokens generated per prompt.
       temperature: 0 for greedy decoding; otherwise logits are divided by it and sampled.
