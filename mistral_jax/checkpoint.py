@@ -137,16 +137,15 @@ def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tupl
 
 # ---- train state (resumable runs) -----------------------------------------------------------
 
-def train_state_manager(directory: str, save_every: int, keep: int) -> ocp.CheckpointManager:
-    """Orbax manager of a run's train states: saved every save_every steps, asynchronously,
-    keeping the last `keep`."""
-    options = ocp.CheckpointManagerOptions(save_interval_steps=save_every, max_to_keep=keep,
-                                           enable_async_checkpointing=True, create=True)
+def train_state_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    """Orbax manager of a run's train states, saved asynchronously, keeping the last `keep`
+    (when to save is the caller's: trainer.fit)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
-def save_train_state(manager: ocp.CheckpointManager, state, force: bool = False) -> bool:
-    return manager.save(int(state.step), args=ocp.args.StandardSave(state), force=force)
+def save_train_state(manager: ocp.CheckpointManager, state) -> bool:
+    return manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
 
 
 def restore_train_state(manager: ocp.CheckpointManager, abstract, step: int | None = None):

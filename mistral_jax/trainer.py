@@ -196,7 +196,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     a checkpoint saved.
     """
     tx = make_optimizer(hp)
-    manager = checkpoint.train_state_manager(os.path.join(out_dir, "checkpoints"), save_every, keep)
+    manager = checkpoint.train_state_manager(os.path.join(out_dir, "checkpoints"), keep)
     if resume and manager.latest_step() is not None:  # read straight onto the shardings; nothing initialised
         state = checkpoint.restore_train_state(manager, abstract_state(config, tx, mesh))
     else:
@@ -259,7 +259,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
                     + f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
             writer.write(record, line)
             if save:
-                checkpoint.save_train_state(manager, state, force=True)
+                checkpoint.save_train_state(manager, state)
                 last_time = time.perf_counter()  # nor is saving
             if stop:
                 break
