@@ -71,8 +71,9 @@ def main():
     if jax.default_backend() == "cpu":
         # XLA:CPU copies each layer's weights out of the scanned stack every decode step; with
         # an array per layer it does not (BENCHMARKS.md: small's step 39 -> 20 ms). Not on
-        # accelerators: compiled for TPU v5e-16, the per-layer prefill held 3.0 GB of
-        # temporaries against 0.3 GB (8 x 4096, 7B), for a gain no one has measured there.
+        # accelerators: compiled for TPU v5e-16 (7B, 8 x 4096), the per-layer program took 3x
+        # the compile time and twice the prefill temporaries (0.62 vs 0.30 GB), for a gain
+        # no one has measured there.
         params = unstack_layers(params, free_stacked=True)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:

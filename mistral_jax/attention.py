@@ -32,25 +32,22 @@ def attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, window: int | None) -
 def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
     """softmax(q k^T / sqrt(d)) v under mask [B, T, S]; q [B, T, H, d], k, v [B, S, K, d].
 
-    The O(T*S) reference form: used for decoding against a cache and as the oracle of the
-    faster paths. Logits and softmax in float32. The products are plain batched matmuls
-    over B*K, with each kv head's G query heads and T queries as the rows: q, k and v
-    (O(T*d) each) are transposed to fit, never the [T, S] scores. Written as one einsum
-    over [B, T, K, G, d], XLA:CPU transposed the scores and probabilities instead, and the
-    forward and backward took 1.3-1.4x longer.
+    The O(T*S) reference form: used against the KV cache and as the oracle of the faster
+    paths. Logits and softmax in float32. Written as einsums over the cache's own layout,
+    so each compiler picks its layouts (transposing k and v to heads-major here, as the
+    blocked kernel does, cost the TPU prefill of 7B 10x the temporaries: a copy of the cache).
     """
     B, T, H, d = q.shape
-    S, K = k.shape[1], k.shape[2]
-    G = H // K
-    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(B, T, K, G, d)  # scaling q: T*d products, not T*S
-    q = q.transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, d)
-    k = k.transpose(0, 2, 3, 1).reshape(B * K, d, S)
-    v = v.transpose(0, 2, 1, 3).reshape(B * K, S, d)
-    logits = jnp.einsum("nmd,nds->nms", q, k, preferred_element_type=jnp.float32).reshape(B, K, G, T, S)
-    logits = jnp.where(mask[:, None, None], logits, _MASKED)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
-    out = jnp.einsum("nms,nsd->nmd", probs, v).reshape(B, K, G, T, d)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, d)
+    K = k.shape[2]
+    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(B, T, K, H // K, d)  # scaling q: T*d products, not T*S
+    logits = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(logits, mask[:, None, None]).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v)
+    return out.reshape(B, T, H, d)
+
+
+def _masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    return jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
 
 
 def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None,
@@ -65,33 +62,46 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
     linear in T, under a window. Each block is a `jax.checkpoint`, recomputed in the backward
     pass, so no T x T (or T x W) matrix is ever held: memory is O(block * span). T is padded
     up to a multiple of the block; padded keys lie in the future of every real query, so the
-    causal mask hides them. A sequence of at most one block is one dense masked_attention,
-    not recomputed.
+    causal mask hides them. A sequence of at most one block is one block, not recomputed.
+
+    q, k and v are put heads-major once ([B, K, G, T, d], [B, K, T, d]), so each block's
+    products are plain batched matmuls over B*K with G*Q rows. Left as einsums over
+    [B, T, K, G, d], XLA:CPU transposed the [Q, S] scores and probabilities instead, and
+    attention took 1.3-1.4x longer, forward and backward.
     """
     B, T, H, d = q.shape
+    K = k.shape[2]
+    G = H // K
     Q = min(block, T)
     N = -(-T // Q)
     padded = N * Q
     span = padded if window is None else min(padded, Q + window - 1)
-    pad = [(0, 0), (0, padded - T), (0, 0), (0, 0)]
-    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+    q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(B, T, K, G, d).transpose(0, 2, 3, 1, 4)
+    k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))
+    q = jnp.pad(q, [(0, 0), (0, 0), (0, 0), (0, padded - T), (0, 0)])
+    k, v = (jnp.pad(x, [(0, 0), (0, 0), (0, padded - T), (0, 0)]) for x in (k, v))
 
-    def one_block(q_n, n, keys: int):  # q_n [B, Q, H, d] of block n -> [B, Q, H, d], over `keys` keys
+    def one_block(q_n, n, keys: int):  # q_n [B, K, G, Q, d] of block n -> [B, K, G, Q, d], over `keys` keys
         first_key = (n + 1) * Q - keys
-        k_n, v_n = (jax.lax.dynamic_slice_in_dim(x, first_key, keys, axis=1) for x in (k, v))
+        k_n, v_n = (jax.lax.dynamic_slice_in_dim(x, first_key, keys, axis=2).reshape(B * K, keys, d) for x in (k, v))
+        logits = jnp.einsum("nmd,nsd->nms", q_n.reshape(B * K, G * Q, d), k_n, preferred_element_type=jnp.float32)
         mask = attention_mask(n * Q + jnp.arange(Q), first_key + jnp.arange(keys), window)
-        return masked_attention(q_n, k_n, v_n, jnp.broadcast_to(mask, (B, Q, keys)))
+        probs = _masked_softmax(logits.reshape(B, K, G, Q, keys), mask[None, None, None]).astype(v.dtype)
+        return jnp.einsum("nms,nsd->nmd", probs.reshape(B * K, G * Q, keys), v_n).reshape(B, K, G, Q, d)
 
     if N == 1:
-        return one_block(q, 0, Q)[:, :T]
-    blocks = q.reshape(B, N, Q, H, d).swapaxes(0, 1)
-    ramp = min(N, -(-span // Q) - 1)  # blocks 0..ramp-1 see fewer than span keys
-    outs = [jax.checkpoint(functools.partial(one_block, n=n, keys=(n + 1) * Q))(blocks[n]) for n in range(ramp)]
-    if ramp < N:
-        full = jax.lax.map(lambda args: jax.checkpoint(one_block, static_argnums=2)(*args, span),
-                           (blocks[ramp:], jnp.arange(ramp, N)))
-        outs.append(full.swapaxes(0, 1).reshape(B, (N - ramp) * Q, H, d))
-    return jnp.concatenate(outs, axis=1)[:, :T]
+        out = one_block(q, 0, Q)
+    else:
+        blocks = q.reshape(B, K, G, N, Q, d)
+        ramp = min(N, -(-span // Q) - 1)  # blocks 0..ramp-1 see fewer than span keys
+        outs = [jax.checkpoint(functools.partial(one_block, n=n, keys=(n + 1) * Q))(blocks[:, :, :, n])
+                for n in range(ramp)]
+        if ramp < N:
+            full = jax.lax.map(lambda args: jax.checkpoint(one_block, static_argnums=2)(*args, span),
+                               (jnp.moveaxis(blocks[:, :, :, ramp:], 3, 0), jnp.arange(ramp, N)))
+            outs.append(jnp.moveaxis(full, 0, 3).reshape(B, K, G, (N - ramp) * Q, d))
+        out = jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, padded, H, d)[:, :T]
 
 
 def target_platform() -> str:

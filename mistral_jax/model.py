@@ -10,8 +10,8 @@ every parameter under `layers` has a leading L axis and the block compiles once:
 of checkpoints and training. For decoding on CPU, `unstack_layers` gives each layer its own
 arrays (`layers_0` ... `layers_{L-1}`) and `Mistral(config, scan_layers=False)` runs them
 as L blocks: a scan slices each layer's weights out of the stack, and XLA:CPU copies every
-slice before multiplying by it, which adds a copy of every weight to each decode step. (For
-TPU the per-layer program's prefill compiled to 10x the temporaries: see sample.py.)
+slice before multiplying by it, which adds a copy of every weight to each decode step. (On
+TPU, sample.py keeps the stacked layout: see there.)
 """
 
 import flax.linen as nn
