@@ -8,11 +8,11 @@ table (the command, machine and measured limits included).
 
 import argparse
 import os
-import re
 import sys
 import time
 
 from bench import common, decode, scaling, train
+from mistral_jax.cli import rewrite_section
 
 SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run}
 
@@ -47,19 +47,7 @@ def main():
             print(line, flush=True)
             lines.append(line)
         if args.write:
-            write_section(suite, lines)
-
-
-def write_section(suite: str, lines: list[str]) -> None:
-    start, end = f"<!-- bench:{suite}:start -->", f"<!-- bench:{suite}:end -->"
-    path = os.path.join(common.REPO, "BENCHMARKS.md")
-    text = open(path).read()
-    if start not in text:
-        raise SystemExit(f"BENCHMARKS.md has no {start} ... {end} section to rewrite")
-    section = f"{start}\n" + "\n".join(lines) + f"\n{end}"
-    text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: section, text, flags=re.S)
-    with open(path, "w") as f:
-        f.write(text)
+            rewrite_section(os.path.join(common.REPO, "BENCHMARKS.md"), f"bench:{suite}", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax import sampling, trainer
+from mistral_jax.cli import rewrite_section
+from mistral_jax.cli import run as run_cli
 from mistral_jax.config import MistralConfig
 from mistral_jax.sharding import make_mesh, param_shardings
 
@@ -209,23 +211,6 @@ def format_row(plan: Plan, r: Report) -> str:
                    f"{r.total / GiB:.2f} | {device} | {fits(plan, r)} |")
 
 
-def write_table(path: str, rows: list[str]) -> None:
-    """Replaces the table between the aot markers of path, atomically."""
-    import os
-
-    start, end = "<!-- aot:start -->", "<!-- aot:end -->"
-    with open(path) as f:
-        text = f.read()
-    if start not in text or end not in text:
-        raise ValueError(f"{path} has no {start} ... {end} section to rewrite")
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    body = "\n".join([HEADER, *rows])
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{before}{start}\n{body}\n{end}{after}")
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None) -> None:
     import argparse
     import os
@@ -257,10 +242,8 @@ def main(argv=None) -> None:
             print(rows[-1], "(refused by the compiler)" if report.error else f"(compiled in {report.compile_s:.0f} s)",
                   flush=True)
     if args.write:
-        write_table(args.write, rows)
+        rewrite_section(args.write, "aot", "\n".join([HEADER, *rows]))
 
 
 if __name__ == "__main__":
-    from mistral_jax.cli import run as run_cli
-
     run_cli(main)

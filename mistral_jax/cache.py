@@ -40,11 +40,11 @@ class KVCache:
         layers stacked in one array per K and V, or (stacked=False) an array per layer."""
         C = cache_length(config, max_len)
         shape = (batch, C, config.n_kv_heads, config.head_dim)
-        if stacked:
-            k = v = jnp.zeros((config.n_layers, *shape), jnp.dtype(config.dtype))
-        else:
-            k = v = [jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.n_layers)]
-        return cls(k=k, v=v, positions=jnp.full((batch, C), -1, jnp.int32))
+        def empty():
+            if stacked:
+                return jnp.zeros((config.n_layers, *shape), jnp.dtype(config.dtype))
+            return [jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.n_layers)]
+        return cls(k=empty(), v=empty(), positions=jnp.full((batch, C), -1, jnp.int32))
 
 
 def cache_length(config: MistralConfig, max_len: int) -> int:

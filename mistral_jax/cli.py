@@ -97,3 +97,19 @@ def human_count(n: int) -> str:
 
 def directory_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def rewrite_section(path: str, name: str, body: str) -> None:
+    """Replaces what lies between `<!-- {name}:start -->` and `<!-- {name}:end -->` in the text
+    file path with body, atomically (a temp file renamed over it): how the benchmark and
+    ahead-of-time scripts keep their tables in BENCHMARKS.md and docs/SCALING.md current."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    with open(path) as f:
+        text = f.read()
+    if start not in text or end not in text:
+        raise ValueError(f"{path} has no {start} ... {end} section to rewrite")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{before}{start}\n{body}\n{end}{after}")
+    os.replace(path + ".tmp", path)
