@@ -30,7 +30,7 @@ def parse_args():
     for flag, default in (("steps", 150), ("batch-size", 8), ("seq-len", 256), ("grad-accum", 1),
                           ("warmup", 15), ("seed", 0), ("log-every", 10), ("eval-every", 100),
                           ("eval-batches", 4), ("save-every", 100), ("keep", 3), ("samples", 3),
-                          ("sample-tokens", 48)):
+                          ("sample-tokens", 48), ("loss-chunk", 128)):
         p.add_argument(f"--{flag}", type=int, default=default)
     for flag, default in (("lr", 3e-3), ("weight-decay", 0.1), ("clip", 1.0), ("z-loss", 0.0)):
         p.add_argument(f"--{flag}", type=float, default=default)
@@ -61,7 +61,8 @@ def main():
     run = prepare_run(args)
     hp = trainer.Hyperparameters(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                  grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
-                                 weight_decay=args.weight_decay, clip=args.clip, z_loss=args.z_loss, seed=args.seed)
+                                 weight_decay=args.weight_decay, clip=args.clip, z_loss=args.z_loss, seed=args.seed,
+                                 loss_chunk=args.loss_chunk)
     batches = data.TokenBatches(run.tokens, hp.seq_len, hp.batch_size, seed=hp.seed)
     if jax.process_index() == 0:
         print(f"model {cli.human_count(run.config.num_params)} parameters, {len(run.tokens):,} tokens of data, "

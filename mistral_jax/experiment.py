@@ -76,8 +76,8 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
 
 
 def prepare_run(args) -> Run:
-    if args.seq_len < 1 or args.batch_size < 1 or args.steps < 1 or args.grad_accum < 1:
-        raise ValueError("--steps, --batch-size, --seq-len and --grad-accum must be positive")
+    if min(args.seq_len, args.batch_size, args.steps, args.grad_accum, args.loss_chunk) < 1:
+        raise ValueError("--steps, --batch-size, --seq-len, --grad-accum and --loss-chunk must be positive")
     mesh = make_mesh(args.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if args.batch_size % (args.grad_accum * shards) or args.batch_size % jax.process_count():

@@ -139,10 +139,14 @@ class Mistral(nn.Module):
     scan_layers: one scanned block over params stacked under `layers` (and a cache stacked
     [L, ...]), or, if False, a block per layer over `unstack_layers(params)` (and a cache
     holding a list of L arrays, KVCache.init(..., stacked=False)).
+
+    lm_head: if False, the call returns the final normed states [B, T, D] instead of logits,
+    for a caller that applies the `output` projection itself (loss.cross_entropy).
     """
 
     config: MistralConfig
     scan_layers: bool = True
+    lm_head: bool = True
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None, cache: KVCache | None = None,
@@ -183,14 +187,15 @@ class Mistral(nn.Module):
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = RMSNorm(c, name="norm")(x)
-        output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
-        n = x.shape[1]
-        logits = jnp.einsum("ND,DV->NV", x.reshape(B * n, c.dim), output, preferred_element_type=jnp.float32)
-        logits = constrain(logits.reshape(B, n, c.vocab_size), ("batch", "length", "vocab"))
+        if self.lm_head:
+            output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
+            n = x.shape[1]
+            x = jnp.einsum("ND,DV->NV", x.reshape(B * n, c.dim), output, preferred_element_type=jnp.float32)
+            x = constrain(x.reshape(B, n, c.vocab_size), ("batch", "length", "vocab"))
         if cache is None:
-            return logits
+            return x
         k, v = layer_caches
-        return logits, KVCache(k=k, v=v, positions=new_positions)
+        return x, KVCache(k=k, v=v, positions=new_positions)
 
 
 def layers_stacked(params: dict) -> bool:

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mistral_jax import checkpoint
 from mistral_jax.config import MistralConfig
+from mistral_jax.loss import cross_entropy
 from mistral_jax.metrics import MetricsWriter
 from mistral_jax.model import Mistral
 from mistral_jax.sharding import batch_sharding, param_shardings, under_mesh
@@ -49,6 +50,7 @@ class Hyperparameters:
     b1: float = 0.9
     b2: float = 0.95
     z_loss: float = 0.0  # weight of log(Z)^2, which keeps the softmax normaliser near 1
+    loss_chunk: int = 128  # sequence positions whose logits the loss holds at a time
     seed: int = 0
 
 
@@ -85,15 +87,12 @@ def make_optimizer(hp: Hyperparameters) -> optax.GradientTransformation:
         optax.adamw(learning_rate(hp), b1=hp.b1, b2=hp.b2, weight_decay=hp.weight_decay, mask=decay_mask))
 
 
-def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float):
-    """Mean next-token cross-entropy of batch [B, T+1] (plus z-loss); returns (loss, (ce, z))."""
+def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chunk: int = 128):
+    """Mean next-token cross-entropy of batch [B, T+1] (plus z-loss); returns (loss, ce), ce
+    without gradient. The output projection is fused into the loss (loss.cross_entropy)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits = Mistral(config).apply({"params": params}, inputs)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    ce = jnp.mean(log_z - target_logits)
-    z = z_loss * jnp.mean(log_z**2)
-    return ce + z, (ce, z)
+    hidden = Mistral(config, lm_head=False).apply({"params": params}, inputs)
+    return cross_entropy(hidden, params["output"].astype(config.dtype), targets, z_loss, chunk)
 
 
 def _init_params(config: MistralConfig, key: jax.Array):
@@ -147,7 +146,8 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
 
         def accumulate(carry, micro_batch):
             grads, loss, ce = carry
-            (micro_loss, (micro_ce, _)), micro_grads = grad_fn(state.params, config, micro_batch, hp.z_loss)
+            (micro_loss, micro_ce), micro_grads = grad_fn(state.params, config, micro_batch, hp.z_loss,
+                                                          hp.loss_chunk)
             return (jax.tree_util.tree_map(jnp.add, grads, micro_grads), loss + micro_loss, ce + micro_ce), None
 
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -167,7 +167,7 @@ def make_eval_step(config: MistralConfig, mesh, param_sharding):
     """jitted (params, batch) -> mean cross-entropy."""
     @under_mesh(mesh)
     def eval_step(params, batch):
-        return loss_fn(params, config, batch, 0.0)[1][0]
+        return loss_fn(params, config, batch, 0.0)[1]
 
     return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)))
 

@@ -225,6 +225,7 @@ def run_cli_convert(src, dst):
     (["--seq-len", "65"], "--seq-len 65 is longer than the model's max_seq_len 64"),
     (["--mesh", "data=3"], "mesh 'data=3' has 3 devices but there are 1"),
     (["--batch-size", "6", "--grad-accum", "4"], "must divide into --grad-accum"),
+    (["--loss-chunk", "0"], "--loss-chunk must be positive"),
     (["--init-from", "/nonexistent"], "checkpoint /nonexistent not found"),
     (["--data", "{short_text}", "--tokenizer", "{tokenizer}"], "too short for a batch"),
 ])
