@@ -38,7 +38,8 @@ def parse_args():
                    help="compute dtype; parameters and optimizer state stay float32")
     p.add_argument("--remat", choices=["none", "full", "dots", "dots_no_batch"], default="none")
     p.add_argument("--mesh", default="", help='e.g. "data=2,fsdp=2,tensor=2"; -1 = the rest (default: all fsdp)')
-    p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: measured)")
+    p.add_argument("--peak-flops", type=float, help="peak FLOP/s of a device, for MFU (on CPU: of a process, "
+                                                    "whose devices share its cores; default: measured)")
     p.add_argument("--distributed", action="store_true",
                    help="a multi-process run: jax.distributed.initialize(), which detects TPU pods and SLURM; "
                         "elsewhere give --coordinator, --num-processes and --process-id")

@@ -129,7 +129,10 @@ def prepare_run(args) -> Run:
     tokens = data.tokenize(args.data, tokenizer_path, os.path.join(CACHE_DIR, "tokens"))
     if primary:
         config.save_hf(args.out)
-    peak = (args.peak_flops or measure_peak_flops()) * jax.device_count()  # MFU is over all devices
+    # MFU is over the whole job. A process's CPU devices share its cores, which one device's
+    # matmul already uses all of: counting each fake device as a machine understated MFU 8x.
+    units = jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
+    peak = (args.peak_flops or measure_peak_flops()) * units
     return Run(config, mesh, tokenizer_path, tokens, params, peak)
 
 
@@ -153,17 +156,15 @@ def save_final_model(out_dir: str, run: Run, params) -> str:
 
 
 def print_samples(run: Run, params, n: int, max_new_tokens: int, seed: int) -> None:
-    """Samples on process 0 (every process must call this: the params are gathered first)."""
-    from jax.experimental import multihost_utils
-
+    """Samples from the params where they lie, sharded over run.mesh, and prints on process 0
+    (every process must call this: generating runs on all of their devices)."""
     from mistral_jax.sampling import generate
 
-    params = multihost_utils.process_allgather(params, tiled=True)  # numpy, whole, on every process
-    if jax.process_index() != 0:
-        return
     tokenizer = Tokenizer(run.tokenizer_path)
     prompts = [tokenizer.encode(SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]) for i in range(n)]
     outputs = generate(run.config, params, prompts, max_new_tokens, temperature=0.8, top_p=0.95, seed=seed,
-                       eos_id=tokenizer.eos_id)
+                       eos_id=tokenizer.eos_id, mesh=run.mesh)
+    if jax.process_index() != 0:
+        return
     for prompt, tokens in zip(prompts, outputs):
         print(f"--- {tokenizer.decode(prompt + tokens)}")  # decoded whole, so the joining space survives

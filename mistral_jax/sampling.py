@@ -16,6 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from mistral_jax.cache import KVCache
@@ -186,13 +187,21 @@ def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[in
                   max_tokens=_bucket(max_new_tokens), mesh=mesh, **sampling)
     emitted = 0
     while True:
-        tokens, step, done = jax.device_get((state.tokens, state.step, state.done))  # one host sync per call
+        tokens, step, done = _fetch(state.tokens, state.step, state.done)  # one host sync per call
         yield tokens[:, emitted:step]
         emitted = int(step)
         if emitted >= max_new_tokens or done.all():
             return
         until = min(max_new_tokens, step + (steps_per_call or max_new_tokens))
         state = decode(params, config, state, jnp.array(until, jnp.int32), **sampling)
+
+
+def _fetch(*arrays: jax.Array) -> tuple[np.ndarray, ...]:
+    """Host copies, whole, also of arrays spread over other processes' devices (then a
+    collective: every process must fetch, as every process runs the computation)."""
+    if all(a.is_fully_addressable for a in arrays):
+        return jax.device_get(arrays)
+    return tuple(multihost_utils.process_allgather(arrays, tiled=True))
 
 
 def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -211,7 +220,8 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], ma
       seed: the PRNG seed; the same seed gives the same samples.
       eos_id: a row stops after emitting it (None: never stop early).
       mesh: the mesh params are sharded over, if any: the KV cache is then sharded over it
-        too (sharding.cache_shardings) rather than left to the compiler.
+        too (sharding.cache_shardings) rather than left to the compiler. The mesh may span
+        processes; every process then calls generate, with the same arguments.
 
     Returns:
       The generated tokens of each prompt, stopping before eos_id.
