@@ -115,4 +115,5 @@ def main():
 
 
 if __name__ == "__main__":
+    cli.reexec_with_huge_pages()
     cli.run(main)

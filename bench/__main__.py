@@ -12,7 +12,7 @@ import sys
 import time
 
 from bench import common, decode, scaling, train
-from mistral_jax.cli import rewrite_section
+from mistral_jax.cli import reexec_with_huge_pages, rewrite_section
 
 SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run}
 
@@ -30,7 +30,7 @@ def main():
     header = [
         f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')})",
         f"Machine: {common.machine_description()}; {common.versions()}; "
-        f"torch threads = XLA threads = {os.cpu_count()}",
+        f"torch threads = XLA threads = {os.cpu_count()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
         f"Measured limits: float32 matmul peak {peak / 1e9:.0f} GFLOP/s; memory bandwidth {bandwidth / 1e9:.1f} GB/s",
         "",
         "| workload | mistral_jax | PyTorch (HF) | ratio | of machine limit | notes |",
@@ -51,4 +51,5 @@ def main():
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # for both sides: PyTorch's CPU allocator is glibc's malloc too
     main()

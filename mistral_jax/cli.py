@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +30,23 @@ def run(main: Callable[[], int | None]) -> None:
         print(f"error: {message}", file=sys.stderr)
         status = 1
     sys.exit(status)
+
+
+def reexec_with_huge_pages() -> None:
+    """Restarts this process (same pid, command line and environment) with glibc's malloc
+    putting its large blocks on transparent huge pages, unless GLIBC_TUNABLES already says
+    either way (glibc.malloc.hugetlb=0 keeps 4 KB pages). Does nothing without glibc.
+
+    XLA:CPU allocates each large buffer fresh (logits, activations), and glibc maps every
+    block over 32 MB fresh from the kernel, so each call faulted its outputs in 4 KB at a
+    time: 129k faults for a [4096, 32000] float32 array, whose product ran at 107 GFLOP/s
+    instead of 158 with 2 MB pages (1k faults). Call it first, from a script's __main__."""
+    if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", "") or platform.libc_ver()[0] != "glibc":
+        return
+    tunables = ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
 
 
 def _quiet_library_threads() -> None:

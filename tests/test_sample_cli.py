@@ -112,3 +112,22 @@ def test_bad_input(converted, capsys, argv, message):
 def test_missing_checkpoint(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "--checkpoint", tmp_path / "absent", "--prompt", "x")[::2],
                           "checkpoint .*absent not found")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc tunable")
+@pytest.mark.parametrize("before,after", [(None, "glibc.malloc.hugetlb=1"),
+                                          ("glibc.malloc.tcache_count=0",
+                                           "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"),
+                                          ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0")])
+def test_scripts_restart_with_huge_pages(before, after):
+    """cli.reexec_with_huge_pages, which train.py, sample.py and the benchmarks call first:
+    the same process (exec'd) restarts with glibc's malloc on transparent huge pages,
+    keeping other tunables and an explicit choice."""
+    code = "from mistral_jax import cli; cli.reexec_with_huge_pages(); import os; print(os.getpid(), " \
+           "os.environ['GLIBC_TUNABLES'])"
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    if before:
+        env["GLIBC_TUNABLES"] = before
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    out, _ = child.communicate(timeout=60)
+    assert out.split() == [str(child.pid), after]
