@@ -2,35 +2,81 @@
 
   python -m bench [--only train decode scaling] [--configs tiny small default] [--reps 3] [--write]
 
+Each suite runs once per side, in its own process, so that each side runs as it does by
+default: ours with glibc's malloc on huge pages, as train.py and sample.py restart
+themselves (cli.reexec_with_huge_pages); PyTorch in the environment given (with huge pages
+its tiny train step was 1.2-1.4x slower). The machine's limits are measured once, here.
+
 --write replaces, for each suite run, its generated section of BENCHMARKS.md with this run's
 table (the command, machine and measured limits included).
 """
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 from bench import common, decode, scaling, train
-from mistral_jax.cli import reexec_with_huge_pages, rewrite_section
+from mistral_jax.cli import huge_page_tunables, reexec_with_huge_pages, rewrite_section
 
 SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run}
 
 
-def main():
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(SUITES), default=list(SUITES))
     p.add_argument("--configs", nargs="+", choices=sorted(common.CONFIGS), default=["tiny", "small"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--write", action="store_true", help="rewrite the results section of BENCHMARKS.md")
-    args = p.parse_args()
+    # A side's process (internal): one suite, its rows written as JSON to --rows-to.
+    p.add_argument("--side", choices=["ours", "torch"], help=argparse.SUPPRESS)
+    p.add_argument("--limits", nargs=2, type=float, help=argparse.SUPPRESS)  # peak FLOP/s, bandwidth B/s
+    p.add_argument("--rows-to", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def measure_side(side: str, suite: str, args, peak: float, bandwidth: float) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        rows_file = os.path.join(tmp, "rows.json")
+        subprocess.run([sys.executable, "-m", "bench", "--side", side, "--only", suite, "--configs", *args.configs,
+                        "--reps", str(args.reps), "--limits", str(peak), str(bandwidth), "--rows-to", rows_file],
+                       cwd=common.REPO, check=True)
+        with open(rows_file) as f:
+            return json.load(f)
+
+
+def merge(ours: list[dict], torch: list[dict]) -> list[dict]:
+    """One row per workload (in our order): both sides' numbers, the notes joined."""
+    theirs = {row["workload"]: row for row in torch}
+    merged = []
+    for row in ours:
+        other = theirs.get(row["workload"], {})
+        notes = [n for n in (other.get("note"), row.get("note")) if n]
+        merged.append({**row, "torch": other.get("torch"), "note": "; ".join(notes)})
+    return merged
+
+
+def main():
+    args = parse_args()
+    if args.side:
+        (suite,) = args.only
+        peak, bandwidth = args.limits
+        rows = SUITES[suite](bandwidth, peak, names=args.configs, reps=args.reps, side=args.side)
+        with open(args.rows_to, "w") as f:
+            json.dump(rows, f)
+        return
 
     command = "python -m bench " + " ".join(sys.argv[1:])
     peak, bandwidth = common.matmul_peak_flops(), common.memory_bandwidth()
+    torch_tunables = os.environ.get("GLIBC_TUNABLES", "")
     header = [
         f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')})",
         f"Machine: {common.machine_description()}; {common.versions()}; "
-        f"torch threads = XLA threads = {os.cpu_count()}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}",
+        f"torch threads = XLA threads = {os.cpu_count()}; GLIBC_TUNABLES: ours "
+        f"`{huge_page_tunables() or torch_tunables}`, PyTorch `{torch_tunables}`",
         f"Measured limits: float32 matmul peak {peak / 1e9:.0f} GFLOP/s; memory bandwidth {bandwidth / 1e9:.1f} GB/s",
         "",
         "| workload | mistral_jax | PyTorch (HF) | ratio | of machine limit | notes |",
@@ -39,8 +85,10 @@ def main():
     print("\n".join(header), flush=True)
     for suite in args.only:
         lines = list(header)
-        for row in SUITES[suite](bandwidth, peak, names=args.configs, reps=args.reps):
-            torch, limit = row["torch"], row["limit"]
+        rows = merge(measure_side("ours", suite, args, peak, bandwidth),
+                     measure_side("torch", suite, args, peak, bandwidth))
+        for row in rows:
+            torch, limit = row["torch"], row.get("limit")
             line = (f"| {row['workload']} | {row['ours']:.1f} {row['unit']} | "
                     + (f"{torch:.1f} {row['unit']} | {row['ours'] / torch:.2f}x | " if torch else "— | — | ")
                     + (f"{100 * limit:.0f}% | " if limit else "— | ") + f"{row['note']} |")
@@ -51,5 +99,6 @@ def main():
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # for both sides: PyTorch's CPU allocator is glibc's malloc too
+    if "--side" in sys.argv and sys.argv[sys.argv.index("--side") + 1] == "ours":
+        reexec_with_huge_pages()  # as train.py and sample.py run
     main()

@@ -52,7 +52,8 @@ def step_roofline_seconds(config, batch: int, bandwidth: float, peak_flops: floa
     return total / NEW
 
 
-def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int = 3) -> list[dict]:
+def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int = 3, side: str = "ours") -> list[dict]:
+    """One side's rows: ours (tok/s, roofline fraction, step time) or torch's (tok/s, best cache)."""
     import torch
 
     from mistral_jax.model import unstack_layers
@@ -66,20 +67,22 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
         params = unstack_layers(params)
         for batch in (1, 8):
             prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, PROMPT)).astype(np.int32)
-            ours = timed(lambda: generate(config, params, prompts.tolist(), NEW, eos_id=None), reps=reps)
-            step = decode_step_seconds(config, params, prompts, NEW, reps)
-
-            hf_times = {}
-            for cache in ("dynamic", "static"):
-                def hf_generate(cache=cache):
-                    with torch.no_grad():
-                        hf.generate(torch.tensor(prompts), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                                    cache_implementation=cache, pad_token_id=0)
-                hf_times[cache] = timed(hf_generate, reps=reps)
-            best_cache = min(hf_times, key=hf_times.get)
-            roofline = step_roofline_seconds(config, batch, bandwidth, peak_flops)
-            rows.append(dict(
-                workload=f"decode {name} b{batch}", ours=batch * NEW / ours, torch=batch * NEW / hf_times[best_cache],
-                unit="tok/s", limit=roofline / step,
-                note=f"HF best cache: {best_cache}; our step {1e3 * step:.2f} ms, roofline {1e3 * roofline:.2f} ms"))
+            row = dict(workload=f"decode {name} b{batch}", unit="tok/s")
+            if side == "ours":
+                ours = timed(lambda: generate(config, params, prompts.tolist(), NEW, eos_id=None), reps=reps)
+                step = decode_step_seconds(config, params, prompts, NEW, reps)
+                roofline = step_roofline_seconds(config, batch, bandwidth, peak_flops)
+                row.update(ours=batch * NEW / ours, limit=roofline / step,
+                           note=f"our step {1e3 * step:.2f} ms, roofline {1e3 * roofline:.2f} ms")
+            else:
+                hf_times = {}
+                for cache in ("dynamic", "static"):
+                    def hf_generate(cache=cache):
+                        with torch.no_grad():
+                            hf.generate(torch.tensor(prompts), max_new_tokens=NEW, min_new_tokens=NEW,
+                                        do_sample=False, cache_implementation=cache, pad_token_id=0)
+                    hf_times[cache] = timed(hf_generate, reps=reps)
+                best_cache = min(hf_times, key=hf_times.get)
+                row.update(torch=batch * NEW / hf_times[best_cache], note=f"HF best cache: {best_cache}")
+            rows.append(row)
     return rows

@@ -24,7 +24,8 @@ DECODE_NEW = 64
 SUPPORTED = ("tiny", "default")  # small at 16W = 8192 tokens: HF's dense attention alone needs ~3 GB a layer
 
 
-def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> list[dict]:
+def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3, side: str = "ours") -> list[dict]:
+    """One side's rows: ours (times, memory, compile time) or torch's (times)."""
     import jax
     import torch
 
@@ -41,43 +42,51 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> 
         hf.config._attn_implementation = "sdpa"
 
         forward = jax.jit(lambda p, t: Mistral(config).apply({"params": p}, t))
-        times, temps, hf_times = {}, {}, {}
+        times, temps = {}, {}
         for multiple in (4, 16):
             tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, multiple * W)).astype(np.int32)
-            times[multiple] = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
-            temps[multiple] = forward.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
-
-            def hf_forward():
-                with torch.no_grad():
-                    hf(torch.from_numpy(tokens).long(), use_cache=False)
-            hf_times[multiple] = timed(hf_forward, reps=reps)
             flops = trainer.flops_per_token(config, tokens.size, training=False) * tokens.size
-            note = f"HF sdpa attention, at {100 * flops / hf_times[multiple] / peak_flops:.0f}% of peak"
-            if multiple == 16:
-                note += (f"; 16W vs 4W: time {times[16] / times[4]:.2f}x (HF {hf_times[16] / hf_times[4]:.2f}x), "
-                         f"memory {temps[16] / temps[4]:.2f}x")
-            rows.append(dict(workload=f"forward {name} 1x{multiple * W} ({multiple}W)", unit="tok/s",
-                             ours=tokens.size / times[multiple], torch=tokens.size / hf_times[multiple],
-                             limit=flops / times[multiple] / peak_flops, note=note))
+            row = dict(workload=f"forward {name} 1x{multiple * W} ({multiple}W)", unit="tok/s")
+            if side == "ours":
+                times[multiple] = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
+                temps[multiple] = forward.lower(params, tokens).compile().memory_analysis().temp_size_in_bytes
+                row.update(ours=tokens.size / times[multiple], limit=flops / times[multiple] / peak_flops)
+                if multiple == 16:
+                    row["note"] = f"16W vs 4W: time {times[16] / times[4]:.2f}x, memory {temps[16] / temps[4]:.2f}x"
+            else:
+                def hf_forward():
+                    with torch.no_grad():
+                        hf(torch.from_numpy(tokens).long(), use_cache=False)
+                times[multiple] = timed(hf_forward, reps=reps)
+                row.update(torch=tokens.size / times[multiple],
+                           note=f"HF sdpa attention, at {100 * flops / times[multiple] / peak_flops:.0f}% of peak")
+                if multiple == 16:
+                    row["note"] += f"; HF 16W vs 4W: time {times[16] / times[4]:.2f}x"
+            rows.append(row)
 
         steps = {}
         decode_params = unstack_layers(params)
         for multiple in (1, 4, 16):
             prompt = np.random.default_rng(1).integers(3, config.vocab_size, (1, multiple * W)).astype(np.int32)
-            steps[multiple] = decode_step_seconds(config, decode_params, prompt, DECODE_NEW, reps)
+            row = dict(workload=f"decode step {name} b1 after {multiple}W", unit="tok/s")
+            if side == "ours":
+                steps[multiple] = decode_step_seconds(config, decode_params, prompt, DECODE_NEW, reps)
+                roofline = step_roofline_seconds(config, 1, bandwidth, peak_flops)
+                row.update(ours=1 / steps[multiple], limit=roofline / steps[multiple],
+                           note=f"step {1e3 * steps[multiple]:.2f} ms = {steps[multiple] / steps[1]:.2f}x the "
+                                f"step after 1W")
+            else:
+                def hf_generate(n):
+                    with torch.no_grad():
+                        hf.generate(torch.from_numpy(prompt).long(), max_new_tokens=n, min_new_tokens=n,
+                                    do_sample=False, pad_token_id=0)
+                hf_step = (timed(lambda: hf_generate(DECODE_NEW), reps=reps)
+                           - timed(lambda: hf_generate(1), reps=reps)) / (DECODE_NEW - 1)
+                row.update(torch=1 / hf_step, note="HF dynamic cache, by difference of whole generate calls")
+            rows.append(row)
 
-            def hf_generate(n):
-                with torch.no_grad():
-                    hf.generate(torch.from_numpy(prompt).long(), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                pad_token_id=0)
-            hf_step = (timed(lambda: hf_generate(DECODE_NEW), reps=reps) - timed(lambda: hf_generate(1), reps=reps)) / (
-                DECODE_NEW - 1)
-            roofline = step_roofline_seconds(config, 1, bandwidth, peak_flops)
-            rows.append(dict(workload=f"decode step {name} b1 after {multiple}W", ours=1 / steps[multiple],
-                             torch=1 / hf_step, unit="tok/s", limit=roofline / steps[multiple],
-                             note=f"step {1e3 * steps[multiple]:.2f} ms = {steps[multiple] / steps[1]:.2f}x the "
-                                  f"step after 1W; HF dynamic cache, by difference of whole generate calls"))
-
+        if side != "ours":
+            continue
         compile_s = {}
         for n_layers in (4, 32):
             deep = config.replace(n_layers=n_layers)
@@ -90,7 +99,6 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3) -> 
             start = time.perf_counter()
             step.lower(state, batch).compile()
             compile_s[n_layers] = time.perf_counter() - start
-        rows.append(dict(workload=f"compile train step {name} dims, 32 layers", ours=compile_s[32], torch=None,
-                         unit="s", limit=None,
+        rows.append(dict(workload=f"compile train step {name} dims, 32 layers", ours=compile_s[32], unit="s",
                          note=f"4 layers: {compile_s[4]:.1f} s; 32 vs 4 layers: {compile_s[32] / compile_s[4]:.2f}x"))
     return rows

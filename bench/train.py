@@ -19,7 +19,8 @@ def _hf_with_attention(hf, attention: str):
     return hf
 
 
-def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int = 3) -> list[dict]:
+def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int = 3, side: str = "ours") -> list[dict]:
+    """One side's rows: ours (tok/s, fraction of peak) or torch's (tok/s, note)."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -36,55 +37,63 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
 
         # Forward, batch 8 x 512.
         tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 512)).astype(np.int32)
-        forward = jax.jit(lambda p, t: Mistral(config).apply({"params": p}, t))
-        ours = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
-        hf_times = {}
-        for attention in ("eager", "sdpa"):
-            model = _hf_with_attention(hf, attention).eval()
-
-            def hf_forward(model=model):
-                with torch.no_grad():
-                    model(torch.from_numpy(tokens).long(), use_cache=False)
-            hf_times[attention] = timed(hf_forward, reps=reps)
-        best = min(hf_times, key=hf_times.get)
         flops = trainer.flops_per_token(config, 512, training=False) * tokens.size
-        rows.append(dict(workload=f"forward {name} 8x512", ours=tokens.size / ours, torch=tokens.size / hf_times[best],
-                         unit="tok/s", limit=flops / ours / peak_flops,
-                         note=f"HF {best} attention; HF at {100 * flops / hf_times[best] / peak_flops:.0f}% of peak"))
+        row = dict(workload=f"forward {name} 8x512", unit="tok/s")
+        if side == "ours":
+            forward = jax.jit(lambda p, t: Mistral(config).apply({"params": p}, t))
+            seconds = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
+            row.update(ours=tokens.size / seconds, limit=flops / seconds / peak_flops)
+        else:
+            hf_times = {}
+            for attention in ("eager", "sdpa"):
+                model = _hf_with_attention(hf, attention).eval()
+
+                def hf_forward(model=model):
+                    with torch.no_grad():
+                        model(torch.from_numpy(tokens).long(), use_cache=False)
+                hf_times[attention] = timed(hf_forward, reps=reps)
+            best = min(hf_times, key=hf_times.get)
+            row.update(torch=tokens.size / hf_times[best],
+                       note=f"HF {best} attention; HF at {100 * flops / hf_times[best] / peak_flops:.0f}% of peak")
+        rows.append(row)
 
         # Train step, batch 8 x 256.
-        hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10)
-        tx = trainer.make_optimizer(hp)
-        mesh = make_mesh("", jax.devices()[:1])
-        state = [trainer.init_state(config, tx, mesh, params=params)]
-        step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]))
-        batch = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32))
-
-        def our_step():
-            state[0], metrics = step(state[0], batch)
-            jax.block_until_ready(metrics["loss"])
-        ours = timed(our_step, reps=reps)
-
-        hf_times = {}
-        torch_batch = torch.from_numpy(np.asarray(batch)).long()
-        for attention in ("eager", "sdpa"):
-            model = _hf_with_attention(hf, attention).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-            def hf_step(model=model, optimizer=optimizer):
-                logits = model(torch_batch[:, :-1], use_cache=False).logits
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                         torch_batch[:, 1:].reshape(-1))
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            hf_times[attention] = timed(hf_step, reps=reps)
-        best = min(hf_times, key=hf_times.get)
+        batch = np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32)
         n_tokens = 8 * 256
         flops = trainer.flops_per_token(config, 256) * n_tokens
-        rows.append(dict(workload=f"train step {name} 8x256", ours=n_tokens / ours, torch=n_tokens / hf_times[best],
-                         unit="tok/s", limit=flops / ours / peak_flops,
-                         note=f"HF {best} attention + torch AdamW; HF at "
-                              f"{100 * flops / hf_times[best] / peak_flops:.0f}% of peak"))
+        row = dict(workload=f"train step {name} 8x256", unit="tok/s")
+        if side == "ours":
+            hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10)
+            tx = trainer.make_optimizer(hp)
+            mesh = make_mesh("", jax.devices()[:1])
+            state = [trainer.init_state(config, tx, mesh, params=params)]
+            step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]))
+            device_batch = jnp.asarray(batch)
+
+            def our_step():
+                state[0], metrics = step(state[0], device_batch)
+                jax.block_until_ready(metrics["loss"])
+            seconds = timed(our_step, reps=reps)
+            row.update(ours=n_tokens / seconds, limit=flops / seconds / peak_flops)
+        else:
+            hf_times = {}
+            torch_batch = torch.from_numpy(batch).long()
+            for attention in ("eager", "sdpa"):
+                model = _hf_with_attention(hf, attention).train()
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+                def hf_step(model=model, optimizer=optimizer):
+                    logits = model(torch_batch[:, :-1], use_cache=False).logits
+                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                             torch_batch[:, 1:].reshape(-1))
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                hf_times[attention] = timed(hf_step, reps=reps)
+            best = min(hf_times, key=hf_times.get)
+            share = 100 * flops / hf_times[best] / peak_flops
+            row.update(torch=n_tokens / hf_times[best],
+                       note=f"HF {best} attention + torch AdamW; HF at {share:.0f}% of peak")
+        rows.append(row)
     return rows
