@@ -2,10 +2,11 @@
 
   python -m bench [--only train decode scaling] [--configs tiny small default] [--reps 3] [--write]
 
-Each suite runs once per side, in its own process, so that each side runs as it does by
-default: ours with glibc's malloc on huge pages, as train.py and sample.py restart
-themselves (cli.reexec_with_huge_pages); PyTorch in the environment given (with huge pages
-its tiny train step was 1.2-1.4x slower). The machine's limits are measured once, here.
+Each suite runs once per config and side, each in its own process, so that each side runs
+as it does by default: ours with glibc's malloc on huge pages, as train.py and sample.py
+restart themselves (cli.reexec_with_huge_pages); PyTorch in the environment given (with
+huge pages its tiny train step was 1.2-1.4x slower). The machine's limits are measured
+once, here.
 
 --write replaces, for each suite run, its generated section of BENCHMARKS.md with this run's
 table (the command, machine and measured limits included).
@@ -38,11 +39,11 @@ def parse_args():
     return p.parse_args()
 
 
-def measure_side(side: str, suite: str, args, peak: float, bandwidth: float) -> list[dict]:
+def measure_side(side: str, suite: str, config: str, reps: int, peak: float, bandwidth: float) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = os.path.join(tmp, "rows.json")
-        subprocess.run([sys.executable, "-m", "bench", "--side", side, "--only", suite, "--configs", *args.configs,
-                        "--reps", str(args.reps), "--limits", str(peak), str(bandwidth), "--rows-to", rows_file],
+        subprocess.run([sys.executable, "-m", "bench", "--side", side, "--only", suite, "--configs", config,
+                        "--reps", str(reps), "--limits", str(peak), str(bandwidth), "--rows-to", rows_file],
                        cwd=common.REPO, check=True)
         with open(rows_file) as f:
             return json.load(f)
@@ -85,8 +86,10 @@ def main():
     print("\n".join(header), flush=True)
     for suite in args.only:
         lines = list(header)
-        rows = merge(measure_side("ours", suite, args, peak, bandwidth),
-                     measure_side("torch", suite, args, peak, bandwidth))
+        rows = []
+        for config in args.configs:  # the two sides of a row minutes apart at most: this machine drifts
+            ours, torch = (measure_side(side, suite, config, args.reps, peak, bandwidth) for side in ("ours", "torch"))
+            rows += merge(ours, torch)
         for row in rows:
             torch, limit = row["torch"], row.get("limit")
             line = (f"| {row['workload']} | {row['ours']:.1f} {row['unit']} | "
