@@ -64,7 +64,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
     for name in names:
         config = CONFIGS[name]
         hf, (config, params) = random_hf_model(config)
-        params = unstack_layers(params)
+        params = unstack_layers(params) if side == "ours" else None
         for batch in (1, 8):
             prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, PROMPT)).astype(np.int32)
             row = dict(workload=f"decode {name} b{batch}", unit="tok/s")

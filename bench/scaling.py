@@ -65,7 +65,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3, sid
             rows.append(row)
 
         steps = {}
-        decode_params = unstack_layers(params)
+        decode_params = unstack_layers(params) if side == "ours" else None
         for multiple in (1, 4, 16):
             prompt = np.random.default_rng(1).integers(3, config.vocab_size, (1, multiple * W)).astype(np.int32)
             row = dict(workload=f"decode step {name} b1 after {multiple}W", unit="tok/s")
