@@ -163,11 +163,11 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
                    donate_argnums=0)
 
 
-def make_eval_step(config: MistralConfig, mesh, param_sharding):
+def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int = 128):
     """jitted (params, batch) -> mean cross-entropy."""
     @under_mesh(mesh)
     def eval_step(params, batch):
-        return loss_fn(params, config, batch, 0.0)[1]
+        return loss_fn(params, config, batch, 0.0, loss_chunk)[1]
 
     return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)))
 
@@ -203,7 +203,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
         state = init_state(config, tx, mesh, hp.seed, params)
     shardings = state_shardings(state)
     train_step = make_train_step(config, tx, hp, mesh, shardings)
-    eval_step = make_eval_step(config, mesh, shardings.params)
+    eval_step = make_eval_step(config, mesh, shardings.params, hp.loss_chunk)
     process, processes = jax.process_index(), jax.process_count()
     global_batch = lambda local: jax.make_array_from_process_local_data(batch_sharding(mesh), local)  # noqa: E731
     writer = MetricsWriter(out_dir, enabled=process == 0)
