@@ -62,6 +62,8 @@ def merge(ours: list[dict], torch: list[dict]) -> list[dict]:
 
 def main():
     args = parse_args()
+    if args.side == "ours":
+        reexec_with_huge_pages()  # as train.py and sample.py run
     if args.side:
         (suite,) = args.only
         peak, bandwidth = args.limits
@@ -102,6 +104,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if "--side" in sys.argv and sys.argv[sys.argv.index("--side") + 1] == "ours":
-        reexec_with_huge_pages()  # as train.py and sample.py run
     main()

@@ -120,8 +120,7 @@ def test_missing_checkpoint(capsys, tmp_path):
                                            "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"),
                                           ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0")])
 def test_scripts_restart_with_huge_pages(before, after):
-    """cli.reexec_with_huge_pages, which train.py, sample.py and the benchmarks call first:
-    the same process (exec'd) restarts with glibc's malloc on transparent huge pages,
+    """cli.reexec_with_huge_pages: the same process (exec'd) restarts with glibc's malloc on transparent huge pages,
     keeping other tunables and an explicit choice."""
     code = "from mistral_jax import cli; cli.reexec_with_huge_pages(); import os; print(os.getpid(), " \
            "os.environ['GLIBC_TUNABLES'])"
@@ -131,3 +130,20 @@ def test_scripts_restart_with_huge_pages(before, after):
     child = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
     out, _ = child.communicate(timeout=60)
     assert out.split() == [str(child.pid), after]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc tunable")
+@pytest.mark.parametrize("argv", [["train.py"], ["sample.py"]])
+def test_each_script_runs_on_huge_pages(argv, tmp_path):
+    """The scripts themselves: a sitecustomize reports GLIBC_TUNABLES at exit, which only the
+    final process image reaches (exec skips atexit), here after --help."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "atexit.register(lambda: sys.stderr.write('TUNABLES=%s\\n' % os.environ.get('GLIBC_TUNABLES')))\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), REPO])
+    result = subprocess.run([sys.executable, *argv, "--help"], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [line for line in result.stderr.splitlines() if line.startswith("TUNABLES=")] == \
+        ["TUNABLES=glibc.malloc.hugetlb=1"]
