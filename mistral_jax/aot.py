@@ -132,8 +132,8 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
     state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    prefill.out_info, prefill.output_shardings)
     start = time.perf_counter()
-    decode = sampling.decode.lower(params, config, state, jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                                   **options).compile()
+    until_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    decode = sampling.decode_program(state).lower(params, config, state, until_step, **options).compile()
     reports.append(_report("decode", decode, time.perf_counter() - start, params=_bytes_per_device(params)))
     return reports
 

@@ -113,11 +113,8 @@ def start(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array,
                          done=first == eos_id, step=jnp.array(1, jnp.int32), key=key)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k", "top_p", "eos_id"),
-                   donate_argnames=("state",))
-def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.Array, *, temperature: float,
-           top_k: int | None, top_p: float | None, eos_id: int) -> SamplingState:
-    """Generates tokens until state.step reaches until_step or every row is done."""
+def _decode_loop(params, config: MistralConfig, state: SamplingState, until_step: jax.Array, *, temperature: float,
+                 top_k: int | None, top_p: float | None, eos_id: int) -> SamplingState:
     model = Mistral(config, scan_layers=layers_stacked(params))
     until_step = jnp.minimum(until_step, state.tokens.shape[1])
 
@@ -132,6 +129,38 @@ def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.
                              position=s.position + 1, done=s.done | (token == eos_id), step=s.step + 1, key=s.key)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+# A decode step multiplies [rows, D] activations by every weight. XLA:CPU hands those products
+# to YNNPACK, whose kernels are slow for few rows: on this project's 2-core AMD EPYC, chains
+# of the benchmark configs' products ran 1.0-2.6x faster with 1-48 rows in XLA's Eigen
+# kernels, and from 64 rows up neither won throughout; small's decode step at batch 8 took
+# 1.29-1.36x less time (`python -m bench.few_rows`, BENCHMARKS.md). So on CPU, decode of
+# fewer rows per device than FEW_ROWS is compiled without YNNPACK fusions.
+FEW_ROWS = 64
+_jit_decode = functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k", "top_p", "eos_id"),
+                                donate_argnames=("state",))
+decode_loop = _jit_decode(_decode_loop)
+decode_loop_few_rows_cpu = _jit_decode(_decode_loop, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
+
+
+def decode_program(state: SamplingState):
+    """The jitted decode loop for state's rows per device and platform: decode_loop_few_rows_cpu
+    or decode_loop."""
+    sharding = getattr(state.last, "sharding", None)
+    if sharding is None:  # an abstract state without a sharding: default device, whole batch
+        platform, rows = jax.default_backend(), state.last.shape[0]
+    else:
+        platform, rows = next(iter(sharding.device_set)).platform, sharding.shard_shape(state.last.shape)[0]
+    return decode_loop_few_rows_cpu if platform == "cpu" and rows < FEW_ROWS else decode_loop
+
+
+def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.Array, *, temperature: float,
+           top_k: int | None, top_p: float | None, eos_id: int) -> SamplingState:
+    """Generates tokens until state.step reaches until_step or every row is done, in one
+    compiled call (decode_program(state)); state is donated."""
+    program = decode_program(state)
+    return program(params, config, state, until_step, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
 
 
 def chunk_size(config: MistralConfig, longest: int, limit: int = PREFILL_CHUNK) -> int:

@@ -13,7 +13,8 @@ from conftest import WINDOW, forward
 from mistral_jax.cache import KVCache
 from mistral_jax.convert import load_pytorch
 from mistral_jax.model import Mistral, layers_stacked, unstack_layers
-from mistral_jax.sampling import decode, filter_logits, generate, sample_logits, start
+from mistral_jax.sampling import (FEW_ROWS, decode_loop, decode_loop_few_rows_cpu, decode_program, filter_logits,
+                                  generate, sample_logits, start)
 
 NEW = 3 * WINDOW + 7  # generation wraps the cache several times
 
@@ -192,9 +193,30 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 def test_no_recompile_within_a_bucket(windowed):
     _, config, params = windowed
     generate(config, params, prompts_of([20, 9], config.vocab_size), 10)
-    compiled = start._cache_size(), decode._cache_size()
+    programs = start, decode_loop, decode_loop_few_rows_cpu
+    compiled = [p._cache_size() for p in programs]
     generate(config, params, prompts_of([27, 3], config.vocab_size, seed=9), 13)
-    assert (start._cache_size(), decode._cache_size()) == compiled
+    assert [p._cache_size() for p in programs] == compiled
+
+
+def test_few_rows_decode_on_cpu_is_compiled_without_ynnpack(windowed):
+    """On CPU, a batch of fewer than FEW_ROWS rows decodes with the program compiled without
+    YNNPACK fusions (the default program has them for the same state) and gets the tokens
+    the default program gets."""
+    _, config, params = windowed
+    options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=-1)
+    prompts = np.array(prompts_of([8, 8, 8], config.vocab_size), np.int32)
+    state = start(params, config, prompts, np.full(3, 8, np.int32), jax.random.key(0), chunk=8, max_tokens=32,
+                  **options)
+    assert decode_program(state) is decode_loop_few_rows_cpu
+    assert decode_program(state.replace(last=jnp.zeros(FEW_ROWS, jnp.int32))) is decode_loop
+    until = jnp.array(32, jnp.int32)
+    texts = [p.lower(params, config, state, until, **options).compile().as_text()
+             for p in (decode_loop, decode_loop_few_rows_cpu)]
+    assert "ynn_fusion" in texts[0] and "ynn_fusion" not in texts[1]
+    tokens = [np.asarray(p(params, config, jax.tree_util.tree_map(jnp.copy, state), until, **options).tokens)
+              for p in (decode_loop, decode_loop_few_rows_cpu)]
+    np.testing.assert_array_equal(tokens[0], tokens[1])
 
 
 @pytest.mark.parametrize("prompts,new,message", [
