@@ -18,10 +18,10 @@ from bench.common import CONFIGS, random_hf_model, timed
 PROMPT, NEW = 32, 256
 
 
-def decode_step_seconds(config, params, prompts: np.ndarray, new: int, reps: int) -> float:
-    """Seconds per step of the compiled decode loop after prefilling prompts [B, P]: the loop
-    run for `new` and for 8 steps from the same prefilled state (copied, since decode donates
-    it), the difference divided by the extra steps."""
+def decode_step_seconds(config, params, prompts: np.ndarray, new: int, reps: int, program=None) -> float:
+    """Seconds per step of the compiled decode loop (program, default sampling.decode) after
+    prefilling prompts [B, P]: the loop run for `new` and for 8 steps from the same prefilled
+    state (copied, since decode donates it), the difference divided by the extra steps."""
     import jax
     import jax.numpy as jnp
 
@@ -34,7 +34,8 @@ def decode_step_seconds(config, params, prompts: np.ndarray, new: int, reps: int
 
     def decode(steps):
         fresh = jax.tree_util.tree_map(jnp.copy, state)
-        jax.block_until_ready(sampling.decode(params, config, fresh, jnp.array(steps, jnp.int32), **options))
+        jax.block_until_ready((program or sampling.decode)(params, config, fresh, jnp.array(steps, jnp.int32),
+                                                           **options))
     return (timed(lambda: decode(new), reps=reps) - timed(lambda: decode(8), reps=reps)) / (new - 8)
 
 

@@ -6,8 +6,9 @@ sampling.FEW_ROWS (on CPU, decode of fewer rows per device is compiled without t
 1. Chains of products of the benchmark configs' shapes ([rows, D] x [D, F], then x [F, D]),
    --rows (default 1 to 256), float32: GFLOP/s in XLA's default (YNNPACK) and in its Eigen
    kernels, both compiled in one process and timed one after the other.
-2. Decode steps of the benchmark configs at batch 1 and 8, float32 and bfloat16: the two
-   compiled decode loops (sampling.decode_loop, decode_loop_few_rows_cpu) on the same state.
+2. Decode steps of the benchmark configs at batch 1 and 8, float32 and bfloat16, as the decode
+   benchmark times them (bench.decode.decode_step_seconds): the two compiled decode loops
+   (sampling.decode_loop, decode_loop_few_rows_cpu) from the same prefilled state.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench.common import CONFIGS, machine_description, timed, versions
-from mistral_jax import sampling
-from mistral_jax.model import Mistral, unstack_layers
+from bench.decode import NEW, PROMPT, decode_step_seconds
+from mistral_jax import sampling, trainer
+from mistral_jax.model import unstack_layers
 
 NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 SHAPES = {"tiny feed-forward": (256, 768), "small feed-forward": (768, 2048), "small output": (768, 32000)}
@@ -51,25 +53,14 @@ def product_chains(rows_list, reps: int) -> None:
 
 def decode_steps(names, reps: int) -> None:
     print("\n| decode step | YNNPACK ms | Eigen ms | Eigen / YNNPACK |\n|---|---:|---:|---:|")
-    options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=-1)
     for name in names:
         for dtype in ("float32", "bfloat16"):
             config = dataclasses.replace(CONFIGS[name], dtype=dtype, param_dtype=dtype)
-            params = unstack_layers(Mistral(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-            params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), params,
-                                            is_leaf=lambda x: hasattr(x, "value"))
+            params = unstack_layers(trainer._init_params(config, jax.random.key(0)))
             for batch in (1, 8):
-                prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, 32)).astype(np.int32)
-                state = sampling.start(params, config, prompts, np.full(batch, 32, np.int32), jax.random.key(0),
-                                       chunk=32, max_tokens=256, **options)
-
-                def step(program):
-                    def run(steps):
-                        fresh = jax.tree_util.tree_map(jnp.copy, state)
-                        jax.block_until_ready(program(params, config, fresh, jnp.array(steps, jnp.int32), **options))
-                    return (timed(lambda: run(256), reps=reps) - timed(lambda: run(8), reps=reps)) / 248
-
-                ms = [1e3 * step(p) for p in (sampling.decode_loop, sampling.decode_loop_few_rows_cpu)]
+                prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, PROMPT)).astype(np.int32)
+                ms = [1e3 * decode_step_seconds(config, params, prompts, NEW, reps, program)
+                      for program in (sampling.decode_loop, sampling.decode_loop_few_rows_cpu)]
                 print(f"| {name} {dtype} b{batch} | {ms[0]:.2f} | {ms[1]:.2f} | {ms[0] / ms[1]:.2f}x |", flush=True)
 
 
