@@ -37,19 +37,24 @@ def parse_args():
 
 def main():
     args = parse_args()
+    from tqdm import tqdm
+
     from mistral_jax.checkpoint import load_checkpoint
     from mistral_jax.convert import convert_pytorch_checkpoint, export_hf_checkpoint
 
     start = time.perf_counter()
-    progress = None
+    progress = tqdm(desc="tensors", unit=" tensors", file=sys.stderr, leave=False)
 
-    def on_start(n):
-        nonlocal progress
-        progress = cli.Progress(n, "tensors")
+    def on_tensor(name):
+        progress.set_postfix_str(name, refresh=False)
+        progress.update()
 
     convert = export_hf_checkpoint if args.to_hf else convert_pytorch_checkpoint
-    config = convert(args.src, args.dst, args.dtype or (None if args.to_hf else "bfloat16"),
-                     args.overwrite, on_start=on_start, on_tensor=lambda name: progress.update(name))
+    try:
+        config = convert(args.src, args.dst, args.dtype or (None if args.to_hf else "bfloat16"), args.overwrite,
+                         on_start=lambda n: progress.reset(total=n), on_tensor=on_tensor)
+    finally:
+        progress.close()
     print(f"wrote {args.dst}: {cli.human_count(config.num_params)} parameters, {config.param_dtype}, "
           f"{cli.human_bytes(cli.directory_size(args.dst))}, {time.perf_counter() - start:.1f} s")
 

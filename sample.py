@@ -7,74 +7,69 @@ Prompts are encoded with BOS first, as Mistral models were trained; only the com
 are printed. With one prompt the completion streams as it is generated. Timings go to stderr.
 """
 
-import argparse
+import dataclasses
 import os
 import sys
 import time
 
-from mistral_jax import cli
+from mistral_jax import cli, platforms
+from mistral_jax.config import require_positive
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="directory written by convert_weights.py or train.py")
-    p.add_argument("--tokenizer", help="sentencepiece model (default: the checkpoint's tokenizer.model)")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
-    p.add_argument("--prompt-file", action="append", default=[], help="a file whose text is one prompt")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], help="compute dtype (default: as stored)")
-    p.add_argument("--steps-per-call", type=int, default=16, help="decode steps per compiled call when streaming")
-    return p.parse_args()
+def _option(default=dataclasses.MISSING, help=" ", **metadata):
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
 
-def read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
-    for file in args.prompt_file:
-        try:
-            with open(file) as f:
-                prompts.append(f.read().rstrip("\n"))
-        except OSError as e:
-            raise ValueError(f"cannot read prompt file {file}: {e.strerror}") from None
-    if not prompts:
-        raise ValueError("give at least one --prompt or --prompt-file")
-    for i, prompt in enumerate(prompts):
-        if not prompt.strip():
-            raise ValueError(f"prompt {i + 1} is empty")
-    return prompts
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """What to sample from, and how much."""
+
+    checkpoint: str = _option(help="directory written by convert_weights.py or train.py")
+    tokenizer: str | None = _option(None, "sentencepiece model (default: the checkpoint's tokenizer.model)")
+    prompt: tuple[str, ...] = _option((), "a prompt; repeat for a batch", repeat=True)
+    prompt_file: tuple[str, ...] = _option((), "a file whose text is one prompt; repeatable", repeat=True)
+    max_new_tokens: int = _option(64, "the most tokens generated per prompt")
+    seed: int = _option(0, "PRNG seed of sampling")
+    dtype: str | None = _option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
+    steps_per_call: int = _option(16, "decode steps per compiled call when streaming")
+
+    def __post_init__(self):
+        require_positive(self, "max_new_tokens", "steps_per_call")
+
+    def read_prompts(self) -> list[str]:
+        prompts = list(self.prompt)
+        for file in self.prompt_file:
+            try:
+                with open(file) as f:
+                    prompts.append(f.read().rstrip("\n"))
+            except OSError as e:
+                raise ValueError(f"cannot read prompt file {file}: {e.strerror}") from None
+        if not prompts:
+            raise ValueError("give at least one --prompt or --prompt-file")
+        for i, prompt in enumerate(prompts):
+            if not prompt.strip():
+                raise ValueError(f"prompt {i + 1} is empty")
+        return prompts
 
 
 def main():
-    args = parse_args()
-    prompts = read_prompts(args)
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.steps_per_call < 1:
-        raise ValueError(f"--steps-per-call must be at least 1, got {args.steps_per_call}")
+    # The library is imported here, after platforms.restart_with_huge_pages has run.
+    from mistral_jax.checkpoint import load_checkpoint
+    from mistral_jax.sampling import Sampler, generate_stream, until_eos
+    from mistral_jax.tokenizer import StreamDecoder, Tokenizer, find_tokenizer
+
+    p = cli.parser(__doc__)
+    cli.add_options(p, SampleOptions)
+    cli.add_options(p, Sampler)
+    args = p.parse_args()
+    options, sampler = cli.options(SampleOptions, args), cli.options(Sampler, args)
+    prompts = options.read_prompts()
     clock = cli.CompileClock()
 
-    import jax
-
-    from mistral_jax.checkpoint import load_checkpoint
-    from mistral_jax.convert import find_tokenizer
-    from mistral_jax.model import unstack_layers
-    from mistral_jax.sampling import generate_stream, until_eos
-    from mistral_jax.tokenizer import StreamDecoder, Tokenizer
-
-    tokenizer_path = args.tokenizer or find_tokenizer(args.checkpoint)
-    if tokenizer_path is None and os.path.isdir(args.checkpoint):
-        raise ValueError(f"{args.checkpoint} has no tokenizer.model; pass --tokenizer")
-    config, params = load_checkpoint(args.checkpoint, args.dtype)
-    if jax.default_backend() == "cpu":
-        # XLA:CPU copies each layer's weights out of the scanned stack every decode step; with
-        # an array per layer it does not (BENCHMARKS.md: small's step 39 -> 20 ms). Not on
-        # accelerators: compiled for TPU v5e-16 (7B, 8 x 4096), the per-layer program took 3x
-        # the compile time and twice the prefill temporaries (0.62 vs 0.30 GB), for a gain
-        # no one has measured there.
-        params = unstack_layers(params, free_stacked=True)
+    tokenizer_path = options.tokenizer or find_tokenizer(options.checkpoint)
+    if tokenizer_path is None and os.path.isdir(options.checkpoint):
+        raise ValueError(f"{options.checkpoint} has no tokenizer.model; pass --tokenizer")
+    config, params = load_checkpoint(options.checkpoint, options.dtype)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
@@ -85,9 +80,8 @@ def main():
     generated = [[] for _ in prompts]
     text = StreamDecoder(tokenizer)
     start = time.perf_counter()
-    pieces = generate_stream(config, params, encoded, args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tokenizer.eos_id,
-                             steps_per_call=args.steps_per_call if stream else None)
+    pieces = generate_stream(config, params, encoded, options.max_new_tokens, sampler=sampler, seed=options.seed,
+                             eos_id=tokenizer.eos_id, steps_per_call=options.steps_per_call if stream else None)
     first_piece = None
     for piece in pieces:
         if first_piece is None:
@@ -115,5 +109,5 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.reexec_with_huge_pages()
+    platforms.restart_with_huge_pages()
     cli.run(main)

@@ -4,9 +4,8 @@
 
 Each suite runs once per config and side, each in its own process, so that each side runs
 as it does by default: ours with glibc's malloc on huge pages, as train.py and sample.py
-restart themselves (cli.reexec_with_huge_pages); PyTorch in the environment given (with
-huge pages its tiny train step was 1.2-1.4x slower). The machine's limits are measured
-once, here.
+restart themselves (platforms.restart_with_huge_pages); PyTorch in the environment given
+(huge pages slowed it down: BENCHMARKS.md). The machine's limits are measured once, here.
 
 --write replaces, for each suite run, its generated section of BENCHMARKS.md with this run's
 table (the command, machine and measured limits included).
@@ -20,8 +19,8 @@ import sys
 import tempfile
 import time
 
-from bench import common, decode, scaling, train
-from mistral_jax.cli import huge_page_tunables, reexec_with_huge_pages, rewrite_section
+from bench import common, decode, report, scaling, train
+from mistral_jax.platforms import huge_page_tunables, restart_with_huge_pages
 
 SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run}
 
@@ -63,7 +62,7 @@ def merge(ours: list[dict], torch: list[dict]) -> list[dict]:
 def main():
     args = parse_args()
     if args.side == "ours":
-        reexec_with_huge_pages()  # as train.py and sample.py run
+        restart_with_huge_pages()  # as train.py and sample.py run
     if args.side:
         (suite,) = args.only
         peak, bandwidth = args.limits
@@ -77,7 +76,7 @@ def main():
     torch_tunables = os.environ.get("GLIBC_TUNABLES", "")
     header = [
         f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')})",
-        f"Machine: {common.machine_description()}; {common.versions()}; "
+        f"Machine: {report.machine_description()}; {report.versions()}; "
         f"torch threads = XLA threads = {os.cpu_count()}; GLIBC_TUNABLES: ours "
         f"`{huge_page_tunables() or torch_tunables}`, PyTorch `{torch_tunables}`",
         f"Measured limits: float32 matmul peak {peak / 1e9:.0f} GFLOP/s; memory bandwidth {bandwidth / 1e9:.1f} GB/s",
@@ -100,7 +99,7 @@ def main():
             print(line, flush=True)
             lines.append(line)
         if args.write:
-            rewrite_section(os.path.join(common.REPO, "BENCHMARKS.md"), f"bench:{suite}", "\n".join(lines))
+            report.rewrite_section(os.path.join(common.REPO, "BENCHMARKS.md"), f"bench:{suite}", "\n".join(lines))
 
 
 if __name__ == "__main__":

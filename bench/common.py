@@ -1,10 +1,9 @@
-"""What every benchmark shares: the two reference configs, timing that discards repetitions
-disturbed by other processes, and the machine's measured limits."""
+"""What every benchmark shares: the reference configs, timing that discards repetitions
+disturbed by other processes, the machine's measured limits, HF models to compare with."""
 
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
@@ -60,7 +59,7 @@ def timed(fn, reps: int = 5, warmup: int = 1, max_foreign: float = 0.05, max_tri
 def matmul_peak_flops() -> float:
     """Sustained float32 GEMM FLOP/s: best of a few square and rectangular shapes (XLA), each
     the median of 5 undisturbed runs."""
-    from mistral_jax.experiment import measure_peak_flops
+    from mistral_jax.metrics import measure_peak_flops
 
     return measure_peak_flops(((2048, 2048, 2048), (4096, 1024, 4096), (1024, 4096, 1024)),
                               timer=lambda fn: timed(fn, reps=5))
@@ -77,24 +76,6 @@ def memory_bandwidth() -> float:
     a, b, c = torch.empty(n), torch.ones(n), torch.full((n,), 2.0)
     seconds = timed(lambda: torch.add(b, c, alpha=3.0, out=a), reps=7)
     return 3 * 4 * n / seconds
-
-
-def machine_description() -> str:
-    model = "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{model}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
-
-
-def versions() -> str:
-    import jax
-    import torch
-    import transformers
-
-    return f"jax {jax.__version__}, torch {torch.__version__}, transformers {transformers.__version__}"
 
 
 def random_hf_model(config: MistralConfig, seed: int = 0):

@@ -1,8 +1,10 @@
 """Greedy decode: prompt 32 + 256 new tokens, batch 1 and 8, against HF transformers' generate.
 
-Both sides hold the same random float32 weights and use every core; ours are in the
-per-layer layout sampling is meant to use (model.unstack_layers). Tokens/s counts the
-generated tokens over the whole call (prefill included, compile excluded). The roofline
+Both sides hold the same random float32 weights and use every core. Ours are the stacked
+params load_pytorch returns, passed to the public `generate` as a user would (it lays them
+out for decoding itself: sampling.decoding_layout). Tokens/s counts the generated tokens
+over the whole call (prefill included, compile excluded); at batch 1 a second row streams
+them as sample.py does (generate_stream, 16 decode steps per compiled call). The roofline
 fraction compares our per-step decode time (the compiled decode loop alone, see
 decode_step_seconds) with the bytes a step must read (every weight except the embedding
 table, plus the live part of the KV cache) at the measured bandwidth; at batch 8 the
@@ -11,32 +13,37 @@ roofline is max(those bytes / bandwidth, matmul FLOPs / measured peak).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from bench.common import CONFIGS, random_hf_model, timed
 
 PROMPT, NEW = 32, 256
+STEPS_PER_CALL = 16  # sample.py's default
 
 
-def decode_step_seconds(config, params, prompts: np.ndarray, new: int, reps: int, program=None) -> float:
-    """Seconds per step of the compiled decode loop (program, default sampling.decode) after
-    prefilling prompts [B, P]: the loop run for `new` and for 8 steps from the same prefilled
-    state (copied, since decode donates it), the difference divided by the extra steps."""
+def decode_step_seconds(config, params, prompts: np.ndarray, new: int, reps: int, decode=None) -> float:
+    """Seconds per step of the compiled decode loop (`decode`, default sampling.decode) after
+    prefilling prompts [B, P], in the layout generate decodes in: the loop run for `new` and
+    for 8 steps from the same prefilled state (copied, since decode donates it), the
+    difference divided by the extra steps."""
     import jax
     import jax.numpy as jnp
 
     from mistral_jax import sampling
 
-    options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=-1)
+    options = dict(sampler=sampling.Sampler(), eos_id=-1)
+    config, params = sampling.decoding_layout(config, params)
     B, P = prompts.shape
     state = sampling.start(params, config, prompts, np.full(B, P, np.int32), jax.random.key(0),
                            chunk=sampling.chunk_size(config, P), max_tokens=new, **options)
+    decode = decode or sampling.decode
 
-    def decode(steps):
+    def run(steps):
         fresh = jax.tree_util.tree_map(jnp.copy, state)
-        jax.block_until_ready((program or sampling.decode)(params, config, fresh, jnp.array(steps, jnp.int32),
-                                                           **options))
-    return (timed(lambda: decode(new), reps=reps) - timed(lambda: decode(8), reps=reps)) / (new - 8)
+        jax.block_until_ready(decode(params, config, fresh, jnp.array(steps, jnp.int32), **options))
+    return (timed(lambda: run(new), reps=reps) - timed(lambda: run(8), reps=reps)) / (new - 8)
 
 
 def step_roofline_seconds(config, batch: int, bandwidth: float, peak_flops: float) -> float:
@@ -57,15 +64,12 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
     """One side's rows: ours (tok/s, roofline fraction, step time) or torch's (tok/s, best cache)."""
     import torch
 
-    from mistral_jax.model import unstack_layers
-    from mistral_jax.sampling import generate
+    from mistral_jax.sampling import generate, generate_stream
 
-    torch.set_num_threads(__import__("os").cpu_count())
+    torch.set_num_threads(os.cpu_count())
     rows = []
     for name in names:
-        config = CONFIGS[name]
-        hf, (config, params) = random_hf_model(config)
-        params = unstack_layers(params) if side == "ours" else None
+        hf, (config, params) = random_hf_model(CONFIGS[name])
         for batch in (1, 8):
             prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, PROMPT)).astype(np.int32)
             row = dict(workload=f"decode {name} b{batch}", unit="tok/s")
@@ -75,6 +79,12 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
                 roofline = step_roofline_seconds(config, batch, bandwidth, peak_flops)
                 row.update(ours=batch * NEW / ours, limit=roofline / step,
                            note=f"our step {1e3 * step:.2f} ms, roofline {1e3 * roofline:.2f} ms")
+                if batch == 1:
+                    streamed = timed(lambda: list(generate_stream(config, params, prompts.tolist(), NEW, eos_id=None,
+                                                                  steps_per_call=STEPS_PER_CALL)), reps=reps)
+                    rows += [row, dict(workload=f"decode {name} b1, streamed as sample.py", unit="tok/s",
+                                       ours=NEW / streamed, note=f"{STEPS_PER_CALL} steps per compiled call")]
+                    continue
             else:
                 hf_times = {}
                 for cache in ("dynamic", "static"):

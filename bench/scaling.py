@@ -29,9 +29,9 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3, sid
     import jax
     import torch
 
-    from mistral_jax import trainer
-    from mistral_jax.model import Mistral, unstack_layers
-    from mistral_jax.sharding import make_mesh
+    from mistral_jax import metrics, trainer
+    from mistral_jax.model import Mistral
+    from mistral_jax.sharding import batch_sharding, make_mesh
 
     torch.set_num_threads(os.cpu_count())
     rows = []
@@ -45,7 +45,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3, sid
         times, temps = {}, {}
         for multiple in (4, 16):
             tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, multiple * W)).astype(np.int32)
-            flops = trainer.flops_per_token(config, tokens.size, training=False) * tokens.size
+            flops = metrics.flops_per_token(config, tokens.size, training=False) * tokens.size
             row = dict(workload=f"forward {name} 1x{multiple * W} ({multiple}W)", unit="tok/s")
             if side == "ours":
                 times[multiple] = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
@@ -65,12 +65,11 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3, sid
             rows.append(row)
 
         steps = {}
-        decode_params = unstack_layers(params) if side == "ours" else None
         for multiple in (1, 4, 16):
             prompt = np.random.default_rng(1).integers(3, config.vocab_size, (1, multiple * W)).astype(np.int32)
             row = dict(workload=f"decode step {name} b1 after {multiple}W", unit="tok/s")
             if side == "ours":
-                steps[multiple] = decode_step_seconds(config, decode_params, prompt, DECODE_NEW, reps)
+                steps[multiple] = decode_step_seconds(config, params, prompt, DECODE_NEW, reps)
                 roofline = step_roofline_seconds(config, 1, bandwidth, peak_flops)
                 row.update(ours=1 / steps[multiple], limit=roofline / steps[multiple],
                            note=f"step {1e3 * steps[multiple]:.2f} ms = {steps[multiple] / steps[1]:.2f}x the "
@@ -95,7 +94,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny",), reps: int = 3, sid
             mesh = make_mesh("", jax.devices()[:1])
             state = trainer.abstract_state(deep, tx, mesh)
             step = trainer.make_train_step(deep, tx, hp, mesh, trainer.state_shardings(state))
-            batch = jax.ShapeDtypeStruct((8, 257), np.int32, sharding=trainer.batch_sharding(mesh))
+            batch = jax.ShapeDtypeStruct((8, 257), np.int32, sharding=batch_sharding(mesh))
             start = time.perf_counter()
             step.lower(state, batch).compile()
             compile_s[n_layers] = time.perf_counter() - start

@@ -25,7 +25,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
     import jax.numpy as jnp
     import torch
 
-    from mistral_jax import trainer
+    from mistral_jax import metrics, trainer
     from mistral_jax.model import Mistral
     from mistral_jax.sharding import make_mesh
 
@@ -37,7 +37,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
 
         # Forward, batch 8 x 512.
         tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 512)).astype(np.int32)
-        flops = trainer.flops_per_token(config, 512, training=False) * tokens.size
+        flops = metrics.flops_per_token(config, 512, training=False) * tokens.size
         row = dict(workload=f"forward {name} 8x512", unit="tok/s")
         if side == "ours":
             forward = jax.jit(lambda p, t: Mistral(config).apply({"params": p}, t))
@@ -60,7 +60,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
         # Train step, batch 8 x 256.
         batch = np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32)
         n_tokens = 8 * 256
-        flops = trainer.flops_per_token(config, 256) * n_tokens
+        flops = metrics.flops_per_token(config, 256) * n_tokens
         row = dict(workload=f"train step {name} 8x256", unit="tok/s")
         if side == "ours":
             hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10)

@@ -8,13 +8,16 @@ which no compiler is available here), and reads per-device memory from XLA's
 `memory_analysis()`.
 
   python -m mistral_jax.aot --target v5e-16 --mesh fsdp=16 --program train --batch 16 --seq 4096
-  python -m mistral_jax.aot --all --write docs/SCALING.md   # recompiles every row there and rewrites it
+
+(`python -m bench.plans --write` compiles every row of docs/SCALING.md and rewrites it.)
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
+import os
 import re
 import time
 
@@ -22,10 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax import sampling, trainer
-from mistral_jax.cli import rewrite_section
 from mistral_jax.cli import run as run_cli
 from mistral_jax.config import MistralConfig
-from mistral_jax.sharding import make_mesh, param_shardings
+from mistral_jax.model import init_params, param_shardings
+from mistral_jax.sharding import batch_sharding, make_mesh
 
 GiB = 2**30
 
@@ -105,7 +108,7 @@ def compile_train_step(config: MistralConfig, hp: trainer.Hyperparameters, mesh)
     tx = trainer.make_optimizer(hp)
     state = trainer.abstract_state(config, tx, mesh)
     step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state))
-    batch = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=trainer.batch_sharding(mesh))
+    batch = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh))
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     return _report("train", compiled, time.perf_counter() - start, params=_bytes_per_device(state.params),
@@ -114,15 +117,16 @@ def compile_train_step(config: MistralConfig, hp: trainer.Hyperparameters, mesh)
 
 def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, new_tokens: int) -> list[Report]:
     """Prefill of prompts [batch, prompt_len] then the decode loop up to new_tokens, params in
-    config.param_dtype, the KV cache sharded as cache_shardings says."""
+    config.param_dtype and the layers stacked (as accelerators decode), the KV cache sharded
+    as KVCache.shardings says."""
     params = jax.tree_util.tree_map(
         lambda shape, s: jax.ShapeDtypeStruct(shape.shape, jnp.dtype(config.param_dtype), sharding=s),
-        jax.eval_shape(lambda key: trainer._init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
+        jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=replicated)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
-    options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=2)
+    options = dict(sampler=sampling.Sampler(), eos_id=2)
     chunk = sampling.chunk_size(config, prompt_len)
 
     start = time.perf_counter()
@@ -133,7 +137,7 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
                                    prefill.out_info, prefill.output_shardings)
     start = time.perf_counter()
     until_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    decode = sampling.decode_program(state).lower(params, config, state, until_step, **options).compile()
+    decode = sampling.decode.lower(params, config, state, until_step, **options).compile()
     reports.append(_report("decode", decode, time.perf_counter() - start, params=_bytes_per_device(params)))
     return reports
 
@@ -148,21 +152,6 @@ class Plan:
     batch: int
     seq: int  # train: tokens per sequence; generate: context = prompt + new tokens, half each
     preset: str = "mistral-7b-v0.1"
-
-
-# Every row of docs/SCALING.md: `python -m mistral_jax.aot --all --write docs/SCALING.md`.
-PLANS = [
-    Plan("v5e-16", "fsdp=16", "train", 16, 4096),
-    Plan("v4-8", "fsdp=4", "train", 4, 4096),
-    Plan("v4-8", "fsdp=4", "train", 4, 1024),
-    Plan("v5p-8", "fsdp=4", "train", 16, 4096),
-    Plan("cpu-8", "fsdp=8", "train", 8, 4096),
-    Plan("cpu-8", "fsdp=4,tensor=2", "train", 8, 1024),  # tests/test_aot.py's guard
-    Plan("v5e-16", "data=2,tensor=8", "generate", 8, 4096),
-    Plan("v4-8", "tensor=4", "generate", 8, 4096),
-    Plan("v5p-8", "tensor=4", "generate", 8, 4096),
-    Plan("cpu-8", "tensor=8", "generate", 8, 4096),
-]
 
 
 def config_for(plan: Plan) -> MistralConfig:
@@ -211,10 +200,27 @@ def format_row(plan: Plan, r: Report) -> str:
                    f"{r.total / GiB:.2f} | {device} | {fits(plan, r)} |")
 
 
-def main(argv=None) -> None:
-    import argparse
-    import os
+def compile_only_environment() -> None:
+    """Compiling needs no accelerator: CPU as the backend (with 8 devices for the cpu-8
+    stand-in), TPUs only as compile targets. Call it before JAX starts a backend."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ["XLA_FLAGS"] = flags.strip()
 
+
+def compile_rows(plans) -> list[str]:
+    """Compiles each plan and prints its rows (a program each) as they come; returns them."""
+    rows = []
+    for plan in plans:
+        for report in run(plan):
+            rows.append(format_row(plan, report))
+            print(rows[-1], "(refused by the compiler)" if report.error else f"(compiled in {report.compile_s:.0f} s)",
+                  flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", choices=sorted(TARGETS), default="cpu-8")
     p.add_argument("--mesh", default="", help="e.g. fsdp=16 or data=2,tensor=8 (default: all devices on fsdp)")
@@ -222,27 +228,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096, help="train: sequence length; generate: prompt + new tokens")
     p.add_argument("--preset", default="mistral-7b-v0.1")
-    p.add_argument("--all", action="store_true", help="every plan of docs/SCALING.md")
-    p.add_argument("--write", metavar="PATH", help="with --all: rewrite the table in PATH")
     args = p.parse_args(argv)
-    if args.write and not args.all:
-        p.error("--write rewrites the whole table: use it with --all")
-    # Compiling needs no accelerator: CPU as the backend (with 8 devices for the cpu-8
-    # stand-in), TPUs only as compile targets. This must happen before JAX starts a backend.
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-        os.environ["XLA_FLAGS"] = flags.strip()
-
-    plans = PLANS if args.all else [Plan(args.target, args.mesh, args.program, args.batch, args.seq, args.preset)]
-    rows = []
-    for plan in plans:
-        for report in run(plan):
-            rows.append(format_row(plan, report))
-            print(rows[-1], "(refused by the compiler)" if report.error else f"(compiled in {report.compile_s:.0f} s)",
-                  flush=True)
-    if args.write:
-        rewrite_section(args.write, "aot", "\n".join([HEADER, *rows]))
+    compile_only_environment()
+    print(HEADER)
+    compile_rows([Plan(args.target, args.mesh, args.program, args.batch, args.seq, args.preset)])
 
 
 if __name__ == "__main__":

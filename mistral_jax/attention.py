@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mistral_jax.platforms import attention_kernel
+from mistral_jax.splash import splash_attention
+
 _MASKED = float(np.finfo(np.float32).min)
 
 
@@ -33,9 +36,9 @@ def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.n
     """softmax(q k^T / sqrt(d)) v under mask [B, T, S]; q [B, T, H, d], k, v [B, S, K, d].
 
     The O(T*S) reference form: used against the KV cache and as the oracle of the faster
-    paths. Logits and softmax in float32. Written as einsums over the cache's own layout,
-    so each compiler picks its layouts (transposing k and v to heads-major here, as the
-    blocked kernel does, cost the TPU prefill of 7B 10x the temporaries: a copy of the cache).
+    paths. Logits and softmax in float32. Written as einsums over the cache's own layout, so
+    each compiler picks its layouts: transposing k and v to heads-major here, as the blocked
+    kernel does, would copy the whole cache (docs/DESIGN.md, "Attention").
     """
     B, T, H, d = q.shape
     K = k.shape[2]
@@ -65,9 +68,9 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
     causal mask hides them. A sequence of at most one block is one block, not recomputed.
 
     q, k and v are put heads-major once ([B, K, G, T, d], [B, K, T, d]), so each block's
-    products are plain batched matmuls over B*K with G*Q rows. Left as einsums over
-    [B, T, K, G, d], XLA:CPU transposed the [Q, S] scores and probabilities instead, and
-    attention took 1.3-1.4x longer, forward and backward.
+    products are plain batched matmuls over B*K with G*Q rows; left as einsums over
+    [B, T, K, G, d], XLA:CPU transposed the [Q, S] scores and probabilities instead
+    (BENCHMARKS.md, "Forward and train step").
     """
     B, T, H, d = q.shape
     K = k.shape[2]
@@ -104,12 +107,6 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
     return out.transpose(0, 3, 1, 2, 4).reshape(B, padded, H, d)[:, :T]
 
 
-def target_platform() -> str:
-    """The platform being compiled for: the mesh's in a mesh context, else the default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return jax.default_backend() if mesh.empty else mesh.abstract_device.platform
-
-
 def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None, kernel: str,
                      block: int) -> jnp.ndarray:
     """Self-attention of a full sequence at positions 0..T-1; q [B, T, H, d], k, v [B, T, K, d].
@@ -117,14 +114,12 @@ def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int
     kernel: "xla" blocked_attention (any platform); "dot_product" jax.nn.dot_product_attention
     with a local window (cuDNN's fused kernel on GPU for bf16/f16 inputs, a dense XLA form
     elsewhere); "splash" the Pallas splash-attention kernel with a LocalMask (TPU; Pallas
-    interpret mode elsewhere); "auto" dot_product on GPU, splash on TPU, xla otherwise.
+    interpret mode elsewhere); "auto" as platforms.attention_kernel chooses for the target.
     """
-    if kernel == "auto":
-        kernel = {"gpu": "dot_product", "tpu": "splash"}.get(target_platform(), "xla")
+    kernel = attention_kernel(kernel)
     if kernel == "dot_product":
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=True, local_window_size=None if window is None else (window - 1, 0))
     if kernel == "splash":
-        from mistral_jax.splash import splash_attention
         return splash_attention(q, k, v, window)
     return blocked_attention(q, k, v, window, block)

@@ -24,27 +24,43 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from mistral_jax.config import MistralConfig
+from mistral_jax.sharding import sharding_for
+
+KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # logical axes of k and v, see sharding.py
 
 
 @flax.struct.dataclass
 class KVCache:
-    k: jax.Array | list[jax.Array]  # [L, B, C, K, d], or L arrays [B, C, K, d] (see Mistral.scan_layers)
-    v: jax.Array | list[jax.Array]  # as k
+    """The layers' K and V laid out as the model's layers are (config.scan_layers): stacked,
+    [L, B, C, K, d], or a tuple of L arrays [B, C, K, d]."""
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     positions: jax.Array  # [B, C] int32: the absolute position in each slot, -1 if empty
 
     @classmethod
-    def init(cls, config: MistralConfig, batch: int, max_len: int, stacked: bool = True) -> KVCache:
-        """An empty cache for sequences of up to max_len tokens (unbounded with a window):
-        layers stacked in one array per K and V, or (stacked=False) an array per layer."""
+    def init(cls, config: MistralConfig, batch: int, max_len: int) -> KVCache:
+        """An empty cache for sequences of up to max_len tokens (unbounded with a window)."""
         C = cache_length(config, max_len)
         shape = (batch, C, config.n_kv_heads, config.head_dim)
+        dtype = jnp.dtype(config.dtype)
+
         def empty():
-            if stacked:
-                return jnp.zeros((config.n_layers, *shape), jnp.dtype(config.dtype))
-            return [jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.n_layers)]
+            if config.scan_layers:
+                return jnp.zeros((config.n_layers, *shape), dtype)
+            return tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
         return cls(k=empty(), v=empty(), positions=jnp.full((batch, C), -1, jnp.int32))
+
+    def shardings(self, mesh: Mesh) -> KVCache:
+        """NamedSharding per array (of this cache or its shapes): rows split like batches, kv
+        heads over `tensor` like wk/wv, each device's rows and heads whole in length."""
+        def kv(x):
+            return sharding_for(KV_AXES[-x.ndim:], x.shape, mesh)
+        return KVCache(k=jax.tree_util.tree_map(kv, self.k), v=jax.tree_util.tree_map(kv, self.v),
+                       positions=sharding_for(("batch", "length"), self.positions.shape, mesh))
 
 
 def cache_length(config: MistralConfig, max_len: int) -> int:

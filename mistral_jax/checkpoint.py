@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mistral_jax.config import MistralConfig
+from mistral_jax.distributed import barrier, is_primary
 
 PARAMS_DIR = "params"
 
@@ -32,14 +33,6 @@ def check_destination(path: str, overwrite: bool = False) -> None:
         raise CheckpointExistsError(f"{path} exists and is not empty (use --overwrite to replace it)")
 
 
-def barrier(name: str) -> None:
-    """Waits for every process of a multi-process run (a no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a fresh directory beside `path` that replaces `path` if the block succeeds.
@@ -52,7 +45,7 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     check_destination(path, overwrite)
     parent, name = os.path.split(path)
     tmp, old = os.path.join(parent, f".{name}.partial"), os.path.join(parent, f".{name}.old")
-    primary = jax.process_index() == 0
+    primary = is_primary()
     if primary:
         os.makedirs(parent, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left behind by a run that was killed
@@ -78,7 +71,7 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
 
 def _checkpointer() -> ocp.Checkpointer:
     # Synchronous, at most 1 GB in flight and uncompressed: saving then needs no memory beyond
-    # the params themselves (compression buffers cost ~1 GB; weights compress by little).
+    # the params themselves (BENCHMARKS.md, "Conversion memory").
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, use_compression=False))
 
 
@@ -89,16 +82,19 @@ def save_checkpoint(path: str, config: MistralConfig, params, *, overwrite: bool
     Args:
       path: the checkpoint directory; refused if it exists and is not empty, unless overwrite.
       config: its param_dtype is set from the params when written.
-      params: the nested dict of `Mistral(config).apply({"params": params}, ...)`.
+      params: the nested dict of `Mistral(config).apply({"params": params}, ...)`, layers
+        stacked (config.scan_layers), as every checkpoint holds them.
       extra_files: {name in the checkpoint: file to copy}, e.g. {"tokenizer.model": ...}.
     """
+    if not config.scan_layers:
+        raise ValueError("save_checkpoint takes params with the layers stacked, as Mistral(config) has them")
     dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
     with atomic_directory(path, overwrite) as tmp:
         try:
             _checkpointer().save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
         except Exception as e:  # tensorstore reports a full disk as ValueError
             raise OSError(f"writing {path} failed: {e}") from e
-        if jax.process_index() == 0:
+        if is_primary():
             config.replace(param_dtype=dtype).save_hf(tmp)
             for name, file in (extra_files or {}).items():
                 shutil.copyfile(file, os.path.join(tmp, name))

@@ -1,18 +1,80 @@
-"""What the command-line scripts share: one-line errors, a progress bar, quiet logs."""
+"""What the command-line scripts share: flags made from options dataclasses, one-line errors,
+human-readable sizes, the compile clock."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import logging
 import os
-import platform
 import sys
-import time
+import threading
+import types
+import typing
 from collections.abc import Callable
+
+from mistral_jax.config import OptionError
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """The script's docstring as written, and each flag's default after its help (unless the
+    help already says it, or there is none to say)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if "default" in (action.help or "") or default is None or default is False or default in ("", ()):
+            return action.help
+        shown = " ".join(default) if isinstance(default, tuple) else default
+        return f"{action.help} (default: {shown})"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=description, formatter_class=_Formatter)
+
+
+def add_options(p: argparse.ArgumentParser, options_class: type) -> None:
+    """A flag per field of a dataclass (--batch-size for batch_size): its default, type and
+    help from the field (metadata "help" and "choices"; "repeat" makes a tuple field a flag
+    given once per item rather than once with every item). A field without a default is a
+    required flag."""
+    group = p.add_argument_group(options_class.__name__, (options_class.__doc__ or "").split("\n")[0])
+    hints = typing.get_type_hints(options_class)
+    for field in dataclasses.fields(options_class):
+        kind = hints[field.name]
+        if isinstance(kind, types.UnionType):  # X | None: an optional flag of type X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        flag = "--" + field.name.replace("_", "-")
+        common = dict(dest=field.name, help=field.metadata.get("help", " "))
+        if field.default is dataclasses.MISSING:
+            common["required"] = True
+        else:
+            common["default"] = field.default
+        if kind is bool:
+            group.add_argument(flag, action="store_true", **common)
+        elif typing.get_origin(kind) is tuple and field.metadata.get("repeat"):
+            group.add_argument(flag, action="append", type=typing.get_args(kind)[0], **{**common, "default": None})
+        elif typing.get_origin(kind) is tuple:
+            group.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], **common)
+        else:
+            group.add_argument(flag, type=kind, choices=field.metadata.get("choices"), **common)
+
+
+def options(options_class: type, args: argparse.Namespace):
+    """The dataclass of add_options' flags (a bad value raises OptionError, which run()
+    reports under the flag's name)."""
+    values = {}
+    for field in dataclasses.fields(options_class):
+        value = getattr(args, field.name)
+        if value is None and field.metadata.get("repeat"):
+            value = field.default
+        values[field.name] = tuple(value) if isinstance(value, list) else value
+    return options_class(**values)
 
 
 def run(main: Callable[[], int | None]) -> None:
     """Runs a script's main(): any error is one line on stderr and exit status 1, never a
-    traceback (set MISTRAL_JAX_DEBUG=1 to see it); Ctrl-C exits with 130."""
+    traceback (set MISTRAL_JAX_DEBUG=1 to see it), a bad option named by its flag; Ctrl-C
+    exits with 130."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not os.environ.get("MISTRAL_JAX_DEBUG"):
         _quiet_library_threads()
@@ -25,6 +87,8 @@ def run(main: Callable[[], int | None]) -> None:
         if os.environ.get("MISTRAL_JAX_DEBUG"):
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, OptionError):
+            message = f"--{e.field.replace('_', '-')} {e.problem}"
         if isinstance(e, OSError) and e.filename and e.filename not in message:
             message = f"{message}: {e.filename}"
         print(f"error: {message}", file=sys.stderr)
@@ -32,37 +96,9 @@ def run(main: Callable[[], int | None]) -> None:
     sys.exit(status)
 
 
-def reexec_with_huge_pages() -> None:
-    """Restarts this process (same pid, command line and environment) with glibc's malloc
-    putting its large blocks on transparent huge pages (huge_page_tunables). Call it first,
-    from a script's __main__.
-
-    XLA:CPU allocates each large buffer fresh (logits, activations), and glibc maps every
-    block over 32 MB fresh from the kernel, so each call faulted its outputs in 4 KB at a
-    time: 129k faults for a [4096, 32000] float32 array, whose product ran at 107 GFLOP/s
-    instead of 158 with 2 MB pages (1k faults)."""
-    tunables = huge_page_tunables()
-    if tunables is None:
-        return
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, {**os.environ, "GLIBC_TUNABLES": tunables})
-
-
-def huge_page_tunables() -> str | None:
-    """GLIBC_TUNABLES with glibc.malloc.hugetlb=1 added; None where GLIBC_TUNABLES already
-    says either way (glibc.malloc.hugetlb=0 keeps 4 KB pages) or the C library is not glibc."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" in tunables or platform.libc_ver()[0] != "glibc":
-        return None
-    return ":".join(filter(None, [tunables, "glibc.malloc.hugetlb=1"]))
-
-
 def _quiet_library_threads() -> None:
     """Orbax's and tensorstore's worker threads log and print tracebacks of their own when a
     write fails; the main thread then raises the same error, which is what we report."""
-    import threading
-
     try:
         import absl.logging
 
@@ -74,32 +110,11 @@ def _quiet_library_threads() -> None:
     sys.unraisablehook = lambda args: None
 
 
-class Progress:
-    """A progress bar on stderr: redrawn in place on a terminal, a line per 10% otherwise."""
-
-    def __init__(self, total: int, label: str):
-        self.total, self.label, self.done = total, label, 0
-        self.start = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self._last_decile = -1
-
-    def update(self, item: str = "") -> None:
-        self.done += 1
-        fraction = self.done / max(self.total, 1)
-        bar = "#" * int(30 * fraction)
-        line = f"{self.label} [{bar:<30}] {self.done}/{self.total} {item}"
-        if self.tty:
-            print(f"\r\033[K{line}", end="" if self.done < self.total else "\n", file=sys.stderr, flush=True)
-        elif int(10 * fraction) > self._last_decile:
-            self._last_decile = int(10 * fraction)
-            print(line, file=sys.stderr, flush=True)
-
-
 class CompileClock:
     """Seconds JAX has spent tracing, lowering and compiling since this clock was made."""
 
     def __init__(self):
-        import jax.monitoring
+        import jax.monitoring  # here, not at the top: scripts import this module before JAX loads
 
         self.seconds = 0.0
 
@@ -124,19 +139,3 @@ def human_count(n: int) -> str:
 
 def directory_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
-
-
-def rewrite_section(path: str, name: str, body: str) -> None:
-    """Replaces what lies between `<!-- {name}:start -->` and `<!-- {name}:end -->` in the text
-    file path with body, atomically (a temp file renamed over it): how the benchmark and
-    ahead-of-time scripts keep their tables in BENCHMARKS.md and docs/SCALING.md current."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    with open(path) as f:
-        text = f.read()
-    if start not in text or end not in text:
-        raise ValueError(f"{path} has no {start} ... {end} section to rewrite")
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{before}{start}\n{body}\n{end}{after}")
-    os.replace(path + ".tmp", path)

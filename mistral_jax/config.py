@@ -11,7 +11,14 @@ from typing import Any
 logger = logging.getLogger("mistral_jax")
 
 DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Remat policy -> the jax.checkpoint_policies member saying what each block keeps for the
+# backward pass (the rest is recomputed); "none": no rematerialisation.
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots": "checkpoint_dots",
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",
+}
 ATTENTION_KERNELS = ("auto", "xla", "dot_product", "splash")  # see attention.causal_attention
 _DEFAULT_MAX_SEQ_LEN = 32768  # what Mistral 7B's HF config.json states; params.json never says
 
@@ -20,9 +27,26 @@ class ConfigError(ValueError):
     """A config file or value that cannot describe a Mistral model."""
 
 
+class OptionError(ValueError):
+    """A bad value of one option (a field of an options dataclass); the scripts name it as a flag."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def require_positive(options, *names: str) -> None:
+    """Raises OptionError for the first of these int fields of options that is not positive."""
+    for name in names:
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < 1:
+            raise OptionError(name, f"must be a positive integer, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
-    """Architecture (params.json names) plus how to run it: dtypes, remat policy, attention kernel.
+    """Architecture (params.json names) plus how to run it: dtypes, remat policy, attention
+    kernel, layer layout.
 
     Hashable, so it can be a static argument of `jax.jit`.
     """
@@ -40,9 +64,12 @@ class MistralConfig:
     max_seq_len: int = _DEFAULT_MAX_SEQ_LEN
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
-    remat: str = "none"  # activation checkpointing policy of each block, see model.py
+    remat: str = "none"  # activation checkpointing policy of each block: a key of REMAT_POLICIES
     attention: str = "auto"  # self-attention kernel of full sequences, see attention.py
-    attention_block: int = 128  # queries per block of the "xla" kernel (CPU: 128 beat 64, 256 and 512)
+    attention_block: int = 128  # queries per block of the "xla" kernel (BENCHMARKS.md: block sizes)
+    # The layer stack: one scanned block over params stacked under `layers` (checkpoints,
+    # training), or a block per layer over `layers_0` ... (model.unstack_layers; CPU decoding).
+    scan_layers: bool = True
 
     def __post_init__(self):
         for name in ("dim", "n_layers", "head_dim", "hidden_dim", "n_heads", "n_kv_heads",
@@ -65,7 +92,7 @@ class MistralConfig:
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
         if self.remat not in REMAT_POLICIES:
-            raise ConfigError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ConfigError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
 
@@ -162,19 +189,22 @@ class MistralConfig:
     # ---- files ------------------------------------------------------------------------------
 
     @classmethod
+    def resolve(cls, spec: str, **overrides) -> MistralConfig:
+        """A preset name, a config.json / params.json file, or a directory holding one."""
+        if os.path.isdir(spec):
+            return cls.from_dir(spec, **overrides)
+        if os.path.isfile(spec):
+            d = _read_json(spec)
+            return cls.from_params_dict(d, **overrides) if "dim" in d else cls.from_hf_dict(d, **overrides)
+        return cls.preset(spec, **overrides)
+
+    @classmethod
     def from_dir(cls, path: str | os.PathLike, **overrides) -> MistralConfig:
         """Reads `config.json` (HF format) or, failing that, `params.json` (Mistral-native)."""
         for name, parse in (("config.json", cls.from_hf_dict), ("params.json", cls.from_params_dict)):
             file = os.path.join(path, name)
             if os.path.isfile(file):
-                try:
-                    with open(file) as f:
-                        d = json.load(f)
-                except (OSError, json.JSONDecodeError) as e:
-                    raise ConfigError(f"cannot read {file}: {e}") from None
-                if not isinstance(d, dict):
-                    raise ConfigError(f"{file} does not hold a JSON object")
-                return parse(d, **overrides)
+                return parse(_read_json(file), **overrides)
         raise ConfigError(f"{path} has neither config.json nor params.json")
 
     def save_hf(self, path: str | os.PathLike) -> None:
@@ -206,6 +236,17 @@ def _parse_window(value: Any) -> int | None:
     if not isinstance(value, int) or value < 1:
         raise ConfigError(f"sliding_window must be a positive integer or null, got {value!r}")
     return value
+
+
+def _read_json(file: str) -> dict[str, Any]:
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {file}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{file} does not hold a JSON object")
+    return d
 
 
 def _write_json(file: str, d: dict[str, Any]) -> None:

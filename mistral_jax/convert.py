@@ -23,6 +23,7 @@ import numpy as np
 from mistral_jax.checkpoint import atomic_directory, check_destination, load_checkpoint, save_checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.tensor_files import TensorFileError, aligned_empty, read_tensor_file, to_numpy, write_safetensors
+from mistral_jax.tokenizer import find_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -289,17 +290,6 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
 
 
 # ---- whole directories ----------------------------------------------------------------------
-
-TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v2", "tokenizer.model.v1")
-
-
-def find_tokenizer(path: str) -> str | None:
-    """The sentencepiece model of a checkpoint directory, under any of its usual names."""
-    for name in TOKENIZER_NAMES:
-        if os.path.isfile(os.path.join(path, name)):
-            return os.path.join(path, name)
-    return None
-
 
 def convert_pytorch_checkpoint(src: str, dst: str, dtype: str = "bfloat16", overwrite: bool = False,
                                on_start: Callable[[int], None] = lambda n: None,

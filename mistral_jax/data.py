@@ -12,9 +12,11 @@ import hashlib
 import io
 import json
 import os
+import sys
 from collections.abc import Iterator
 
 import numpy as np
+import sentencepiece
 
 from mistral_jax.tokenizer import Tokenizer
 
@@ -66,16 +68,12 @@ def documents(data: list[str]) -> Iterator[str]:
 def corpus_fingerprint(data: list[str]) -> str:
     """Identifies the corpus: the files' paths, sizes and modification times (or the builtin)."""
     if data == [BUILTIN]:
-        import sys
-
         return f"builtin-python-{sys.version_info.major}.{sys.version_info.minor}"
     return json.dumps([(f, os.path.getsize(f), os.path.getmtime(f)) for f in find_files(data)])
 
 
 def train_tokenizer(data: list[str], path: str, vocab_size: int) -> Tokenizer:
     """A byte-fallback BPE sentencepiece model with Mistral's special ids (unk 0, bos 1, eos 2)."""
-    import sentencepiece
-
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=documents(data), model_writer=model, vocab_size=vocab_size, model_type="bpe",

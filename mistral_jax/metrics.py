@@ -1,10 +1,62 @@
-"""Training metrics: a line on stdout, metrics.jsonl, TensorBoard events and a loss-curve PNG."""
+"""Training metrics: the FLOP count and peak behind MFU, the progress line on stdout,
+metrics.jsonl, TensorBoard events and a loss-curve PNG."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from mistral_jax.config import MistralConfig
+
+
+def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token: 2 per matmul weight (the embedding is a lookup) plus attention
+    as computed under the causal mask and the window (QK^T and PV over the keys each query
+    sees, averaged over positions); x3 for forward + backward."""
+    matmul_params = config.num_params - config.vocab_size * config.dim - (2 * config.n_layers + 1) * config.dim
+    window = config.sliding_window or seq_len
+    mean_keys = sum(min(i + 1, window) for i in range(seq_len)) / seq_len
+    attention = config.n_layers * 2 * 2 * config.n_heads * config.head_dim * mean_keys
+    return (3 if training else 1) * (2 * matmul_params + attention)
+
+
+def measure_peak_flops(shapes=((1024, 1024, 1024),), timer=None) -> float:
+    """Sustained float32 matmul FLOP/s of one device: the best over (m, k, n) GEMM shapes,
+    each timed by timer(fn) -> seconds (default: the fastest of 5 runs after a warm-up).
+    train.py's MFU denominator, and the benchmarks' (which pass more shapes and a timer
+    that discards disturbed runs)."""
+    def fastest_of_5(fn):
+        fn()
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    timer = timer or fastest_of_5
+    best = 0.0
+    matmul = jax.jit(lambda a, b: a @ b)
+    for m, k, n in shapes:
+        a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        best = max(best, 2 * m * k * n / timer(lambda: matmul(a, b).block_until_ready()))
+    return best
+
+
+def format_line(record: dict, total_steps: int, eta_seconds: float) -> str:
+    """The progress line of a metrics record: step, loss, tokens/s, MFU, eval loss, ETA."""
+    line = (f"step {record['step']:>{len(str(total_steps))}}/{total_steps} | loss {record['loss']:.3f} | "
+            f"{record['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in record:
+        line += f" | MFU {100 * record['mfu']:.0f}%"
+    if "eval_loss" in record:
+        line += f" | eval {record['eval_loss']:.3f} (ppl {record['eval_ppl']:.1f})"
+    return line + f" | ETA {int(eta_seconds // 60)}m{int(eta_seconds % 60):02d}s"
 
 
 class MetricsWriter:

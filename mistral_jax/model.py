@@ -7,31 +7,24 @@ Parameter names are Mistral-native (tok_embeddings, layers/attention/wq, feed_fo
 attention_norm, ffn_norm, norm, output); kernels are stored input-major ([D, H, d] for wq),
 and each carries logical axis names for sharding.py. The layer stack is one `nn.scan`, so
 every parameter under `layers` has a leading L axis and the block compiles once: the layout
-of checkpoints and training. For decoding on CPU, `unstack_layers` gives each layer its own
-arrays (`layers_0` ... `layers_{L-1}`) and `Mistral(config, scan_layers=False)` runs them
-as L blocks: a scan slices each layer's weights out of the stack, and XLA:CPU copies every
-slice before multiplying by it, which adds a copy of every weight to each decode step. (On
-TPU, sample.py keeps the stacked layout: see there.)
+of checkpoints and training. With config.scan_layers False the stack is a block per layer
+over `layers_0` ... `layers_{L-1}` (unstack_layers), which decodes faster on CPU
+(platforms.decode_per_layer).
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mistral_jax.attention import attention_mask, causal_attention, masked_attention
 from mistral_jax.cache import KVCache, rolling_update, write_slots
-from mistral_jax.config import MistralConfig
+from mistral_jax.config import REMAT_POLICIES, MistralConfig
 from mistral_jax.rope import apply_rope
-from mistral_jax.sharding import constrain
+from mistral_jax.sharding import constrain, logical_shardings
 
 ACTIVATIONS = ("batch", "length", None)  # [B, T, D] between blocks: split by rows, whole in D
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
@@ -107,7 +100,7 @@ class FeedForward(nn.Module):
         w3 = _param(self, "w3", (c.dim, c.hidden_dim), ("embed", "mlp"), _fan_in(0, 1))
         w2 = _param(self, "w2", (c.hidden_dim, c.dim), ("mlp", "embed"), _fan_in(0, 1))
         # On [B*T, D], not [B, T, D]: each weight gradient then contracts one dimension, not
-        # two, which XLA:CPU ran ~1.5x slower (a 6-layer SwiGLU stack's gradient: 870 vs 560 ms).
+        # two, which XLA:CPU runs far slower (BENCHMARKS.md, "projections on [B, T, D]").
         tokens = x.reshape(-1, c.dim)
         gate = jax.nn.silu(jnp.einsum("ND,DF->NF", tokens, w1))
         return jnp.einsum("NF,FD->ND", gate * jnp.einsum("ND,DF->NF", tokens, w3), w2).reshape(x.shape)
@@ -136,16 +129,15 @@ class Mistral(nn.Module):
     (an index into T per row), only those positions are projected onto the vocabulary:
     logits [B, 1, V], what a prefill chunk needs, at 1/T of the output projection's cost.
 
-    scan_layers: one scanned block over params stacked under `layers` (and a cache stacked
-    [L, ...]), or, if False, a block per layer over `unstack_layers(params)` (and a cache
-    holding a list of L arrays, KVCache.init(..., stacked=False)).
+    The layers are one scanned block over params stacked under `layers`, or with
+    config.scan_layers False a block per layer over unstack_layers' params; the cache
+    follows the same layout (KVCache.init).
 
     lm_head: if False, the call returns the final normed states [B, T, D] instead of logits,
     for a caller that applies the `output` projection itself (loss.cross_entropy).
     """
 
     config: MistralConfig
-    scan_layers: bool = True
     lm_head: bool = True
 
     @nn.compact
@@ -169,8 +161,9 @@ class Mistral(nn.Module):
 
         block = Block
         if c.remat != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-        if self.scan_layers:
+            block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[c.remat]),
+                             prevent_cse=False)
+        if c.scan_layers:
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=c.n_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})
@@ -182,7 +175,7 @@ class Mistral(nn.Module):
                 x, layer_cache = block(c, name=f"layers_{i}")(x, positions, layer_cache, slots, mask)
                 written.append(layer_cache)
             if cache is not None:
-                layer_caches = [k for k, _ in written], [v for _, v in written]
+                layer_caches = tuple(k for k, _ in written), tuple(v for _, v in written)
 
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
@@ -198,34 +191,47 @@ class Mistral(nn.Module):
         return x, KVCache(k=k, v=v, positions=new_positions)
 
 
-def layers_stacked(params: dict) -> bool:
-    """Whether params are in the scanned layout (`layers`) rather than unstack_layers'."""
-    return "layers" in params
+def abstract_params(config: MistralConfig):
+    """The params' shapes and dtypes, boxed with their logical axis names (nn.Partitioned), with
+    nothing allocated."""
+    return jax.eval_shape(Mistral(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-def unstack_layers(params: dict, free_stacked: bool = False) -> dict:
-    """params of Mistral(config) -> params of Mistral(config, scan_layers=False): `layers_i`
-    holds layer i's weights where `layers` held all of them stacked on a leading axis. Each
-    weight keeps its sharding (less the unsharded layer axis). With free_stacked, each
-    stacked array is deleted once split (params must not be used afterwards), so the peak
-    memory is the params plus one stacked weight rather than twice the params."""
-    if not layers_stacked(params):
-        raise ValueError("params have no stacked `layers`: already per layer?")
+def init_params(config: MistralConfig, key: jax.Array):
+    """Fresh params of Mistral(config) (unboxed); jit it with out_shardings=param_shardings(...)
+    to have them born sharded."""
+    return nn.unbox(Mistral(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def param_shardings(config: MistralConfig, mesh: Mesh):
+    """NamedSharding per parameter over mesh, from the logical axes the model declares."""
+    return logical_shardings(abstract_params(config), mesh)
+
+
+def unstack_layers(config: MistralConfig, params: dict) -> tuple[MistralConfig, dict]:
+    """(config, params) with the layers stacked under `layers` -> the same model with a block
+    per layer: config.scan_layers False, `layers_i` holding layer i's weights. Each weight
+    keeps its sharding less the layer axis. On CPU each is a view of the stacked array's
+    memory, so nothing is copied; elsewhere each is a copy."""
+    if not config.scan_layers:
+        raise ValueError("the params are already laid out per layer (config.scan_layers is False)")
     params = dict(params)
     leaves, treedef = jax.tree_util.tree_flatten(params.pop("layers"))
-    per_layer = [[] for _ in range(leaves[0].shape[0])]
-    for stacked in leaves:
-        for layer, weight in zip(per_layer, _split_leading_axis(stacked)):
-            layer.append(weight)
-        if free_stacked and isinstance(stacked, jax.Array):
-            stacked.delete()
+    per_layer = zip(*(_layer_arrays(stacked) for stacked in leaves))
     params.update({f"layers_{i}": jax.tree_util.tree_unflatten(treedef, w) for i, w in enumerate(per_layer)})
-    return params
+    return config.replace(scan_layers=False), params
 
 
-def _split_leading_axis(stacked: jax.Array) -> tuple[jax.Array, ...]:
-    sharding = getattr(stacked, "sharding", None)
+def _layer_arrays(stacked: jax.Array) -> list[jax.Array]:
+    """stacked [L, ...] -> L arrays [...]: per device, a view of each layer of its shard, which
+    aliases the shard's memory where it is host memory (np.asarray and device_put copy nothing)."""
+    stacked = jnp.asarray(stacked)
+    sharding = stacked.sharding
     if isinstance(sharding, NamedSharding):
         spec = tuple(sharding.spec) + (None,) * (stacked.ndim - len(sharding.spec))
-        sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
-    return jax.jit(lambda w: tuple(w), out_shardings=sharding)(stacked)
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))  # the layer axis is never split
+    shards = stacked.addressable_shards
+    views = [[jax.device_put(layer, shard.device, may_alias=True) for layer in np.asarray(shard.data)]
+             for shard in shards]
+    return [jax.make_array_from_single_device_arrays(stacked.shape[1:], sharding, [v[i] for v in views])
+            for i in range(stacked.shape[0])]

@@ -9,6 +9,7 @@ recompile.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 
@@ -16,15 +17,39 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from mistral_jax import platforms
 from mistral_jax.cache import KVCache
-from mistral_jax.config import MistralConfig
-from mistral_jax.model import Mistral, layers_stacked
-from mistral_jax.sharding import cache_shardings
+from mistral_jax.config import MistralConfig, OptionError
+from mistral_jax.distributed import fetch
+from mistral_jax.model import Mistral, unstack_layers
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (at most the window)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How each next token is chosen.
+
+    Greedy at temperature 0, else sampled from the logits divided by temperature, keeping
+    only the top_k most likely tokens and then the smallest set whose probability reaches
+    top_p. Hashable: a static argument of the compiled loop.
+    """
+
+    temperature: float = dataclasses.field(default=0.0, metadata={"help": "0 is greedy"})
+    top_k: int | None = dataclasses.field(default=None, metadata={"help": "keep the k most likely tokens"})
+    top_p: float | None = dataclasses.field(
+        default=None, metadata={"help": "keep the smallest set of tokens whose probability reaches p"})
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise OptionError("temperature", f"must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise OptionError("top_k", f"must be at least 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise OptionError("top_p", f"must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "temperature", float(self.temperature))
 
 
 @flax.struct.dataclass
@@ -55,13 +80,11 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int | None = Non
     return logits
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, temperature: float = 0.0, top_k: int | None = None,
-                  top_p: float | None = None) -> jax.Array:
-    """logits [B, V] -> tokens [B] int32: greedy at temperature 0, else sampled from
-    filter_logits(...)."""
-    if temperature == 0.0:
+def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
+    """logits [B, V] -> tokens [B] int32, as sampler says."""
+    if sampler.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    filtered = filter_logits(logits, temperature, top_k, top_p)
+    filtered = filter_logits(logits, sampler.temperature, sampler.top_k, sampler.top_p)
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
@@ -71,13 +94,12 @@ def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Ar
     return jnp.where(positions < lengths[:, None], positions, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk"))
 def prefill(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array, cache: KVCache,
             chunk: int) -> tuple[jax.Array, KVCache]:
     """Runs prompts [B, P] (right-padded, P a multiple of chunk) through the model `chunk`
     tokens at a time, as far as the longest prompt. Returns the logits [B, V] at each row's
     last prompt token and the filled cache."""
-    model = Mistral(config, scan_layers=layers_stacked(params))
+    model = Mistral(config)
     B = prompts.shape[0]
 
     def body(i, carry):
@@ -95,27 +117,28 @@ def prefill(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Arra
     return jax.lax.fori_loop(0, n_chunks, body, init)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "chunk", "max_tokens", "temperature", "top_k", "top_p",
-                                             "eos_id", "mesh"))
-def start(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array, key: jax.Array, *, chunk: int,
-          max_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-          eos_id: int, mesh: Mesh | None = None) -> SamplingState:
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "eos_id", "chunk", "max_tokens", "mesh"))
+def start(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array, key: jax.Array, *,
+          sampler: Sampler, eos_id: int, chunk: int, max_tokens: int, mesh: Mesh | None = None) -> SamplingState:
     """Prefills the prompts and samples the first token; max_tokens is the output bucket.
-    With a mesh, the cache is born sharded over it (cache_shardings)."""
+    With a mesh, the cache is born sharded over it (KVCache.shardings)."""
     B, P = prompts.shape
-    cache = KVCache.init(config, B, P + max_tokens, stacked=layers_stacked(params))
+    cache = KVCache.init(config, B, P + max_tokens)
     if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, cache))
+        cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
     logits, cache = prefill(params, config, prompts, lengths, cache, chunk)
-    first = sample_logits(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    first = sample_logits(logits, jax.random.fold_in(key, 0), sampler)
     tokens = jnp.zeros((B, max_tokens), jnp.int32).at[:, 0].set(first)
     return SamplingState(cache=cache, tokens=tokens, last=first, position=lengths.astype(jnp.int32),
                          done=first == eos_id, step=jnp.array(1, jnp.int32), key=key)
 
 
-def _decode_loop(params, config: MistralConfig, state: SamplingState, until_step: jax.Array, *, temperature: float,
-                 top_k: int | None, top_p: float | None, eos_id: int) -> SamplingState:
-    model = Mistral(config, scan_layers=layers_stacked(params))
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "eos_id"), donate_argnames=("state",))
+def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.Array, *, sampler: Sampler,
+           eos_id: int) -> SamplingState:
+    """Generates tokens until state.step reaches until_step or every row is done, in one
+    compiled loop; state is donated."""
+    model = Mistral(config)
     until_step = jnp.minimum(until_step, state.tokens.shape[1])
 
     def cond(s: SamplingState):
@@ -123,7 +146,7 @@ def _decode_loop(params, config: MistralConfig, state: SamplingState, until_step
 
     def body(s: SamplingState) -> SamplingState:
         logits, cache = model.apply({"params": params}, s.last[:, None], s.position[:, None], s.cache)
-        token = sample_logits(logits[:, 0], jax.random.fold_in(s.key, s.step), temperature, top_k, top_p)
+        token = sample_logits(logits[:, 0], jax.random.fold_in(s.key, s.step), sampler)
         token = jnp.where(s.done, eos_id, token)
         return SamplingState(cache=cache, tokens=s.tokens.at[:, s.step].set(token), last=token,
                              position=s.position + 1, done=s.done | (token == eos_id), step=s.step + 1, key=s.key)
@@ -131,36 +154,12 @@ def _decode_loop(params, config: MistralConfig, state: SamplingState, until_step
     return jax.lax.while_loop(cond, body, state)
 
 
-# A decode step multiplies [rows, D] activations by every weight. XLA:CPU hands those products
-# to YNNPACK, whose kernels are slow for few rows: on this project's 2-core AMD EPYC, chains
-# of the benchmark configs' products ran 1.0-2.6x faster with 1-48 rows in XLA's Eigen
-# kernels, and from 64 rows up neither won throughout; small's decode step at batch 8 took
-# 1.29-1.36x less time (`python -m bench.few_rows`, BENCHMARKS.md). So on CPU, decode of
-# fewer rows per device than FEW_ROWS is compiled without YNNPACK fusions.
-FEW_ROWS = 64
-_jit_decode = functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k", "top_p", "eos_id"),
-                                donate_argnames=("state",))
-decode_loop = _jit_decode(_decode_loop)
-decode_loop_few_rows_cpu = _jit_decode(_decode_loop, compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""})
-
-
-def decode_program(state: SamplingState):
-    """The jitted decode loop for state's rows per device and platform: decode_loop_few_rows_cpu
-    or decode_loop."""
-    sharding = getattr(state.last, "sharding", None)
-    if sharding is None:  # an abstract state without a sharding: default device, whole batch
-        platform, rows = jax.default_backend(), state.last.shape[0]
-    else:
-        platform, rows = next(iter(sharding.device_set)).platform, sharding.shard_shape(state.last.shape)[0]
-    return decode_loop_few_rows_cpu if platform == "cpu" and rows < FEW_ROWS else decode_loop
-
-
-def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.Array, *, temperature: float,
-           top_k: int | None, top_p: float | None, eos_id: int) -> SamplingState:
-    """Generates tokens until state.step reaches until_step or every row is done, in one
-    compiled call (decode_program(state)); state is donated."""
-    program = decode_program(state)
-    return program(params, config, state, until_step, temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id)
+def decoding_layout(config: MistralConfig, params, mesh: Mesh | None = None) -> tuple[MistralConfig, dict]:
+    """The (config, params) to decode with: per layer where platforms.decode_per_layer says
+    so and the params are stacked (views of them on CPU, nothing copied), else as given."""
+    if config.scan_layers and platforms.decode_per_layer(platforms.decode_platform(mesh)):
+        return unstack_layers(config, params)
+    return config, params
 
 
 def chunk_size(config: MistralConfig, longest: int, limit: int = PREFILL_CHUNK) -> int:
@@ -173,7 +172,7 @@ def _bucket(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _validate(config: MistralConfig, prompts, max_new_tokens, temperature, top_k, top_p) -> None:
+def _validate(config: MistralConfig, prompts, max_new_tokens, sampler: Sampler) -> None:
     if not prompts:
         raise ValueError("no prompts given")
     for i, prompt in enumerate(prompts):
@@ -186,22 +185,19 @@ def _validate(config: MistralConfig, prompts, max_new_tokens, temperature, top_k
             raise ValueError(f"prompts[{i}] has token ids outside [0, {config.vocab_size})")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and not 1 <= top_k <= config.vocab_size:
-        raise ValueError(f"top_k must be in [1, {config.vocab_size}], got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if sampler.top_k is not None and sampler.top_k > config.vocab_size:
+        raise ValueError(f"top_k must be in [1, {config.vocab_size}], got {sampler.top_k}")
 
 
 def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-                    temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int = 0, eos_id: int | None = 2, steps_per_call: int | None = None,
-                    prefill_chunk: int = PREFILL_CHUNK, mesh: Mesh | None = None) -> Iterator[np.ndarray]:
+                    sampler: Sampler = Sampler(), seed: int = 0, eos_id: int | None = 2,
+                    steps_per_call: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                    mesh: Mesh | None = None) -> Iterator[np.ndarray]:
     """Like generate, but yields the tokens [B, n] generated by each compiled call of
     steps_per_call decode steps (default: all at once), the first yield holding the first
     token. Rows that are done carry eos_id (or 0 without one)."""
-    _validate(config, prompts, max_new_tokens, temperature, top_k, top_p)
+    _validate(config, prompts, max_new_tokens, sampler)
+    config, params = decoding_layout(config, params, mesh)
     longest = max(len(p) for p in prompts)
     chunk = chunk_size(config, longest, prefill_chunk)
     padded_len = chunk * _bucket(-(-longest // chunk))
@@ -209,28 +205,19 @@ def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[in
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt
     lengths = np.array([len(p) for p in prompts], np.int32)
-    sampling = dict(temperature=float(temperature), top_k=top_k, top_p=top_p,
-                    eos_id=-1 if eos_id is None else eos_id)
+    eos_id = -1 if eos_id is None else eos_id
 
-    state = start(params, config, tokens, lengths, jax.random.key(seed), chunk=chunk,
-                  max_tokens=_bucket(max_new_tokens), mesh=mesh, **sampling)
+    state = start(params, config, tokens, lengths, jax.random.key(seed), sampler=sampler, eos_id=eos_id,
+                  chunk=chunk, max_tokens=_bucket(max_new_tokens), mesh=mesh)
     emitted = 0
     while True:
-        tokens, step, done = _fetch(state.tokens, state.step, state.done)  # one host sync per call
+        tokens, step, done = fetch(state.tokens, state.step, state.done)  # one host sync per call
         yield tokens[:, emitted:step]
         emitted = int(step)
         if emitted >= max_new_tokens or done.all():
             return
         until = min(max_new_tokens, step + (steps_per_call or max_new_tokens))
-        state = decode(params, config, state, jnp.array(until, jnp.int32), **sampling)
-
-
-def _fetch(*arrays: jax.Array) -> tuple[np.ndarray, ...]:
-    """Host copies, whole, also of arrays spread over other processes' devices (then a
-    collective: every process must fetch, as every process runs the computation)."""
-    if all(a.is_fully_addressable for a in arrays):
-        return jax.device_get(arrays)
-    return tuple(multihost_utils.process_allgather(arrays, tiled=True))
+        state = decode(params, config, state, jnp.array(until, jnp.int32), sampler=sampler, eos_id=eos_id)
 
 
 def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -239,8 +226,8 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], ma
     """Generates up to max_new_tokens after each prompt, in one batch.
 
     Args:
-      config, params: the model, e.g. from load_checkpoint or load_pytorch; params stacked
-        as loaded, or per layer (model.unstack_layers), which decodes faster on CPU.
+      config, params: the model, e.g. from load_checkpoint or load_pytorch. On CPU, stacked
+        params are decoded over per-layer views of them (decoding_layout; nothing is copied).
       prompts: token ids per prompt, of any lengths (BOS included if the model expects it).
       max_new_tokens: the most tokens generated per prompt.
       temperature: 0 for greedy decoding; otherwise logits are divided by it and sampled.
@@ -249,14 +236,15 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], ma
       seed: the PRNG seed; the same seed gives the same samples.
       eos_id: a row stops after emitting it (None: never stop early).
       mesh: the mesh params are sharded over, if any: the KV cache is then sharded over it
-        too (sharding.cache_shardings) rather than left to the compiler. The mesh may span
+        too (KVCache.shardings) rather than left to the compiler. The mesh may span
         processes; every process then calls generate, with the same arguments.
 
     Returns:
       The generated tokens of each prompt, stopping before eos_id.
     """
-    pieces = list(generate_stream(config, params, prompts, max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id, mesh=mesh))
+    sampler = Sampler(temperature, top_k, top_p)
+    pieces = list(generate_stream(config, params, prompts, max_new_tokens, sampler=sampler, seed=seed,
+                                  eos_id=eos_id, mesh=mesh))
     out = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
     return [until_eos(row, eos_id) for row in out.tolist()]
 

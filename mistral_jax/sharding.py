@@ -1,7 +1,9 @@
 """Device mesh and the one table that maps logical axis names to mesh axes.
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with weights, gradients
-and optimizer state sharded), `tensor` (heads / mlp / vocab split across devices).
+and optimizer state sharded), `tensor` (heads / mlp / vocab split across devices). The
+logical names are declared where the arrays are made (model.py for parameters, cache.py for
+the KV cache); this module only maps them.
 
 Rule for dimensions that do not divide: a tensor dimension is split over its mesh axes only
 when their size divides it; otherwise that dimension is replicated. So with GQA and
@@ -16,12 +18,8 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-from mistral_jax.cache import KVCache
-from mistral_jax.config import MistralConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -109,32 +107,20 @@ def under_mesh(mesh: Mesh):
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """x laid out by the rules table over the mesh being traced under (`under_mesh`), if
-    any; unchanged outside a mesh context. Activations need this: left to
-    itself, the partitioner may follow the weights' fsdp split of `embed` into the
-    activations and gather the batch instead (on 8 devices it did, and the 7B train step's
-    temporaries went from 9 to 20 GB)."""
+    any; unchanged outside a mesh context. Activations need this: left to itself, the
+    partitioner may follow the weights' fsdp split of `embed` into the activations and
+    gather the batch instead (docs/DESIGN.md, "Sharding")."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec_for(names, x.shape, mesh)))
 
 
-def param_shardings(config: MistralConfig, mesh: Mesh):
-    """NamedSharding per parameter, from the logical axes the model declares."""
-    from mistral_jax.model import Mistral
-
-    boxed = jax.eval_shape(Mistral(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+def logical_shardings(boxed, mesh: Mesh):
+    """NamedSharding per leaf of a tree of nn.Partitioned (what `init` returns, or its
+    jax.eval_shape), from the logical axis names each carries."""
     return jax.tree_util.tree_map(lambda p: sharding_for(p.names, p.value.shape, mesh), boxed,
                                   is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def cache_shardings(mesh: Mesh, cache: KVCache) -> KVCache:
-    """NamedSharding per array of a KV cache (or its shapes): rows split like batches, kv
-    heads over `tensor` like wk/wv, and each device's rows and heads kept whole in length."""
-    def kv(x):  # [L, B, C, K, d] stacked, [B, C, K, d] per layer
-        return sharding_for(("layers", "batch", "length", "kv_heads", "head_dim")[-x.ndim:], x.shape, mesh)
-    return KVCache(k=jax.tree_util.tree_map(kv, cache.k), v=jax.tree_util.tree_map(kv, cache.v),
-                   positions=sharding_for(("batch", "length"), cache.positions.shape, mesh))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

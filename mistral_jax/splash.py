@@ -22,7 +22,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec
 
-from mistral_jax.attention import target_platform
+from mistral_jax.platforms import target_platform
+from mistral_jax.sharding import spec_for
 
 BLOCK = 512  # the kernel's q and kv tile, or T when shorter
 ALIGN = 128  # T is padded to a multiple of this (TPU lane width)
@@ -52,8 +53,6 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, int
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> jax.Array:
     """Self-attention at positions 0..T-1; q [B, T, H, d], k, v [B, T, K, d] -> [B, T, H, d]."""
-    from mistral_jax.sharding import spec_for  # sharding imports the model, which imports this
-
     B, T, H, d = q.shape
     K = k.shape[2]
     padded = -(-T // ALIGN) * ALIGN  # padded keys lie in every real query's future: masked

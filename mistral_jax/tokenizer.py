@@ -1,10 +1,22 @@
-"""Tokenizer: the sentencepiece model Mistral ships as tokenizer.model."""
+"""Tokenizer: the sentencepiece model Mistral ships as tokenizer.model, where to find it in a
+checkpoint directory, and decoding a token stream piece by piece."""
 
 from __future__ import annotations
 
 import os
 
 import sentencepiece
+
+# The names a checkpoint directory gives its sentencepiece model, in order of preference.
+TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v2", "tokenizer.model.v1")
+
+
+def find_tokenizer(path: str) -> str | None:
+    """The sentencepiece model of a checkpoint directory, under any of its usual names."""
+    for name in TOKENIZER_NAMES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return None
 
 
 class Tokenizer:

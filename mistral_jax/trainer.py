@@ -1,4 +1,4 @@
-"""Train state, the jitted train and eval steps, and the FLOP count behind MFU.
+"""Hyperparameters, train state, the jitted train and eval steps, and the training loop.
 
 One `jax.jit` per step with explicit in/out shardings and the state donated; gradient
 accumulation is a `lax.scan` over micro-batches inside it. Nothing in a step syncs with the
@@ -14,7 +14,6 @@ import signal
 import time
 from typing import Any
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -22,11 +21,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mistral_jax import checkpoint
-from mistral_jax.config import MistralConfig
+from mistral_jax.config import MistralConfig, require_positive
+from mistral_jax.distributed import is_primary
 from mistral_jax.loss import cross_entropy
-from mistral_jax.metrics import MetricsWriter
-from mistral_jax.model import Mistral
-from mistral_jax.sharding import batch_sharding, param_shardings, under_mesh
+from mistral_jax.metrics import MetricsWriter, flops_per_token, format_line
+from mistral_jax.model import Mistral, init_params, param_shardings
+from mistral_jax.sharding import batch_sharding, under_mesh
 
 
 @flax.struct.dataclass
@@ -36,22 +36,45 @@ class TrainState:
     opt_state: Any
 
 
+def _option(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
-    steps: int = 150
-    batch_size: int = 8  # sequences per step, all hosts together
-    seq_len: int = 256
-    grad_accum: int = 1  # micro-batches per step
-    lr: float = 3e-3
-    warmup: int = 15
-    final_lr_fraction: float = 0.1
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    b1: float = 0.9
-    b2: float = 0.95
-    z_loss: float = 0.0  # weight of log(Z)^2, which keeps the softmax normaliser near 1
-    loss_chunk: int = 128  # sequence positions whose logits the loss holds at a time
-    seed: int = 0
+    """What a train step computes and how the run's steps go (train.py's flags of the same names)."""
+
+    steps: int = _option(150, "optimizer steps")
+    batch_size: int = _option(8, "sequences per step, all processes together")
+    seq_len: int = _option(256, "tokens per sequence")
+    grad_accum: int = _option(1, "micro-batches per step")
+    lr: float = _option(3e-3, "peak learning rate")
+    warmup: int = _option(15, "steps of linear warmup, then cosine decay")
+    final_lr_fraction: float = _option(0.1, "the learning rate at the last step, as a fraction of --lr")
+    weight_decay: float = _option(0.1, "AdamW weight decay, on projection matrices only")
+    clip: float = _option(1.0, "global gradient norm clipping")
+    b1: float = _option(0.9, "Adam beta1")
+    b2: float = _option(0.95, "Adam beta2")
+    z_loss: float = _option(0.0, "weight of log(Z)^2, which keeps the softmax normaliser near 1")
+    loss_chunk: int = _option(128, "sequence positions whose logits the loss holds at a time")
+    seed: int = _option(0, "seed of the initial weights and of the data order")
+
+    def __post_init__(self):
+        require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """When the training loop logs, evaluates and saves."""
+
+    log_every: int = _option(10, "steps between metrics lines")
+    eval_every: int = _option(100, "steps between evaluations of the held-out loss")
+    eval_batches: int = _option(4, "batches per evaluation")
+    save_every: int = _option(100, "steps between checkpoints")
+    keep: int = _option(3, "checkpoints kept")
+
+    def __post_init__(self):
+        require_positive(self, "log_every", "eval_every", "eval_batches", "save_every", "keep")
 
 
 def learning_rate(hp: Hyperparameters) -> optax.Schedule:
@@ -70,8 +93,7 @@ def decay_mask(params) -> Any:
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """Scales gradients by min(1, max_norm / global norm), as optax.clip_by_global_norm, but
     as one multiply by a scalar, which XLA fuses into the Adam update instead of keeping a
-    second gradient-sized buffer of clipped gradients (it did on CPU: +3.6 GB per device
-    for 7B on 8 devices)."""
+    second gradient-sized buffer of clipped gradients (docs/SCALING.md, "What it took")."""
     def update(grads, state, params=None):
         del params
         norm = optax.tree.norm(grads)
@@ -95,17 +117,13 @@ def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chun
     return cross_entropy(hidden, params["output"].astype(config.dtype), targets, z_loss, chunk)
 
 
-def _init_params(config: MistralConfig, key: jax.Array):
-    return nn.unbox(Mistral(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
-
-
 def abstract_state(config: MistralConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
     """The train state's shapes, dtypes and shardings, with nothing allocated: params per the
     rules table, Adam's moments as their params, scalars (the step, Adam's count) replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
     params_sharding = param_shardings(config, mesh)
     params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    jax.eval_shape(lambda key: _init_params(config, key), jax.random.key(0)),
+                                    jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)),
                                     params_sharding)
     opt_state = optax.tree_map_params(
         tx, lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, params),
@@ -119,7 +137,7 @@ def init_state(config: MistralConfig, tx: optax.GradientTransformation, mesh, se
     """A train state born sharded over mesh: fresh params from seed, or the given ones placed."""
     shardings = state_shardings(abstract_state(config, tx, mesh))
     if params is None:
-        params = jax.jit(_init_params, static_argnums=0, out_shardings=shardings.params)(config, jax.random.key(seed))
+        params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(config, jax.random.key(seed))
     else:
         params = jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x, config.param_dtype), s),
                                         params, shardings.params)
@@ -172,31 +190,23 @@ def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int 
     return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)))
 
 
-def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token: 2 per matmul weight (the embedding is a lookup) plus attention
-    as computed under the causal mask and the window (QK^T and PV over the keys each query
-    sees, averaged over positions); x3 for forward + backward."""
-    matmul_params = config.num_params - config.vocab_size * config.dim - (2 * config.n_layers + 1) * config.dim
-    window = config.sliding_window or seq_len
-    mean_keys = sum(min(i + 1, window) for i in range(seq_len)) / seq_len
-    attention = config.n_layers * 2 * 2 * config.n_heads * config.head_dim * mean_keys
-    return (3 if training else 1) * (2 * matmul_params + attention)
-
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str, *, params=None,
-        resume: bool = False, log_every: int = 10, eval_every: int = 100, eval_batches: int = 4,
-        save_every: int = 100, keep: int = 3, peak_flops: float | None = None) -> tuple[TrainState, bool]:
+def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str, schedule: Schedule = Schedule(),
+        *, params=None, resume: bool = False, peak_flops: float | None = None) -> tuple[TrainState, bool]:
     """Trains from step 0, or from the latest checkpoint in out_dir/checkpoints when resume.
 
+    Args:
+      batches: data.TokenBatches (or anything with its batch(step, ...) and validation(...)).
+      params: initial weights (e.g. converted ones); default: fresh from hp.seed.
+      peak_flops: the machine's peak FLOP/s, for MFU in the metrics; None leaves MFU out.
     Returns (state, interrupted): SIGTERM or SIGINT stops the run after the current step with
     a checkpoint saved.
     """
     tx = make_optimizer(hp)
-    manager = checkpoint.train_state_manager(os.path.join(out_dir, "checkpoints"), keep)
+    manager = checkpoint.train_state_manager(os.path.join(out_dir, "checkpoints"), schedule.keep)
     if resume and manager.latest_step() is not None:  # read straight onto the shardings; nothing initialised
         state = checkpoint.restore_train_state(manager, abstract_state(config, tx, mesh))
     else:
@@ -206,14 +216,14 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     eval_step = make_eval_step(config, mesh, shardings.params, hp.loss_chunk)
     process, processes = jax.process_index(), jax.process_count()
     global_batch = lambda local: jax.make_array_from_process_local_data(batch_sharding(mesh), local)  # noqa: E731
-    writer = MetricsWriter(out_dir, enabled=process == 0)
+    writer = MetricsWriter(out_dir, enabled=is_primary())
     tokens_per_step = hp.batch_size * hp.seq_len
     flops_per_step = flops_per_token(config, hp.seq_len) * tokens_per_step
 
     example = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh))
     compile_start = time.perf_counter()
     train_step = train_step.lower(state, example).compile()
-    if process == 0:
+    if is_primary():
         print(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s", flush=True)
 
     stop = []
@@ -225,9 +235,9 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
         for step in range(first, hp.steps):
             state, metrics = train_step(state, global_batch(batches.batch(step, process, processes)))
             done = step + 1
-            log = done % log_every == 0 or done == hp.steps or stop
-            evaluate = done % eval_every == 0 or done == hp.steps
-            save = done % save_every == 0 or done == hp.steps or stop
+            log = done % schedule.log_every == 0 or done == hp.steps or stop
+            evaluate = done % schedule.eval_every == 0 or done == hp.steps
+            save = done % schedule.save_every == 0 or done == hp.steps or stop
             if not (log or evaluate or save):
                 continue
             metrics = jax.device_get(metrics)  # the only host sync of the loop
@@ -247,17 +257,11 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
                 record["mfu"] = flops_per_step / seconds_per_step / peak_flops
             if evaluate:
                 losses = jax.device_get([eval_step(state.params, global_batch(b))  # one host sync
-                                         for b in batches.validation(eval_batches, process, processes)])
+                                         for b in batches.validation(schedule.eval_batches, process, processes)])
                 record["eval_loss"] = float(sum(losses) / len(losses))
                 record["eval_ppl"] = math.exp(record["eval_loss"])
                 last_time = time.perf_counter()  # evaluation is not training time
-            eta = (hp.steps - done) * seconds_per_step
-            line = (f"step {done:>{len(str(hp.steps))}}/{hp.steps} | loss {record['loss']:.3f} | "
-                    f"{record['tokens_per_s']:,.0f} tok/s"
-                    + (f" | MFU {100 * record['mfu']:.0f}%" if peak_flops else "")
-                    + (f" | eval {record['eval_loss']:.3f} (ppl {record['eval_ppl']:.1f})" if evaluate else "")
-                    + f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s")
-            writer.write(record, line)
+            writer.write(record, format_line(record, hp.steps, (hp.steps - done) * seconds_per_step))
             if save:
                 checkpoint.save_train_state(manager, state)
                 last_time = time.perf_counter()  # nor is saving

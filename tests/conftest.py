@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 
 from mistral_jax import Mistral
-from mistral_jax.model import layers_stacked
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def forward(config, params, tokens):
-    return Mistral(config, scan_layers=layers_stacked(params)).apply({"params": params}, tokens)
+    return Mistral(config).apply({"params": params}, tokens)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 by test_sharding.py: the
 forward pass, one train step (with the XLA and the splash attention kernels) and generate
-(params stacked and per layer) under several meshes against one device.
+(decoding per layer, as on CPU, and over the stacked layers, as on TPU and GPU) under several
+meshes against one device.
 Prints one JSON line of findings; the test asserts on them."""
 
 import json
@@ -9,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax import trainer
+from mistral_jax import platforms, trainer
 from mistral_jax.config import MistralConfig
 from mistral_jax.model import Mistral, unstack_layers
-from mistral_jax.sampling import generate, start
+from mistral_jax.sampling import Sampler, generate, start
 from mistral_jax.sharding import batch_sharding, make_mesh
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -35,13 +36,15 @@ def run(mesh):
     wq = state.params["layers"]["attention"]["wq"]
     split = {"devices": len(wq.sharding.device_set), "shard": list(wq.addressable_shards[0].data.shape),
              "global": list(wq.shape)}
-    tokens = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None, mesh=mesh)
+    tokens = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None, mesh=mesh)  # per layer, as on CPU
+    decode_per_layer, platforms.decode_per_layer = platforms.decode_per_layer, lambda platform: False
+    split["stacked_tokens_equal"] = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None, mesh=mesh) == tokens
+    platforms.decode_per_layer = decode_per_layer
     cache = start(state.params, CONFIG, np.zeros((4, 8), np.int32), np.full(4, 8, np.int32), jax.random.key(0),
-                  chunk=8, max_tokens=8, temperature=0.0, top_k=None, top_p=None, eos_id=-1, mesh=mesh).cache
+                  sampler=Sampler(), eos_id=-1, chunk=8, max_tokens=8, mesh=mesh).cache
     split["cache_shard"] = list(cache.k.addressable_shards[0].data.shape)
-    per_layer = unstack_layers(state.params)  # sampling's layout, each weight still split
+    _, per_layer = unstack_layers(CONFIG, state.params)  # views of each device's shards
     split["per_layer_wq_shard"] = list(per_layer["layers_0"]["attention"]["wq"].addressable_shards[0].data.shape)
-    split["per_layer_tokens_equal"] = generate(CONFIG, per_layer, PROMPTS, 12, eos_id=None, mesh=mesh) == tokens
     batch = jax.device_put(BATCH, batch_sharding(mesh))
     # The splash kernel (Pallas interpret mode) inside shard_map, from a copy of the state.
     splash_step = trainer.make_train_step(CONFIG.replace(attention="splash"), tx, HP, mesh,
@@ -71,7 +74,7 @@ for spec in ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"):
         "splash_updated_max_diff": max(float(np.abs(a - b).max()) for a, b in zip(
             jax.tree_util.tree_leaves(splash[1]), jax.tree_util.tree_leaves(reference[4]))),
         "cache_shard": split.pop("cache_shard"),
-        "per_layer_tokens_equal": split.pop("per_layer_tokens_equal"),
+        "stacked_tokens_equal": split.pop("stacked_tokens_equal"),
         "per_layer_wq_shard": split.pop("per_layer_wq_shard"),
         "wq": split,
     }

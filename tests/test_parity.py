@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from conftest import WINDOW, forward
 from mistral_jax.convert import load_pytorch
 from mistral_jax.model import unstack_layers
+from test_sampling import assert_views_of_stacked
 
 TOL = 1e-4  # float32 max abs logit difference
 
@@ -43,12 +44,14 @@ def test_every_attention_kernel(ref_windowed, attention, block):
 
 
 def test_per_layer_layout(reference):
-    """Mistral(config, scan_layers=False) over unstack_layers(params): a block per layer."""
+    """Mistral(config.replace(scan_layers=False)) over unstack_layers' params: a block per
+    layer, over views of the stacked weights."""
     config, params = load_pytorch(reference.dir)
-    per_layer = unstack_layers(params, free_stacked=True)
+    per_layer_config, per_layer = unstack_layers(config, params)
+    assert not per_layer_config.scan_layers
     assert "layers" not in per_layer and len([k for k in per_layer if k.startswith("layers_")]) == config.n_layers
-    assert all(w.is_deleted() for w in jax.tree_util.tree_leaves(params["layers"]))  # freed as split
-    assert max_diff(config, per_layer, reference) < TOL
+    assert_views_of_stacked(params, per_layer)
+    assert max_diff(per_layer_config, per_layer, reference) < TOL
 
 
 @pytest.mark.parametrize("fmt", ["sharded_safetensors", "bin"])

@@ -96,7 +96,9 @@ def test_batch_of_prompts_in_process(converted, capsys, tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", ""], "prompt 1 is empty"),
-    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--prompt", "x", "--top-p", "1.5"], r"--top-p must be in \(0, 1\], got 1.5"),
     (["--prompt", "word " * 600], "more than the model's max_seq_len"),
     (["--prompt", "x", "--tokenizer", REAL_TOKENIZER.replace("tokenizer.model.v1",
                                                              "mistral_instruct_tokenizer_240323.model.v3")],
@@ -120,9 +122,9 @@ def test_missing_checkpoint(capsys, tmp_path):
                                            "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=1"),
                                           ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0")])
 def test_scripts_restart_with_huge_pages(before, after):
-    """cli.reexec_with_huge_pages: the same process (exec'd) restarts with glibc's malloc on transparent huge pages,
-    keeping other tunables and an explicit choice."""
-    code = "from mistral_jax import cli; cli.reexec_with_huge_pages(); import os; print(os.getpid(), " \
+    """platforms.restart_with_huge_pages: the same process (exec'd) restarts with glibc's malloc on transparent huge
+    pages, keeping other tunables and an explicit choice."""
+    code = "from mistral_jax import platforms; platforms.restart_with_huge_pages(); import os; print(os.getpid(), " \
            "os.environ['GLIBC_TUNABLES'])"
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if before:

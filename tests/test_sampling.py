@@ -10,11 +10,12 @@ import torch
 from transformers.generation import logits_process
 
 from conftest import WINDOW, forward
+from mistral_jax import platforms
 from mistral_jax.cache import KVCache
+from mistral_jax.config import OptionError
 from mistral_jax.convert import load_pytorch
-from mistral_jax.model import Mistral, layers_stacked, unstack_layers
-from mistral_jax.sampling import (FEW_ROWS, decode_loop, decode_loop_few_rows_cpu, decode_program, filter_logits,
-                                  generate, sample_logits, start)
+from mistral_jax.model import Mistral, unstack_layers
+from mistral_jax.sampling import Sampler, decode, decoding_layout, filter_logits, generate, sample_logits, start
 
 NEW = 3 * WINDOW + 7  # generation wraps the cache several times
 
@@ -43,16 +44,34 @@ def hf_greedy(model, prompt, new):
     return out[0, len(prompt):].tolist()
 
 
-def in_layout(params, layout):
-    return unstack_layers(params) if layout == "per_layer" else params
+def in_layout(config, params, layout):
+    return unstack_layers(config, params) if layout == "per_layer" else (config, params)
 
 
-@pytest.mark.parametrize("which,layout", [("windowed", "stacked"), ("full", "stacked"), ("windowed", "per_layer")])
-def test_greedy_equals_hf_generate(request, which, layout):
-    """A ragged batch, prompts shorter and longer than the window, in one call; params as
-    loaded (stacked over layers) and per layer (unstack_layers)."""
+def assert_views_of_stacked(stacked, per_layer):
+    """Each per-layer array is layer i of its stacked array, in the stacked array's memory (CPU)."""
+    leaves = jax.tree_util.tree_leaves(stacked["layers"])
+    for i in range(leaves[0].shape[0]):
+        for whole, layer in zip(leaves, jax.tree_util.tree_leaves(per_layer[f"layers_{i}"])):
+            np.testing.assert_array_equal(layer, whole[i])
+            offset = i * layer.size * layer.dtype.itemsize
+            assert layer.unsafe_buffer_pointer() == whole.unsafe_buffer_pointer() + offset
+
+
+@pytest.fixture(params=["per_layer", "stacked"])
+def decoding(request, monkeypatch):
+    """generate as CPUs run it (over per-layer views of the params) and as TPUs and GPUs do
+    (one scan over the stacked layers)."""
+    if request.param == "stacked":
+        monkeypatch.setattr(platforms, "decode_per_layer", lambda platform: False)
+    return request.param
+
+
+@pytest.mark.parametrize("which", ["windowed", "full"])
+def test_greedy_equals_hf_generate(request, which, decoding):
+    """A ragged batch, prompts shorter and longer than the window, in one call, from the
+    params as loaded."""
     ref, config, params = request.getfixturevalue(which)
-    params = in_layout(params, layout)
     prompts = prompts_of([5, WINDOW - 1, WINDOW, 2 * WINDOW + 3], config.vocab_size)
     ours = generate(config, params, prompts, NEW, eos_id=None)
     for prompt, tokens in zip(prompts, ours):
@@ -76,11 +95,10 @@ def logits_by_chunks(config, params, tokens, chunk):
     def step(cache, i):
         positions = i * chunk + jnp.arange(chunk, dtype=jnp.int32)[None, :]
         positions = jnp.broadcast_to(jnp.where(positions < T, positions, -1), (B, chunk))
-        logits, cache = Mistral(config, scan_layers=layers_stacked(params)).apply(
-            {"params": params}, pieces[i], positions, cache)
+        logits, cache = Mistral(config).apply({"params": params}, pieces[i], positions, cache)
         return cache, logits
 
-    cache, logits = jax.lax.scan(step, KVCache.init(config, B, T, stacked=layers_stacked(params)), jnp.arange(n))
+    cache, logits = jax.lax.scan(step, KVCache.init(config, B, T), jnp.arange(n))
     return logits.transpose(1, 0, 2, 3).reshape(B, n * chunk, -1)[:, :T], cache
 
 
@@ -90,7 +108,7 @@ def logits_by_chunks(config, params, tokens, chunk):
 def test_cached_logits_equal_full_forward(windowed, chunk, layout):
     ref, config, params = windowed
     T = ref.tokens.shape[1]
-    cached, cache = logits_by_chunks(config, in_layout(params, layout), ref.tokens, chunk)
+    cached, cache = logits_by_chunks(*in_layout(config, params, layout), ref.tokens, chunk)
     full = np.asarray(forward(config, params, ref.tokens))
     np.testing.assert_allclose(cached, full, atol=1e-4)  # the float32 parity tolerance
     np.testing.assert_allclose(cached, ref.logits, atol=1e-4)
@@ -142,7 +160,7 @@ def test_streamed_steps_equal_one_call(windowed):
     from mistral_jax.sampling import generate_stream
 
     prompts = prompts_of([10, 4], config.vocab_size, seed=3)
-    pieces = list(generate_stream(config, params, prompts, 25, temperature=0.8, seed=5, eos_id=None,
+    pieces = list(generate_stream(config, params, prompts, 25, sampler=Sampler(temperature=0.8), seed=5, eos_id=None,
                                   steps_per_call=4))
     assert [p.shape[1] for p in pieces] == [1, 4, 4, 4, 4, 4, 4]
     assert np.concatenate(pieces, axis=1).tolist() == generate(config, params, prompts, 25, temperature=0.8,
@@ -184,7 +202,7 @@ def test_filter_matches_hf_warpers(top_k, top_p):
 def test_sampling_frequencies_follow_the_filtered_distribution():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 4000)
-    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_logits(logits, k, 1.0, None, 0.7)))(keys))[:, 0]
+    draws = np.asarray(jax.jit(jax.vmap(lambda k: sample_logits(logits, k, Sampler(1.0, None, 0.7))))(keys))[:, 0]
     # top_p 0.7 keeps {0.5, 0.3}: renormalised 0.625 / 0.375.
     assert set(draws.tolist()) == {0, 1}
     assert abs((draws == 0).mean() - 0.625) < 0.03
@@ -193,37 +211,36 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
 def test_no_recompile_within_a_bucket(windowed):
     _, config, params = windowed
     generate(config, params, prompts_of([20, 9], config.vocab_size), 10)
-    programs = start, decode_loop, decode_loop_few_rows_cpu
-    compiled = [p._cache_size() for p in programs]
+    compiled = [p._cache_size() for p in (start, decode)]
     generate(config, params, prompts_of([27, 3], config.vocab_size, seed=9), 13)
-    assert [p._cache_size() for p in programs] == compiled
+    assert [p._cache_size() for p in (start, decode)] == compiled
 
 
-def test_few_rows_decode_on_cpu_is_compiled_without_ynnpack(windowed):
-    """On CPU, a batch of fewer than FEW_ROWS rows decodes with the program compiled without
-    YNNPACK fusions (the default program has them for the same state) and gets the tokens
-    the default program gets."""
+def test_generate_decodes_over_views_of_stacked_params_on_cpu(windowed):
+    """What generate decodes with on CPU: a block per layer over views of the stacked params
+    as loaded, each layer's weights in the stacked array's memory (nothing copied per call)."""
     _, config, params = windowed
-    options = dict(temperature=0.0, top_k=None, top_p=None, eos_id=-1)
-    prompts = np.array(prompts_of([8, 8, 8], config.vocab_size), np.int32)
-    state = start(params, config, prompts, np.full(3, 8, np.int32), jax.random.key(0), chunk=8, max_tokens=32,
-                  **options)
-    assert decode_program(state) is decode_loop_few_rows_cpu
-    assert decode_program(state.replace(last=jnp.zeros(FEW_ROWS, jnp.int32))) is decode_loop
-    until = jnp.array(32, jnp.int32)
-    texts = [p.lower(params, config, state, until, **options).compile().as_text()
-             for p in (decode_loop, decode_loop_few_rows_cpu)]
-    assert "ynn_fusion" in texts[0] and "ynn_fusion" not in texts[1]
-    tokens = [np.asarray(p(params, config, jax.tree_util.tree_map(jnp.copy, state), until, **options).tokens)
-              for p in (decode_loop, decode_loop_few_rows_cpu)]
-    np.testing.assert_array_equal(tokens[0], tokens[1])
+    per_layer_config, per_layer = decoding_layout(config, params)
+    assert not per_layer_config.scan_layers and config.scan_layers
+    assert_views_of_stacked(params, per_layer)
+    again_config, again = decoding_layout(per_layer_config, per_layer)  # already per layer: as given
+    assert again_config == per_layer_config and again is per_layer
 
 
-@pytest.mark.parametrize("prompts,new,message", [
-    ([], 5, "no prompts"), ([[1, 2], []], 5, r"prompts\[1\] is empty"), ([[1] * 600], 5, "more than the model's max_seq_len"),
-    ([[1, 400]], 5, "outside"), ([[1, 2]], 0, "max_new_tokens must be at least 1"),
+@pytest.mark.parametrize("prompts,new,options,message", [
+    ([], 5, {}, "no prompts"), ([[1, 2], []], 5, {}, r"prompts\[1\] is empty"),
+    ([[1] * 600], 5, {}, "more than the model's max_seq_len"), ([[1, 400]], 5, {}, "outside"),
+    ([[1, 2]], 0, {}, "max_new_tokens must be at least 1"), ([[1, 2]], 5, {"temperature": -1.0}, "temperature must be >= 0"),
+    ([[1, 2]], 5, {"top_k": 0}, "top_k must be at least 1"), ([[1, 2]], 5, {"top_k": 400}, r"top_k must be in \[1, 320\]"),
+    ([[1, 2]], 5, {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
 ])
-def test_bad_arguments(windowed, prompts, new, message):
+def test_bad_arguments(windowed, prompts, new, options, message):
     _, config, params = windowed
     with pytest.raises(ValueError, match=message):
-        generate(config, params, prompts, new)
+        generate(config, params, prompts, new, **options)
+
+
+def test_sampler_names_the_bad_field():
+    with pytest.raises(OptionError) as e:
+        Sampler(top_p=2.0)
+    assert e.value.field == "top_p"

@@ -46,7 +46,7 @@ def test_equal_to_one_device_under_meshes():
     for spec, f in findings.items():
         assert f["init_max_diff"] == 0.0, spec  # params born sharded are the same numbers
         assert f["logits_max_diff"] < 1e-5, spec
-        assert f["tokens_equal"] and f["per_layer_tokens_equal"], spec
+        assert f["tokens_equal"] and f["stacked_tokens_equal"], spec
         assert f["per_layer_wq_shard"] == f["wq"]["shard"][1:], spec  # unstack_layers kept the split
         assert f["loss_diff"] < 1e-6 and f["grad_norm_rel_diff"] < 1e-5, spec
         assert f["updated_max_diff"] < 1e-6, spec

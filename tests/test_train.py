@@ -15,9 +15,10 @@ import transformers
 
 import train
 from conftest import REPO, assert_one_line_error, build_reference, forward, run_script
-from mistral_jax import data, trainer
+from mistral_jax import data, metrics, trainer
 from mistral_jax.checkpoint import load_checkpoint
 from mistral_jax.config import MistralConfig
+from mistral_jax.model import init_params
 from mistral_jax.sharding import make_mesh
 from mistral_jax.tokenizer import Tokenizer
 
@@ -124,7 +125,7 @@ def losses(out_dir):
 def test_loss_goes_down_and_resume_is_exact(tokens, tmp_path):
     batches = data.TokenBatches(tokens, 32, 8)
     mesh = make_mesh("")
-    kwargs = dict(log_every=1, eval_every=100, save_every=4, peak_flops=None)
+    kwargs = dict(schedule=trainer.Schedule(log_every=1, eval_every=100, save_every=4), peak_flops=None)
     trainer.fit(TINY, hp(steps=40), batches, mesh, str(tmp_path / "long"), **kwargs)
     curve = losses(tmp_path / "long")
     assert np.mean([curve[s] for s in range(36, 41)]) < np.mean([curve[s] for s in range(1, 6)]) - 1.0
@@ -143,8 +144,8 @@ def test_nan_loss_stops_with_last_good_checkpoint(tokens, tmp_path):
     batches = data.TokenBatches(tokens, 32, 8)
     diverged = r"loss became (nan|inf) at step \d+; the last good checkpoint is step"
     with pytest.raises(trainer.TrainingDiverged, match=diverged):
-        trainer.fit(TINY, hp(steps=30, lr=1e9, clip=1e12), batches, make_mesh(""), str(tmp_path), log_every=1,
-                    save_every=1)
+        trainer.fit(TINY, hp(steps=30, lr=1e9, clip=1e12), batches, make_mesh(""), str(tmp_path),
+                    trainer.Schedule(log_every=1, save_every=1))
 
 
 def dot_flops(jaxpr) -> int:
@@ -168,10 +169,10 @@ def test_flops_count_equals_the_program_with_one_query_blocks(window):
     xla kernel computes exactly those products, so its jaxpr's dot FLOPs are the count."""
     config = TINY.replace(sliding_window=window, attention="xla", attention_block=1)
     B, T = 2, 32
-    params = trainer._init_params(config, jax.random.key(0))
+    params = init_params(config, jax.random.key(0))
     jaxpr = jax.make_jaxpr(lambda p, t: forward(config, p, t))(params, jnp.zeros((B, T), jnp.int32)).jaxpr
-    assert dot_flops(jaxpr) == pytest.approx(B * T * trainer.flops_per_token(config, T, training=False), rel=1e-9)
-    assert trainer.flops_per_token(config, T) == 3 * trainer.flops_per_token(config, T, training=False)
+    assert dot_flops(jaxpr) == pytest.approx(B * T * metrics.flops_per_token(config, T, training=False), rel=1e-9)
+    assert metrics.flops_per_token(config, T) == 3 * metrics.flops_per_token(config, T, training=False)
 
 
 def run_train(capsys, *argv):
@@ -224,8 +225,9 @@ def run_cli_convert(src, dst):
     (["--data", "/nonexistent/*.txt"], "no data files matched"),
     (["--seq-len", "65"], "--seq-len 65 is longer than the model's max_seq_len 64"),
     (["--mesh", "data=3"], "mesh 'data=3' has 3 devices but there are 1"),
-    (["--batch-size", "6", "--grad-accum", "4"], "must divide into --grad-accum"),
-    (["--loss-chunk", "0"], "--loss-chunk must be positive"),
+    (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must divide into grad_accum 4 micro-batches"),
+    (["--loss-chunk", "0"], "--loss-chunk must be a positive integer, got 0"),
+    (["--keep", "0"], "--keep must be a positive integer, got 0"),
     (["--init-from", "/nonexistent"], "checkpoint /nonexistent not found"),
     (["--data", "{short_text}", "--tokenizer", "{tokenizer}"], "too short for a batch"),
 ])

@@ -1,0 +1,45 @@
+"""Every row of docs/SCALING.md: the 7B train step and generate compiled ahead of time for TPU
+slices and the 8-device CPU stand-in (mistral_jax.aot), per-device memory from XLA.
+
+  python -m bench.plans            # compiles and prints every row
+  python -m bench.plans --write    # ... and rewrites the table in docs/SCALING.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from bench.report import rewrite_section
+from mistral_jax import aot
+from mistral_jax.cli import run
+
+SCALING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "SCALING.md")
+
+PLANS = [
+    aot.Plan("v5e-16", "fsdp=16", "train", 16, 4096),
+    aot.Plan("v4-8", "fsdp=4", "train", 4, 4096),
+    aot.Plan("v4-8", "fsdp=4", "train", 4, 1024),
+    aot.Plan("v5p-8", "fsdp=4", "train", 16, 4096),
+    aot.Plan("cpu-8", "fsdp=8", "train", 8, 4096),
+    aot.Plan("cpu-8", "fsdp=4,tensor=2", "train", 8, 1024),  # tests/test_aot.py's guard
+    aot.Plan("v5e-16", "data=2,tensor=8", "generate", 8, 4096),
+    aot.Plan("v4-8", "tensor=4", "generate", 8, 4096),
+    aot.Plan("v5p-8", "tensor=4", "generate", 8, 4096),
+    aot.Plan("cpu-8", "tensor=8", "generate", 8, 4096),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--write", action="store_true", help="rewrite the table in docs/SCALING.md")
+    args = p.parse_args()
+    aot.compile_only_environment()
+    print(aot.HEADER)
+    rows = aot.compile_rows(PLANS)
+    if args.write:
+        rewrite_section(SCALING, "aot", "\n".join([aot.HEADER, *rows]))
+
+
+if __name__ == "__main__":
+    run(main)
