@@ -13,25 +13,21 @@ import sys
 import time
 
 from mistral_jax import cli, platforms
-from mistral_jax.config import require_positive
-
-
-def _option(default=dataclasses.MISSING, help=" ", **metadata):
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+from mistral_jax.options import option, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleOptions:
     """What to sample from, and how much."""
 
-    checkpoint: str = _option(help="directory written by convert_weights.py or train.py")
-    tokenizer: str | None = _option(None, "sentencepiece model (default: the checkpoint's tokenizer.model)")
-    prompt: tuple[str, ...] = _option((), "a prompt; repeat for a batch", repeat=True)
-    prompt_file: tuple[str, ...] = _option((), "a file whose text is one prompt; repeatable", repeat=True)
-    max_new_tokens: int = _option(64, "the most tokens generated per prompt")
-    seed: int = _option(0, "PRNG seed of sampling")
-    dtype: str | None = _option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
-    steps_per_call: int = _option(16, "decode steps per compiled call when streaming")
+    checkpoint: str = option(help="directory written by convert_weights.py or train.py")
+    tokenizer: str | None = option(None, "sentencepiece model (default: the checkpoint's tokenizer.model)")
+    prompt: tuple[str, ...] = option((), "a prompt; repeat for a batch", repeat=True)
+    prompt_file: tuple[str, ...] = option((), "a file whose text is one prompt; repeatable", repeat=True)
+    max_new_tokens: int = option(64, "the most tokens generated per prompt")
+    seed: int = option(0, "PRNG seed of sampling")
+    dtype: str | None = option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
+    steps_per_call: int = option(16, "decode steps per compiled call when streaming")
 
     def __post_init__(self):
         require_positive(self, "max_new_tokens", "steps_per_call")

@@ -13,7 +13,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from mistral_jax.config import OptionError
+from mistral_jax.options import OptionError
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):

@@ -27,22 +27,6 @@ class ConfigError(ValueError):
     """A config file or value that cannot describe a Mistral model."""
 
 
-class OptionError(ValueError):
-    """A bad value of one option (a field of an options dataclass); the scripts name it as a flag."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field} {problem}")
-        self.field, self.problem = field, problem
-
-
-def require_positive(options, *names: str) -> None:
-    """Raises OptionError for the first of these int fields of options that is not positive."""
-    for name in names:
-        value = getattr(options, name)
-        if not isinstance(value, int) or value < 1:
-            raise OptionError(name, f"must be a positive integer, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
     """Architecture (params.json names) plus how to run it: dtypes, remat policy, attention

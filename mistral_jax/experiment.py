@@ -13,9 +13,10 @@ import numpy as np
 
 from mistral_jax import data, distributed
 from mistral_jax.checkpoint import load_checkpoint, save_checkpoint
-from mistral_jax.config import DTYPES, REMAT_POLICIES, MistralConfig, OptionError, require_positive
+from mistral_jax.config import DTYPES, REMAT_POLICIES, MistralConfig
 from mistral_jax.metrics import measure_peak_flops
 from mistral_jax.model import param_shardings
+from mistral_jax.options import OptionError, option, require_positive
 from mistral_jax.sampling import generate
 from mistral_jax.sharding import make_mesh
 from mistral_jax.tokenizer import Tokenizer
@@ -26,36 +27,32 @@ DEFAULT_CONFIG = "mistral-15m"  # what train.py trains without --config or --ini
 SAMPLE_PROMPTS = ("The", "A function", "In Python,", "When the", "This module")
 
 
-def _option(default, help: str, **metadata):
-    return dataclasses.field(default=default, metadata={"help": help, **metadata})
-
-
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     """Where a training run reads and writes, which model it trains, on which devices."""
 
-    data: tuple[str, ...] = _option(
+    data: tuple[str, ...] = option(
         (data.BUILTIN,), 'text files, globs, directories or .jsonl ("text" field); "builtin": Python\'s docs')
-    out: str = _option("runs/default", "the run's directory")
-    config: str | None = _option(None, "a preset name or a config.json/params.json file (default: mistral-15m, "
+    out: str = option("runs/default", "the run's directory")
+    config: str | None = option(None, "a preset name or a config.json/params.json file (default: mistral-15m, "
                                        "or the --init-from checkpoint's)")
-    init_from: str | None = _option(None, "a mistral_jax checkpoint to fine-tune (its config and tokenizer)")
-    tokenizer: str | None = _option(None, "a sentencepiece model (default: trained on the data at first run)")
-    resume: bool = _option(False, "continue from the latest checkpoint in --out")
-    overwrite: bool = _option(False, "start afresh in an --out that holds a run")
-    dtype: str = _option("float32", "compute dtype; parameters and optimizer state stay float32",
+    init_from: str | None = option(None, "a mistral_jax checkpoint to fine-tune (its config and tokenizer)")
+    tokenizer: str | None = option(None, "a sentencepiece model (default: trained on the data at first run)")
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    overwrite: bool = option(False, "start afresh in an --out that holds a run")
+    dtype: str = option("float32", "compute dtype; parameters and optimizer state stay float32",
                          choices=DTYPES[:2])
-    remat: str = _option("none", "what each block saves for the backward pass", choices=tuple(REMAT_POLICIES))
-    mesh: str = _option("", 'e.g. "data=2,fsdp=2,tensor=2"; -1 = the rest (default: all on fsdp)')
-    peak_flops: float | None = _option(None, "peak FLOP/s of a device, for MFU (on CPU: of a process, whose "
+    remat: str = option("none", "what each block saves for the backward pass", choices=tuple(REMAT_POLICIES))
+    mesh: str = option("", 'e.g. "data=2,fsdp=2,tensor=2"; -1 = the rest (default: all on fsdp)')
+    peak_flops: float | None = option(None, "peak FLOP/s of a device, for MFU (on CPU: of a process, whose "
                                              "devices share its cores; default: measured)")
-    samples: int = _option(3, "samples printed at the end")
-    sample_tokens: int = _option(48, "tokens per sample")
-    distributed: bool = _option(False, "a multi-process run: jax.distributed.initialize(), which detects TPU pods "
+    samples: int = option(3, "samples printed at the end")
+    sample_tokens: int = option(48, "tokens per sample")
+    distributed: bool = option(False, "a multi-process run: jax.distributed.initialize(), which detects TPU pods "
                                        "and SLURM; elsewhere give --coordinator, --num-processes and --process-id")
-    coordinator: str | None = _option(None, "host:port of process 0 (implies --distributed)")
-    num_processes: int | None = _option(None, "processes in the run")
-    process_id: int | None = _option(None, "this process's index")
+    coordinator: str | None = option(None, "host:port of process 0 (implies --distributed)")
+    num_processes: int | None = option(None, "processes in the run")
+    process_id: int | None = option(None, "this process's index")
 
     def __post_init__(self):
         if self.samples < 0:

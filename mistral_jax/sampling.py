@@ -21,9 +21,10 @@ from jax.sharding import Mesh
 
 from mistral_jax import platforms
 from mistral_jax.cache import KVCache
-from mistral_jax.config import MistralConfig, OptionError
+from mistral_jax.config import MistralConfig
 from mistral_jax.distributed import fetch
 from mistral_jax.model import Mistral, unstack_layers
+from mistral_jax.options import OptionError, option
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (at most the window)
 
@@ -37,10 +38,9 @@ class Sampler:
     top_p. Hashable: a static argument of the compiled loop.
     """
 
-    temperature: float = dataclasses.field(default=0.0, metadata={"help": "0 is greedy"})
-    top_k: int | None = dataclasses.field(default=None, metadata={"help": "keep the k most likely tokens"})
-    top_p: float | None = dataclasses.field(
-        default=None, metadata={"help": "keep the smallest set of tokens whose probability reaches p"})
+    temperature: float = option(0.0, "0 is greedy")
+    top_k: int | None = option(None, "keep the k most likely tokens")
+    top_p: float | None = option(None, "keep the smallest set of tokens whose probability reaches p")
 
     def __post_init__(self):
         if not self.temperature >= 0:

@@ -21,11 +21,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mistral_jax import checkpoint
-from mistral_jax.config import MistralConfig, require_positive
+from mistral_jax.config import MistralConfig
 from mistral_jax.distributed import is_primary
 from mistral_jax.loss import cross_entropy
 from mistral_jax.metrics import MetricsWriter, flops_per_token, format_line
 from mistral_jax.model import Mistral, init_params, param_shardings
+from mistral_jax.options import option, require_positive
 from mistral_jax.sharding import batch_sharding, under_mesh
 
 
@@ -36,28 +37,24 @@ class TrainState:
     opt_state: Any
 
 
-def _option(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
     """What a train step computes and how the run's steps go (train.py's flags of the same names)."""
 
-    steps: int = _option(150, "optimizer steps")
-    batch_size: int = _option(8, "sequences per step, all processes together")
-    seq_len: int = _option(256, "tokens per sequence")
-    grad_accum: int = _option(1, "micro-batches per step")
-    lr: float = _option(3e-3, "peak learning rate")
-    warmup: int = _option(15, "steps of linear warmup, then cosine decay")
-    final_lr_fraction: float = _option(0.1, "the learning rate at the last step, as a fraction of --lr")
-    weight_decay: float = _option(0.1, "AdamW weight decay, on projection matrices only")
-    clip: float = _option(1.0, "global gradient norm clipping")
-    b1: float = _option(0.9, "Adam beta1")
-    b2: float = _option(0.95, "Adam beta2")
-    z_loss: float = _option(0.0, "weight of log(Z)^2, which keeps the softmax normaliser near 1")
-    loss_chunk: int = _option(128, "sequence positions whose logits the loss holds at a time")
-    seed: int = _option(0, "seed of the initial weights and of the data order")
+    steps: int = option(150, "optimizer steps")
+    batch_size: int = option(8, "sequences per step, all processes together")
+    seq_len: int = option(256, "tokens per sequence")
+    grad_accum: int = option(1, "micro-batches per step")
+    lr: float = option(3e-3, "peak learning rate")
+    warmup: int = option(15, "steps of linear warmup, then cosine decay")
+    final_lr_fraction: float = option(0.1, "the learning rate at the last step, as a fraction of --lr")
+    weight_decay: float = option(0.1, "AdamW weight decay, on projection matrices only")
+    clip: float = option(1.0, "global gradient norm clipping")
+    b1: float = option(0.9, "Adam beta1")
+    b2: float = option(0.95, "Adam beta2")
+    z_loss: float = option(0.0, "weight of log(Z)^2, which keeps the softmax normaliser near 1")
+    loss_chunk: int = option(128, "sequence positions whose logits the loss holds at a time")
+    seed: int = option(0, "seed of the initial weights and of the data order")
 
     def __post_init__(self):
         require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
@@ -67,11 +64,11 @@ class Hyperparameters:
 class Schedule:
     """When the training loop logs, evaluates and saves."""
 
-    log_every: int = _option(10, "steps between metrics lines")
-    eval_every: int = _option(100, "steps between evaluations of the held-out loss")
-    eval_batches: int = _option(4, "batches per evaluation")
-    save_every: int = _option(100, "steps between checkpoints")
-    keep: int = _option(3, "checkpoints kept")
+    log_every: int = option(10, "steps between metrics lines")
+    eval_every: int = option(100, "steps between evaluations of the held-out loss")
+    eval_batches: int = option(4, "batches per evaluation")
+    save_every: int = option(100, "steps between checkpoints")
+    keep: int = option(3, "checkpoints kept")
 
     def __post_init__(self):
         require_positive(self, "log_every", "eval_every", "eval_batches", "save_every", "keep")

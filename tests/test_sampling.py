@@ -12,7 +12,7 @@ from transformers.generation import logits_process
 from conftest import WINDOW, forward
 from mistral_jax import platforms
 from mistral_jax.cache import KVCache
-from mistral_jax.config import OptionError
+from mistral_jax.options import OptionError
 from mistral_jax.convert import load_pytorch
 from mistral_jax.model import Mistral, unstack_layers
 from mistral_jax.sampling import Sampler, decode, decoding_layout, filter_logits, generate, sample_logits, start

@@ -1,0 +1,28 @@
+"""Options dataclasses (hyperparameters, run and sampling options): their fields, and the error
+a bad value raises, which the scripts report under the flag's name (cli.run)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class OptionError(ValueError):
+    """A bad value of one option: a field of an options dataclass."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field} {problem}")
+        self.field, self.problem = field, problem
+
+
+def option(default=dataclasses.MISSING, help: str = " ", **metadata):
+    """A dataclass field with its help text (and e.g. choices=..., repeat=True), from which
+    cli.add_options makes a flag; without a default, a required one."""
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+def require_positive(options, *names: str) -> None:
+    """Raises OptionError for the first of these int fields of options that is not positive."""
+    for name in names:
+        value = getattr(options, name)
+        if not isinstance(value, int) or value < 1:
+            raise OptionError(name, f"must be a positive integer, got {value!r}")
