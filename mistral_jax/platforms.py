@@ -2,9 +2,10 @@
 
 - the attention kernel that `attention="auto"` means on each platform;
 - whether decoding runs the layer stack as one scan over stacked weights or as a block per
-  layer over an array per layer (CPU: per layer, see BENCHMARKS.md "Decode");
-- restarting a script with glibc's malloc on huge pages (CPU hosts, see BENCHMARKS.md
-  "Huge pages").
+  layer over an array per layer (CPU: per layer);
+- restarting a script with glibc's malloc on huge pages (for XLA:CPU).
+
+What each buys, measured: docs/DESIGN.md, "CPU specifics", and BENCHMARKS.md.
 
 JAX is imported by the functions that ask it, not at the top, so that a script can restart
 itself (restart_with_huge_pages) before JAX has loaded.
