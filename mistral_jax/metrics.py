@@ -25,7 +25,7 @@ def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True) 
     return (3 if training else 1) * (2 * matmul_params + attention)
 
 
-def measure_peak_flops(shapes=((1024, 1024, 1024),), timer=None) -> float:
+def measure_peak_flops(shapes=((1024, 1024, 1024), (2048, 2048, 2048)), timer=None) -> float:
     """Sustained float32 matmul FLOP/s of one device: the best over (m, k, n) GEMM shapes,
     each timed by timer(fn) -> seconds (default: the fastest of 5 runs after a warm-up).
     train.py's MFU denominator, and the benchmarks' (which pass more shapes and a timer
