@@ -2,9 +2,13 @@
 
   python sample.py --checkpoint DIR --prompt "The capital of France is" [--prompt ...]
                    [--max-new-tokens 64] [--temperature 0.7 --top-k 50 --top-p 0.9] [--seed 0]
+  python sample.py --checkpoint DIR --chat --system "Answer briefly." --prompt "What is RoPE?"
+  python sample.py --checkpoint DIR --interactive         # a conversation: one reply per line entered
 
-Prompts are encoded with BOS first, as Mistral models were trained; only the completions
-are printed. With one prompt the completion streams as it is generated. Timings go to stderr.
+Prompts are encoded with BOS first, as Mistral models were trained; with --chat (and
+--interactive) each is a user turn in the chat format of the checkpoint's tokenizer, as its
+instruct model was trained. Only the completions are printed; with one prompt the completion
+streams as it is generated. Timings go to stderr.
 """
 
 import dataclasses
@@ -13,7 +17,7 @@ import sys
 import time
 
 from mistral_jax import cli, platforms
-from mistral_jax.options import option, require_positive
+from mistral_jax.options import OptionError, option, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,16 +25,23 @@ class SampleOptions:
     """What to sample from, and how much."""
 
     checkpoint: str = option(help="directory written by convert_weights.py or train.py")
-    tokenizer: str | None = option(None, "sentencepiece model (default: the checkpoint's tokenizer.model)")
+    tokenizer: str | None = option(None, "tokenizer file (default: the checkpoint's tokenizer.model*, tekken.json)")
     prompt: tuple[str, ...] = option((), "a prompt; repeat for a batch", repeat=True)
     prompt_file: tuple[str, ...] = option((), "a file whose text is one prompt; repeatable", repeat=True)
-    max_new_tokens: int = option(64, "the most tokens generated per prompt")
+    chat: bool = option(False, "each prompt is a user turn of its own conversation, in the tokenizer's chat format")
+    system: str | None = option(None, "a system prompt for --chat and --interactive")
+    interactive: bool = option(False, "a conversation on stdin: a reply streamed per line entered, the history kept")
+    max_new_tokens: int = option(64, "the most tokens generated per prompt (per reply)")
     seed: int = option(0, "PRNG seed of sampling")
     dtype: str | None = option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
     steps_per_call: int = option(16, "decode steps per compiled call when streaming")
 
     def __post_init__(self):
         require_positive(self, "max_new_tokens", "steps_per_call")
+        if self.system is not None and not (self.chat or self.interactive):
+            raise OptionError("system", "needs --chat or --interactive")
+        if self.interactive and (self.prompt or self.prompt_file):
+            raise OptionError("interactive", "reads the conversation from stdin: give no --prompt or --prompt-file")
 
     def read_prompts(self) -> list[str]:
         prompts = list(self.prompt)
@@ -40,19 +51,59 @@ class SampleOptions:
                     prompts.append(f.read().rstrip("\n"))
             except OSError as e:
                 raise ValueError(f"cannot read prompt file {file}: {e.strerror}") from None
-        if not prompts:
-            raise ValueError("give at least one --prompt or --prompt-file")
+        if not prompts and not self.interactive:
+            raise ValueError("give at least one --prompt or --prompt-file (or --interactive)")
         for i, prompt in enumerate(prompts):
             if not prompt.strip():
                 raise ValueError(f"prompt {i + 1} is empty")
         return prompts
 
+    def conversation(self, *turns: str) -> list[dict]:
+        """Messages of a conversation: the system prompt (if any), then user and assistant turns."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+def complete(config, params, tokenizer, prompts: list[list[int]], options: SampleOptions, sampler,
+             clock: cli.CompileClock) -> list[str]:
+    """The completion of each prompt (token ids), until eos or max_new_tokens; with one prompt
+    it is also written to stdout as it comes. Timings go to stderr."""
+    from mistral_jax.sampling import generate_stream, until_eos
+    from mistral_jax.tokenizer import StreamDecoder
+
+    stream = len(prompts) == 1
+    generated = [[] for _ in prompts]
+    text = StreamDecoder(tokenizer)
+    start, compiled_before = time.perf_counter(), clock.seconds
+    pieces = generate_stream(config, params, prompts, options.max_new_tokens, sampler=sampler, seed=options.seed,
+                             eos_id=tokenizer.eos_id, steps_per_call=options.steps_per_call if stream else None)
+    first_piece = None
+    for piece in pieces:
+        if first_piece is None:
+            first_piece = time.perf_counter() - start, clock.seconds - compiled_before
+        for row, tokens in zip(generated, piece.tolist()):
+            row.extend(tokens)
+        if stream:
+            sys.stdout.write(text.push(until_eos(piece[0].tolist(), tokenizer.eos_id)))
+            sys.stdout.flush()
+    total, compile_time = time.perf_counter() - start, clock.seconds - compiled_before
+    if stream:
+        print(text.flush(), flush=True)
+
+    prefill_time = first_piece[0] - first_piece[1]
+    decode_time = total - first_piece[0] - (compile_time - first_piece[1])
+    n_prompt = sum(len(p) for p in prompts)
+    n_decoded = sum(max(0, len(until_eos(row, tokenizer.eos_id)) - 1) for row in generated)
+    print(f"compile {compile_time:.2f} s; prefill {n_prompt} tokens, {n_prompt / max(prefill_time, 1e-9):.0f} tok/s; "
+          f"decode {n_decoded} tokens, {n_decoded / max(decode_time, 1e-9):.1f} tok/s", file=sys.stderr)
+    return [tokenizer.decode(until_eos(row, tokenizer.eos_id)) for row in generated]
+
 
 def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
     from mistral_jax.checkpoint import load_checkpoint
-    from mistral_jax.sampling import Sampler, generate_stream, until_eos
-    from mistral_jax.tokenizer import StreamDecoder, Tokenizer, find_tokenizer
+    from mistral_jax.sampling import Sampler
+    from mistral_jax.tokenizer import Tokenizer, find_tokenizer
 
     p = cli.parser(__doc__)
     cli.add_options(p, SampleOptions)
@@ -64,44 +115,30 @@ def main():
 
     tokenizer_path = options.tokenizer or find_tokenizer(options.checkpoint)
     if tokenizer_path is None and os.path.isdir(options.checkpoint):
-        raise ValueError(f"{options.checkpoint} has no tokenizer.model; pass --tokenizer")
+        raise ValueError(f"{options.checkpoint} has no tokenizer file; pass --tokenizer")
     config, params = load_checkpoint(options.checkpoint, options.dtype)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{config.vocab_size}: they do not belong together")
-    encoded = [tokenizer.encode(p, bos=True) for p in prompts]
 
-    stream = len(prompts) == 1
-    generated = [[] for _ in prompts]
-    text = StreamDecoder(tokenizer)
-    start = time.perf_counter()
-    pieces = generate_stream(config, params, encoded, options.max_new_tokens, sampler=sampler, seed=options.seed,
-                             eos_id=tokenizer.eos_id, steps_per_call=options.steps_per_call if stream else None)
-    first_piece = None
-    for piece in pieces:
-        if first_piece is None:
-            first_piece = time.perf_counter() - start, clock.seconds
-        for row, tokens in zip(generated, piece.tolist()):
-            row.extend(tokens)
-        if stream:
-            sys.stdout.write(text.push(until_eos(piece[0].tolist(), tokenizer.eos_id)))
-            sys.stdout.flush()
-    total = time.perf_counter() - start
-    if stream:
-        print(text.flush())
+    if options.interactive:
+        turns = []
+        tokenizer.encode_chat(options.conversation("?"))  # no chat format: say so before reading stdin
+        for line in sys.stdin:
+            if line.strip():
+                turns.append(line.rstrip("\n"))
+                (reply,) = complete(config, params, tokenizer, [tokenizer.encode_chat(options.conversation(*turns))],
+                                    options, sampler, clock)
+                turns.append(reply)
+        return
+    if options.chat:
+        encoded = [tokenizer.encode_chat(options.conversation(p)) for p in prompts]
     else:
-        for i, row in enumerate(generated):
-            if i:
-                print("---")
-            print(tokenizer.decode(until_eos(row, tokenizer.eos_id)))
-
-    prefill_time = first_piece[0] - first_piece[1]
-    decode_time = total - first_piece[0] - (clock.seconds - first_piece[1])
-    n_prompt = sum(len(e) for e in encoded)
-    n_decoded = sum(max(0, len(until_eos(row, tokenizer.eos_id)) - 1) for row in generated)
-    print(f"compile {clock.seconds:.2f} s; prefill {n_prompt} tokens, {n_prompt / max(prefill_time, 1e-9):.0f} tok/s; "
-          f"decode {n_decoded} tokens, {n_decoded / max(decode_time, 1e-9):.1f} tok/s", file=sys.stderr)
+        encoded = [tokenizer.encode(p, bos=True) for p in prompts]
+    completions = complete(config, params, tokenizer, encoded, options, sampler, clock)
+    if len(prompts) > 1:
+        print("\n---\n".join(completions))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Orbax save/restore of params, with config.json beside them.
 
 Layout of a checkpoint directory: config.json (HF format), params/ (orbax), and optionally
-tokenizer.model. A directory appears whole or not at all: it is written under a temporary
-name beside its destination and renamed at the end.
+its tokenizer file (tokenizer.model, tokenizer.model.v3, tekken.json, ...). A directory
+appears whole or not at all: it is written under a temporary name beside its destination and
+renamed at the end.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import numpy as np
 from mistral_jax.checkpoint import atomic_directory, check_destination, load_checkpoint, save_checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.tensor_files import TensorFileError, aligned_empty, read_tensor_file, to_numpy, write_safetensors
-from mistral_jax.tokenizer import find_tokenizer
+from mistral_jax.tokenizer import checkpoint_name, find_tokenizer
 
 
 class CheckpointError(ValueError):
@@ -295,7 +295,7 @@ def convert_pytorch_checkpoint(src: str, dst: str, dtype: str = "bfloat16", over
                                on_start: Callable[[int], None] = lambda n: None,
                                on_tensor: Callable[[str], None] = lambda name: None) -> MistralConfig:
     """A PyTorch checkpoint directory -> a mistral_jax checkpoint (orbax params, config.json,
-    tokenizer.model when src has one). Holds one copy of the params."""
+    and src's tokenizer file, under its own name, when it has one). Holds one copy of the params."""
     check_destination(dst, overwrite)
     config, _, n_tensors, arrays = read_pytorch(src, dtype, on_tensor)
     on_start(n_tensors)
@@ -304,7 +304,7 @@ def convert_pytorch_checkpoint(src: str, dst: str, dtype: str = "bfloat16", over
         set_path(params, path, jax.device_put(array, may_alias=True))  # orbax saves jax arrays faster
     tokenizer = find_tokenizer(src)
     save_checkpoint(dst, config, params, overwrite=overwrite,
-                    extra_files={"tokenizer.model": tokenizer} if tokenizer else None)
+                    extra_files={checkpoint_name(tokenizer): tokenizer} if tokenizer else None)
     return config
 
 
@@ -319,7 +319,7 @@ def export_hf_checkpoint(ckpt: str, dst: str, dtype: str | None = None, overwrit
     with atomic_directory(dst, overwrite) as tmp:
         save_hf(tmp, config, params, on_tensor=on_tensor)
         if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+            shutil.copyfile(tokenizer, os.path.join(tmp, checkpoint_name(tokenizer)))
     return config
 
 

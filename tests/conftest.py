@@ -87,7 +87,8 @@ def reference(request) -> Reference:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REAL_TOKENIZER = os.path.join(os.path.dirname(mistral_common.__file__), "data", "tokenizer.model.v1")
+BUNDLED = os.path.join(os.path.dirname(mistral_common.__file__), "data")  # mistral-common's copies of the releases
+REAL_TOKENIZER = os.path.join(BUNDLED, "tokenizer.model.v1")
 
 
 def run_script(capsys, script, *argv):

@@ -55,7 +55,7 @@ def test_native_pth_with_tokenizer(ref_full, tmp_path, capsys):
     status, out, _ = run(capsys, src, tmp_path / "jax", "--dtype", "float32", "--verify", "--verify-tokens", "40")
     assert status == 0, out
     assert "top-1 agreement 100.00%" in out
-    assert (tmp_path / "jax" / "tokenizer.model").read_bytes() == open(REAL_TOKENIZER, "rb").read()
+    assert (tmp_path / "jax" / "tokenizer.model.v1").read_bytes() == open(REAL_TOKENIZER, "rb").read()  # its name kept
     config, params = load_checkpoint(str(tmp_path / "jax"))
     assert np.abs(np.asarray(forward(config, params, ref_full.tokens)) - ref_full.logits).max() < 1e-4
 

@@ -1,61 +1,47 @@
-"""tokenizer.py against mistral-common, and sample.py end to end with the real Mistral
-tokenizer on a random-weight model converted by convert_weights.py."""
+"""sample.py end to end: random-weight models converted by convert_weights.py with Mistral's
+real tokenizers (v1, v7 with chat control tokens, Tekken), against HF transformers' greedy
+generate on the ids mistral-common encodes, decoded by mistral-common."""
 
 import os
+import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import sentencepiece
 import torch
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
 
 import sample
-from conftest import REAL_TOKENIZER, REPO, assert_one_line_error, build_reference, run_script
-from mistral_jax.tokenizer import StreamDecoder, Tokenizer
+from conftest import BUNDLED, REAL_TOKENIZER, REPO, assert_one_line_error, build_reference, run_script
 
-TEXTS = ["Hello world", "The capital of France is", "  leading spaces\nand a newline",
-         "naïve café, 東京 and emoji 🙂", "def f(x):\n    return x ** 2"]
-
-
-def test_tokenizer_matches_mistral_common():
-    ours, reference = Tokenizer(REAL_TOKENIZER), SentencePieceTokenizer(REAL_TOKENIZER)
-    assert (ours.vocab_size, ours.bos_id, ours.eos_id) == (reference.n_words, reference.bos_id, reference.eos_id)
-    for text in TEXTS:
-        ids = ours.encode(text)
-        assert ids == reference.encode(text, bos=True, eos=False)
-        assert ours.decode(ids) == reference.decode(ids) == text
-
-
-@pytest.mark.parametrize("size", [1, 2, 3, 7])
-def test_stream_decoder_pieces_join_to_the_whole_decode(size):
-    """Real text, a character spelled in byte-fallback tokens split across pieces, random ids,
-    pushed `size` tokens at a time, against the real tokenizer's whole decode."""
-    tokenizer = Tokenizer(REAL_TOKENIZER)
-    real = tokenizer.encode(" ".join(TEXTS), bos=False)
-    pieces = sentencepiece.SentencePieceProcessor(model_file=REAL_TOKENIZER)
-    parrot = [pieces.piece_to_id(f"<0x{b:02X}>") for b in "🦜".encode()]
-    assert tokenizer.decode(parrot) == "🦜"  # four byte-fallback tokens, one character
-    random_ids = np.random.default_rng(size).integers(3, tokenizer.vocab_size, 300).tolist()
-    for ids in (real, real[:5] + parrot + real[5:], random_ids, parrot[1:] + real):  # the last: dangling bytes
-        stream = StreamDecoder(tokenizer)
-        pieces = [stream.push(ids[i:i + size]) for i in range(0, len(ids), size)]
-        assert "".join(pieces) + stream.flush() == tokenizer.decode(ids)
-        assert "\ufffd" not in "".join(pieces[:-1]) or "\ufffd" in tokenizer.decode(ids)
+def convert_with_tokenizer(root, tokenizer_file: str, name: str, vocab_size: int, seed: int):
+    """A random HF model of vocab_size with tokenizer_file beside it (as `name`), converted by the CLI."""
+    ref = build_reference(root / "hf", seed=seed, window=8, seq_len=4, hidden_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                          vocab_size=vocab_size, rope_theta=1e4)
+    shutil.copy(tokenizer_file, root / "hf" / name)
+    subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), str(root / "hf"), str(root / "jax"),
+                    "--dtype", "float32"], check=True, capture_output=True)
+    return ref, root / "jax"
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """A random model with the real tokenizer's 32000-token vocabulary, converted by the CLI."""
-    root = tmp_path_factory.mktemp("sample")
-    ref = build_reference(root / "hf", seed=3, window=8, seq_len=4, hidden_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
-                          vocab_size=32000, rope_theta=1e4)
-    (root / "hf" / "tokenizer.model").write_bytes(open(REAL_TOKENIZER, "rb").read())
-    subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), str(root / "hf"), str(root / "jax"),
-                    "--dtype", "float32"], check=True, capture_output=True)
-    return ref, root / "jax"
+    """The real v1 tokenizer (32000 tokens) as a bare tokenizer.model, as Mistral 7B v0.1 ships it."""
+    return convert_with_tokenizer(tmp_path_factory.mktemp("sample"), REAL_TOKENIZER, "tokenizer.model", 32000, 3)
+
+
+V7 = os.path.join(BUNDLED, "mistral_instruct_tokenizer_241114.model.v7")
+TEKKEN = os.path.join(BUNDLED, "tekken_240718.json")
+
+
+@pytest.fixture(scope="module")
+def converted_v7(tmp_path_factory):
+    """An instruct tokenizer with [INST] and [SYSTEM_PROMPT] control tokens (32768 tokens)."""
+    return convert_with_tokenizer(tmp_path_factory.mktemp("v7"), V7, "tokenizer.model.v7", 32768, 4)
 
 
 def test_sample_py_prints_hf_greedy_completion(converted):
@@ -73,14 +59,68 @@ def run(capsys, *argv):
     return run_script(capsys, sample, *argv)
 
 
+def hf_greedy_ids(model, ids: list[int], new: int, eos: int = 2) -> list[int]:
+    """transformers' greedy continuation of ids, up to before eos."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    return out[:out.index(eos)] if eos in out else out
+
+
+def chat_ids(tokenizer_file: str, messages: list[tuple[str, str]]) -> list[int]:
+    kinds = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[kinds[role](content=content) for role, content in messages])
+    return MistralTokenizer.from_file(tokenizer_file).encode_chat_completion(request).tokens
+
+
+def test_chat_prompts_get_hf_greedy_replies(converted_v7, capsys):
+    """--chat --system: each prompt a conversation of its own, in v7's chat format."""
+    ref, checkpoint = converted_v7
+    status, out, err = run(capsys, "--checkpoint", checkpoint, "--chat", "--system", "Answer in one word.",
+                           "--prompt", "Name a prime.", "--prompt", "What is 東京?", "--max-new-tokens", 16)
+    assert status == 0, err
+    mistral = MistralTokenizer.from_file(V7)
+    expected = [mistral.decode(hf_greedy_ids(ref.model, chat_ids(V7, [("system", "Answer in one word."),
+                                                                       ("user", prompt)]), 16))
+                for prompt in ("Name a prime.", "What is 東京?")]
+    assert out == "\n---\n".join(expected) + "\n"
+
+
+def test_interactive_conversation_keeps_the_history(converted_v7):
+    """--interactive, stdin piped: a reply streamed per line entered (blank lines skipped), each
+    turn encoding the whole conversation so far."""
+    ref, checkpoint = converted_v7
+    result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(checkpoint),
+                             "--interactive", "--system", "Be brief.", "--max-new-tokens", "12"],
+                            input="Name a prime.\n\nAnd an even one?\n", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out, err = result.stdout, result.stderr
+    mistral, history, replies = MistralTokenizer.from_file(V7), [("system", "Be brief.")], []
+    for line in ("Name a prime.", "And an even one?"):
+        history.append(("user", line))
+        replies.append(mistral.decode(hf_greedy_ids(ref.model, chat_ids(V7, history), 12)))
+        history.append(("assistant", replies[-1]))
+    assert out == "".join(reply + "\n" for reply in replies)
+    assert err.count("; decode ") == 2  # one timing line per reply
+
+
+def test_tekken_checkpoint_samples_end_to_end(tmp_path_factory):
+    """A checkpoint that ships tekken.json (Nemo, Small 3): converted, found and decoded."""
+    ref, checkpoint = convert_with_tokenizer(tmp_path_factory.mktemp("tekken"), TEKKEN, "tekken.json", 131072, 5)
+    assert (checkpoint / "tekken.json").read_bytes() == open(TEKKEN, "rb").read()
+    out = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(checkpoint),
+                          "--prompt", "Bonjour, je m'appelle", "--max-new-tokens", "20", "--steps-per-call", "3"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    tekken = MistralTokenizer.from_file(TEKKEN).instruct_tokenizer.tokenizer
+    ids = tekken.encode("Bonjour, je m'appelle", bos=True, eos=False)
+    assert out.stdout == tekken.decode(hf_greedy_ids(ref.model, ids, 20)) + "\n"
+
+
 def hf_greedy_text(model, prompt, new):
     """transformers' greedy completion of prompt (BOS first, eos 2), decoded by mistral-common."""
     reference = SentencePieceTokenizer(REAL_TOKENIZER)
-    ids = reference.encode(prompt, bos=True, eos=False)
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False, eos_token_id=2,
-                             pad_token_id=0)[0, len(ids):].tolist()
-    return reference.decode(out[:out.index(2)] if 2 in out else out)
+    return reference.decode(hf_greedy_ids(model, reference.encode(prompt, bos=True, eos=False), new))
 
 
 def test_batch_of_prompts_in_process(converted, capsys, tmp_path):
@@ -105,6 +145,8 @@ def test_batch_of_prompts_in_process(converted, capsys, tmp_path):
      "tokenizer has 32768 tokens but the model's vocabulary is 32000"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "cannot read prompt file"),
     ([], "at least one --prompt"),
+    (["--prompt", "x", "--system", "Be brief."], "--system needs --chat or --interactive"),
+    (["--interactive", "--prompt", "x"], "--interactive reads the conversation from stdin"),
 ])
 def test_bad_input(converted, capsys, argv, message):
     _, checkpoint = converted
