@@ -29,7 +29,8 @@ def main():
     run = prepare_run(options, hp)
     batches = data.TokenBatches(run.tokens, hp.seq_len, hp.batch_size, seed=hp.seed)
     if distributed.is_primary():
-        print(f"model {cli.human_count(run.config.num_params)} parameters, {len(run.tokens):,} tokens of data, "
+        print(f"model {cli.human_count(run.config.num_params)} parameters (vocabulary {run.config.vocab_size}), "
+              f"{len(run.tokens):,} tokens of data, "
               f"{hp.steps} steps of {hp.batch_size} x {hp.seq_len} tokens on {run.mesh.devices.size} device(s) "
               f"(mesh {dict(run.mesh.shape)})", flush=True)
     state, interrupted = trainer.fit(run.config, hp, batches, run.mesh, options.out, schedule, params=run.params,

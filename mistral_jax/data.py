@@ -1,5 +1,6 @@
 """Text corpus -> token batches: files or the built-in corpus, a sentencepiece model trained
-on first use, a cached token memmap, a train/validation split, deterministic batches.
+on first use (its vocabulary fitted to what the corpus supports), a cached token memmap, a
+train/validation split, deterministic batches.
 
 A batch is a pure function of (seed, step): the data position saved with a checkpoint is
 the step itself, and each host computes only its own rows of the global batch.
@@ -7,27 +8,65 @@ the step itself, and each host computes only its own rows of the global batch.
 
 from __future__ import annotations
 
+import ast
+import functools
 import glob
 import hashlib
 import io
 import json
 import os
+import re
 import sys
+import sysconfig
 from collections.abc import Iterator
 
 import numpy as np
+import pydoc_data.topics
 import sentencepiece
 
+from mistral_jax.options import OptionError
 from mistral_jax.tokenizer import Tokenizer
 
-BUILTIN = "builtin"  # the text of Python's bundled documentation: English every install has
+BUILTIN = "builtin"  # English every Python install has: its documentation and its library's docstrings
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")
+# Parts of the standard library left out of the built-in corpus: tests, and the codecs'
+# generated docstrings (one boilerplate text per codec).
+_NOT_CORPUS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "__pycache__"}
+_SHORTEST_DOCSTRING = 80  # characters; shorter ones are mostly "Return x." one-liners
 
 
-def builtin_documents() -> list[str]:
-    import pydoc_data.topics
+@functools.cache
+def builtin_documents() -> tuple[str, ...]:
+    """Python's topic documentation (pydoc_data) and the docstrings of its standard library's
+    modules, classes and functions, read from their source files without importing them: a
+    fixed order, exact duplicates and one-liners left out."""
+    documents = list(dict.fromkeys(pydoc_data.topics.topics.values()))  # two topics share a text
+    seen = set(documents)
+    for file in _stdlib_sources():
+        for docstring in _docstrings(file):
+            if len(docstring) >= _SHORTEST_DOCSTRING and docstring not in seen:
+                seen.add(docstring)
+                documents.append(docstring)
+    return tuple(documents)
 
-    return list(pydoc_data.topics.topics.values())
+
+def _stdlib_sources() -> list[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for directory, subdirectories, names in os.walk(root):
+        subdirectories[:] = sorted(d for d in subdirectories if d not in _NOT_CORPUS)
+        files += [os.path.join(directory, n) for n in sorted(names) if n.endswith(".py")]
+    return files
+
+
+def _docstrings(file: str) -> list[str]:
+    try:
+        with open(file, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return []  # a file this Python cannot parse: not part of the corpus
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return [doc for node in ast.walk(tree) if isinstance(node, kinds) and (doc := ast.get_docstring(node))]
 
 
 def find_files(patterns: list[str]) -> list[str]:
@@ -68,12 +107,35 @@ def documents(data: list[str]) -> Iterator[str]:
 def corpus_fingerprint(data: list[str]) -> str:
     """Identifies the corpus: the files' paths, sizes and modification times (or the builtin)."""
     if data == [BUILTIN]:
-        return f"builtin-python-{sys.version_info.major}.{sys.version_info.minor}"
+        return f"builtin-docs-and-docstrings-python-{sys.version}"
     return json.dumps([(f, os.path.getsize(f), os.path.getmtime(f)) for f in find_files(data)])
 
 
+# What sentencepiece says when the corpus cannot fill the vocabulary, or the vocabulary cannot
+# hold the corpus's characters and the 256 byte pieces.
+_TOO_MANY_PIECES = re.compile(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)")
+_TOO_FEW_PIECES = re.compile(r"Vocabulary size is smaller than required_chars\. \d+ vs (\d+)")
+
+
 def train_tokenizer(data: list[str], path: str, vocab_size: int) -> Tokenizer:
-    """A byte-fallback BPE sentencepiece model with Mistral's special ids (unk 0, bos 1, eos 2)."""
+    """A byte-fallback BPE sentencepiece model with Mistral's special ids (unk 0, bos 1, eos 2),
+    of vocab_size pieces, or of the most the corpus supports if it cannot fill that many (the
+    returned tokenizer's vocab_size says which)."""
+    try:
+        model = _train_sentencepiece(data, vocab_size)
+    except RuntimeError as e:
+        if fewer := _TOO_MANY_PIECES.search(str(e)):
+            model = _train_sentencepiece(data, int(fewer[1]))
+        elif more := _TOO_FEW_PIECES.search(str(e)):
+            raise OptionError("vocab_size", f"{vocab_size} cannot hold the data's characters and the byte "
+                                            f"pieces: it needs at least {more[1]}") from None
+        else:
+            raise
+    _write_atomically(path, model)
+    return Tokenizer(path)
+
+
+def _train_sentencepiece(data: list[str], vocab_size: int) -> bytes:
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=documents(data), model_writer=model, vocab_size=vocab_size, model_type="bpe",
@@ -81,8 +143,7 @@ def train_tokenizer(data: list[str], path: str, vocab_size: int) -> Tokenizer:
         split_digits=True, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, num_threads=os.cpu_count(),
         minloglevel=2)
-    _write_atomically(path, model.getvalue())
-    return Tokenizer(path)
+    return model.getvalue()
 
 
 def tokenize(data: list[str], tokenizer_path: str, cache_dir: str) -> np.ndarray:

@@ -19,7 +19,7 @@ from mistral_jax.model import param_shardings
 from mistral_jax.options import OptionError, option, require_positive
 from mistral_jax.sampling import generate
 from mistral_jax.sharding import make_mesh
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.tokenizer import TOKENIZER_NAMES, Tokenizer, checkpoint_name, find_tokenizer
 from mistral_jax.trainer import Hyperparameters
 
 CACHE_DIR = os.environ.get("MISTRAL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral_jax"))
@@ -32,12 +32,16 @@ class RunOptions:
     """Where a training run reads and writes, which model it trains, on which devices."""
 
     data: tuple[str, ...] = option(
-        (data.BUILTIN,), 'text files, globs, directories or .jsonl ("text" field); "builtin": Python\'s docs')
+        (data.BUILTIN,), 'text files, globs, directories or .jsonl ("text" field); "builtin": Python\'s '
+                         "documentation and its standard library's docstrings")
     out: str = option("runs/default", "the run's directory")
     config: str | None = option(None, "a preset name or a config.json/params.json file (default: mistral-15m, "
                                        "or the --init-from checkpoint's)")
     init_from: str | None = option(None, "a mistral_jax checkpoint to fine-tune (its config and tokenizer)")
-    tokenizer: str | None = option(None, "a sentencepiece model (default: trained on the data at first run)")
+    tokenizer: str | None = option(None, "a tokenizer file: sentencepiece or tekken.json (default: the --init-from "
+                                         "checkpoint's, or trained on the data at first run)")
+    vocab_size: int | None = option(None, "pieces of the tokenizer trained on the data (default: the config's); "
+                                          "fewer where the data cannot fill them, and the model's vocabulary follows")
     resume: bool = option(False, "continue from the latest checkpoint in --out")
     overwrite: bool = option(False, "start afresh in an --out that holds a run")
     dtype: str = option("float32", "compute dtype; parameters and optimizer state stay float32",
@@ -58,6 +62,9 @@ class RunOptions:
         if self.samples < 0:
             raise OptionError("samples", f"must be >= 0, got {self.samples}")
         require_positive(self, "sample_tokens")
+        if self.vocab_size is not None and (self.tokenizer or self.init_from):
+            raise OptionError("vocab_size", "applies to a tokenizer trained on the data, not to --tokenizer's or "
+                                            "--init-from's")
 
 
 @dataclasses.dataclass
@@ -87,7 +94,7 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
     if has_run and not (options.resume or options.overwrite):
         raise ValueError(f"{options.out} holds a run: pass --resume to continue it or --overwrite to start afresh")
     if options.overwrite and not options.resume and primary:  # afresh: the tokenizer too, as the data may differ
-        for name in ("checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png", "tokenizer.model"):
+        for name in ("checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png", *TOKENIZER_NAMES):
             path = os.path.join(options.out, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -95,7 +102,6 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
                 os.remove(path)
 
     params = None
-    tokenizer_path = os.path.join(options.out, "tokenizer.model")
     if options.init_from:
         if not os.path.isdir(options.init_from):
             raise FileNotFoundError(f"checkpoint {options.init_from} not found")
@@ -104,25 +110,22 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
             raise ValueError(f"--init-from {options.init_from} has a different shape than --config {options.config}")
         # Read straight onto the mesh: no device (or host) ever holds the whole model.
         config, params = load_checkpoint(options.init_from, "float32", shardings=param_shardings(base, mesh))
-        source = options.tokenizer or os.path.join(options.init_from, "tokenizer.model")
-        if not os.path.isfile(source):
-            raise ValueError(f"{options.init_from} has no tokenizer.model; pass --tokenizer")
-        if primary:
-            _copy_if_other(source, tokenizer_path)
+        source = options.tokenizer or find_tokenizer(options.init_from)
+        if source is None:
+            raise ValueError(f"{options.init_from} has no tokenizer file; pass --tokenizer")
     else:
         config = MistralConfig.resolve(options.config or DEFAULT_CONFIG)
-        if options.tokenizer and primary:
-            _copy_if_other(options.tokenizer, tokenizer_path)
-        elif not os.path.isfile(tokenizer_path) and primary:
-            print(f"training a {config.vocab_size}-piece tokenizer on the data", flush=True)
-            data.train_tokenizer(list(options.data), tokenizer_path, config.vocab_size)
+        source = options.tokenizer
+    tokenizer_path = _run_tokenizer(options, source, options.vocab_size or config.vocab_size)
     distributed.barrier("tokenizer ready")
     if hp.seq_len > config.max_seq_len:
         raise OptionError("seq_len", f"{hp.seq_len} is longer than the model's max_seq_len {config.max_seq_len}")
-    config = config.replace(dtype=options.dtype, param_dtype="float32", remat=options.remat)
     tokenizer = Tokenizer(tokenizer_path)
-    if tokenizer.vocab_size != config.vocab_size:
+    if params is None:  # a model trained from scratch has its tokenizer's vocabulary
+        config = config.replace(vocab_size=tokenizer.vocab_size)
+    elif tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, the model's vocabulary is {config.vocab_size}")
+    config = config.replace(dtype=options.dtype, param_dtype="float32", remat=options.remat)
     tokens = data.tokenize(list(options.data), tokenizer_path, os.path.join(CACHE_DIR, "tokens"))
     if primary:
         config.save_hf(options.out)
@@ -131,6 +134,26 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
     units = jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
     peak = (options.peak_flops or measure_peak_flops()) * units
     return Run(config, mesh, tokenizer_path, tokens, params, peak)
+
+
+def _run_tokenizer(options: RunOptions, source: str | None, vocab_size: int) -> str:
+    """The run's tokenizer file in --out: a copy of source, or one trained on the data at first."""
+    if source is not None:
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"tokenizer {source} not found")
+        path = os.path.join(options.out, checkpoint_name(source))
+        if distributed.is_primary():
+            Tokenizer(source)  # a file that is no tokenizer is refused before it is copied
+            _copy_if_other(source, path)
+        return path
+    path = os.path.join(options.out, "tokenizer.model")
+    if distributed.is_primary() and not os.path.isfile(path):
+        print(f"training a {vocab_size}-piece tokenizer on the data", flush=True)
+        trained = data.train_tokenizer(list(options.data), path, vocab_size).vocab_size
+        if trained < vocab_size:
+            print(f"the data supports at most {trained} pieces: trained a {trained}-piece tokenizer (set "
+                  f"--vocab-size {trained} to say so)", flush=True)
+    return path
 
 
 def _shape(c: MistralConfig) -> tuple:
@@ -146,7 +169,7 @@ def save_final_model(out_dir: str, run: Run, params) -> str:
     """out_dir/model: what sample.py and convert_weights.py --to-hf read."""
     path = os.path.join(out_dir, "model")
     save_checkpoint(path, run.config.replace(dtype="float32"), params, overwrite=True,
-                    extra_files={"tokenizer.model": run.tokenizer_path})
+                    extra_files={os.path.basename(run.tokenizer_path): run.tokenizer_path})
     if distributed.is_primary():
         print(f"saved {path}", flush=True)
     return path

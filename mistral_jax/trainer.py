@@ -41,12 +41,12 @@ class TrainState:
 class Hyperparameters:
     """What a train step computes and how the run's steps go (train.py's flags of the same names)."""
 
-    steps: int = option(150, "optimizer steps")
+    steps: int = option(200, "optimizer steps")
     batch_size: int = option(8, "sequences per step, all processes together")
     seq_len: int = option(256, "tokens per sequence")
     grad_accum: int = option(1, "micro-batches per step")
     lr: float = option(3e-3, "peak learning rate")
-    warmup: int = option(15, "steps of linear warmup, then cosine decay")
+    warmup: int = option(20, "steps of linear warmup, then cosine decay")
     final_lr_fraction: float = option(0.1, "the learning rate at the last step, as a fraction of --lr")
     weight_decay: float = option(0.1, "AdamW weight decay, on projection matrices only")
     clip: float = option(1.0, "global gradient norm clipping")

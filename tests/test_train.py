@@ -1,9 +1,12 @@
 """Training: data pipeline, tokenizer, optimizer step, resume, and train.py end to end."""
 
+import ast
 import json
 import os
+import re
 import signal
 import sys
+import sysconfig
 
 import jax
 import jax.extend
@@ -13,6 +16,7 @@ import pytest
 import torch
 import transformers
 
+import sample
 import train
 from conftest import REPO, assert_one_line_error, build_reference, forward, run_script
 from mistral_jax import data, metrics, trainer
@@ -41,7 +45,7 @@ def tokens(tokenizer_path, tmp_path_factory):
 def test_builtin_corpus_and_tokenizer_offline(tokenizer_path, tokens, tmp_path):
     tokenizer = Tokenizer(tokenizer_path)
     assert (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id) == (512, 1, 2)
-    for document in data.builtin_documents()[:10] + ["naïve ünïcode → 東京"]:
+    for document in [*data.builtin_documents()[:10], "naïve ünïcode → 東京"]:
         assert tokenizer.decode(tokenizer.encode(document)) == document  # byte fallback: lossless
     documents = data.builtin_documents()
     assert len(tokens) == sum(len(tokenizer.encode(d, bos=True, eos=True)) for d in documents)
@@ -49,6 +53,22 @@ def test_builtin_corpus_and_tokenizer_offline(tokenizer_path, tokens, tmp_path):
     # Cached: the same key gives the same file; a different tokenizer, another.
     again = data.tokenize([data.BUILTIN], tokenizer_path, os.path.dirname(tokens.filename))
     assert again.filename == tokens.filename
+
+
+def test_builtin_corpus_is_the_docs_and_the_standard_librarys_docstrings():
+    """Python's topic docs, then docstrings read from the standard library's sources (as ast
+    reads them, never importing the modules), no duplicates, the same every time."""
+    import pydoc_data.topics
+
+    documents = data.builtin_documents()
+    topics = list(dict.fromkeys(pydoc_data.topics.topics.values()))
+    assert list(documents[:len(topics)]) == topics
+    turtle = os.path.join(sysconfig.get_paths()["stdlib"], "turtle.py")
+    with open(turtle, encoding="utf-8") as f:
+        assert ast.get_docstring(ast.parse(f.read())) in documents
+    assert "turtle" not in sys.modules  # read, not imported
+    assert len(set(documents)) == len(documents) and sum(map(len, documents)) > 4 * sum(map(len, topics))
+    assert data.builtin_documents.__wrapped__() == documents
 
 
 def test_text_files_globs_and_jsonl(tmp_path, tokenizer_path):
@@ -208,10 +228,47 @@ def test_train_py_end_to_end(tiny_config_file, tmp_path, capsys, monkeypatch):
 
     status, _, stderr = run_train(capsys, "--config", tiny_config_file, "--out", out, "--steps", 20)
     assert_one_line_error(status, stderr, "holds a run: pass --resume")
+    status, _, stderr = run_script(capsys, sample, "--checkpoint", out / "model", "--chat", "--prompt", "Hi")
+    assert_one_line_error(status, stderr, "has no chat format")  # train.py's tokenizer has no [INST] tokens
     status, _, stderr = run_train(capsys, "--config", tiny_config_file, "--out", out, "--steps", 2, "--batch-size", 8,
                                   "--seq-len", 32, "--log-every", 1, "--samples", 0, "--overwrite")
     assert status == 0, stderr
     assert sorted(losses(out)) == [1, 2]  # a fresh run: the old metrics are gone
+
+
+def write_small_corpus(path, n_words=300, size=200_000, seed=0) -> str:
+    """~size characters of sentences over n_words made-up words: notes or lyrics, as far as the
+    tokenizer is concerned."""
+    rng = np.random.default_rng(seed)
+    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), int(rng.integers(2, 9)))) for _ in range(n_words)]
+    sentences = []
+    while sum(map(len, sentences)) < size:
+        sentences.append(" ".join(rng.choice(words, int(rng.integers(4, 12)))).capitalize() + ".")
+    path.write_text("\n".join(sentences))
+    return path.read_text()
+
+
+def test_train_py_on_a_small_corpus(tiny_config_file, tmp_path, capsys, monkeypatch):
+    """Your own ~200 kB of text: the tokenizer is fitted to the most pieces the data supports
+    (said, and the model's vocabulary follows), the loss falls, sample.py reads the model."""
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
+    text = write_small_corpus(tmp_path / "notes.txt")
+    out = tmp_path / "run"
+    status, stdout, stderr = run_train(capsys, "--data", tmp_path / "notes.txt", "--config", tiny_config_file,
+                                       "--vocab-size", 8192, "--out", out, "--steps", 40, "--batch-size", 8,
+                                       "--seq-len", 32, "--log-every", 1, "--eval-every", 40, "--samples", 1,
+                                       "--sample-tokens", 8)
+    assert status == 0, stderr
+    fitted = int(re.search(r"the data supports at most (\d+) pieces", stdout)[1])
+    assert 256 < fitted < 8192
+    assert Tokenizer(str(out / "tokenizer.model")).vocab_size == fitted
+    assert MistralConfig.from_dir(str(out / "model")).vocab_size == fitted
+    curve = losses(out)
+    assert np.mean([curve[s] for s in range(36, 41)]) < np.mean([curve[s] for s in range(1, 6)]) - 1.0
+    status, completion, stderr = run_script(capsys, sample, "--checkpoint", out / "model", "--prompt",
+                                            text.split()[0], "--max-new-tokens", 16)
+    assert status == 0, stderr
+    assert completion.strip() and set(completion.strip()) <= set(text)  # the corpus's characters
 
 
 def run_cli_convert(src, dst):
@@ -230,6 +287,10 @@ def run_cli_convert(src, dst):
     (["--keep", "0"], "--keep must be a positive integer, got 0"),
     (["--init-from", "/nonexistent"], "checkpoint /nonexistent not found"),
     (["--data", "{short_text}", "--tokenizer", "{tokenizer}"], "too short for a batch"),
+    (["--data", "{short_text}", "--vocab-size", "100"],
+     "--vocab-size 100 cannot hold the data's characters and the byte pieces: it needs at least"),
+    (["--vocab-size", "300", "--tokenizer", "{tokenizer}"], "--vocab-size applies to a tokenizer trained on the data"),
+    (["--tokenizer", "{short_text}"], "neither a sentencepiece model nor a Tekken tokenizer"),
 ])
 def test_bad_input(tiny_config_file, tokenizer_path, tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
