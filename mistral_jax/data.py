@@ -146,12 +146,11 @@ def _train_sentencepiece(data: list[str], vocab_size: int) -> bytes:
     return model.getvalue()
 
 
-def tokenize(data: list[str], tokenizer_path: str, cache_dir: str) -> np.ndarray:
+def tokenize(data: list[str], tokenizer: Tokenizer, cache_dir: str) -> np.ndarray:
     """Every document as [BOS] + tokens + [EOS], concatenated into a cached uint16/uint32 memmap
-    keyed by the tokenizer's bytes and the corpus fingerprint."""
-    tokenizer = Tokenizer(tokenizer_path)
+    keyed by the tokenizer file's bytes and the corpus fingerprint."""
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    with open(tokenizer_path, "rb") as f:
+    with open(tokenizer.path, "rb") as f:
         key = hashlib.sha256(f.read() + corpus_fingerprint(data).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"tokens-{key}.{np.dtype(dtype).name}")
     if not os.path.exists(path):

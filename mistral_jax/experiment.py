@@ -71,7 +71,7 @@ class RunOptions:
 class Run:
     config: MistralConfig
     mesh: jax.sharding.Mesh
-    tokenizer_path: str
+    tokenizer: Tokenizer
     tokens: np.ndarray
     params: dict | None  # initial weights of --init-from
     peak_flops: float | None
@@ -126,14 +126,14 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
     elif tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, the model's vocabulary is {config.vocab_size}")
     config = config.replace(dtype=options.dtype, param_dtype="float32", remat=options.remat)
-    tokens = data.tokenize(list(options.data), tokenizer_path, os.path.join(CACHE_DIR, "tokens"))
+    tokens = data.tokenize(list(options.data), tokenizer, os.path.join(CACHE_DIR, "tokens"))
     if primary:
         config.save_hf(options.out)
     # MFU is over the whole job. A process's CPU devices share its cores, which one device's
     # matmul already uses all of: counting each fake device as a machine would understate it.
     units = jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
     peak = (options.peak_flops or measure_peak_flops()) * units
-    return Run(config, mesh, tokenizer_path, tokens, params, peak)
+    return Run(config, mesh, tokenizer, tokens, params, peak)
 
 
 def _run_tokenizer(options: RunOptions, source: str | None, vocab_size: int) -> str:
@@ -169,7 +169,7 @@ def save_final_model(out_dir: str, run: Run, params) -> str:
     """out_dir/model: what sample.py and convert_weights.py --to-hf read."""
     path = os.path.join(out_dir, "model")
     save_checkpoint(path, run.config.replace(dtype="float32"), params, overwrite=True,
-                    extra_files={os.path.basename(run.tokenizer_path): run.tokenizer_path})
+                    extra_files={os.path.basename(run.tokenizer.path): run.tokenizer.path})
     if distributed.is_primary():
         print(f"saved {path}", flush=True)
     return path
@@ -178,7 +178,7 @@ def save_final_model(out_dir: str, run: Run, params) -> str:
 def print_samples(run: Run, params, n: int, max_new_tokens: int, seed: int) -> None:
     """Samples from the params where they lie, sharded over run.mesh, and prints on process 0
     (every process must call this: generating runs on all of their devices)."""
-    tokenizer = Tokenizer(run.tokenizer_path)
+    tokenizer = run.tokenizer
     prompts = [tokenizer.encode(SAMPLE_PROMPTS[i % len(SAMPLE_PROMPTS)]) for i in range(n)]
     outputs = generate(run.config, params, prompts, max_new_tokens, temperature=0.8, top_p=0.95, seed=seed,
                        eos_id=tokenizer.eos_id, mesh=run.mesh)

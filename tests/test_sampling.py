@@ -216,10 +216,22 @@ def test_no_recompile_within_a_bucket(windowed):
     assert [p._cache_size() for p in (start, decode)] == compiled
 
 
-def test_generate_decodes_over_views_of_stacked_params_on_cpu(windowed):
+def test_generate_decodes_over_views_of_stacked_params_on_cpu(windowed, monkeypatch):
     """What generate decodes with on CPU: a block per layer over views of the stacked params
     as loaded, each layer's weights in the stacked array's memory (nothing copied per call)."""
     _, config, params = windowed
+    import mistral_jax.sampling as sampling
+
+    compiled = []  # the configs generate's compiled loops were traced for
+    decode_fn = sampling.decode
+
+    def recording_decode(params, config, *args, **kwargs):
+        compiled.append(config)
+        return decode_fn(params, config, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "decode", recording_decode)
+    generate(config, params, prompts_of([5, 9], config.vocab_size), 4)
+    assert compiled and not any(c.scan_layers for c in compiled)  # generate itself took the per-layer layout
     per_layer_config, per_layer = decoding_layout(config, params)
     assert not per_layer_config.scan_layers and config.scan_layers
     assert_views_of_stacked(params, per_layer)

@@ -39,7 +39,7 @@ def tokenizer_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(tokenizer_path, tmp_path_factory):
-    return data.tokenize([data.BUILTIN], tokenizer_path, str(tmp_path_factory.mktemp("cache")))
+    return data.tokenize([data.BUILTIN], Tokenizer(tokenizer_path), str(tmp_path_factory.mktemp("cache")))
 
 
 def test_builtin_corpus_and_tokenizer_offline(tokenizer_path, tokens, tmp_path):
@@ -51,7 +51,7 @@ def test_builtin_corpus_and_tokenizer_offline(tokenizer_path, tokens, tmp_path):
     assert len(tokens) == sum(len(tokenizer.encode(d, bos=True, eos=True)) for d in documents)
     assert tokens.dtype == np.uint16 and tokens[0] == 1
     # Cached: the same key gives the same file; a different tokenizer, another.
-    again = data.tokenize([data.BUILTIN], tokenizer_path, os.path.dirname(tokens.filename))
+    again = data.tokenize([data.BUILTIN], Tokenizer(tokenizer_path), os.path.dirname(tokens.filename))
     assert again.filename == tokens.filename
 
 
@@ -315,7 +315,7 @@ def test_init_from_converted_weights(tokenizer_path, tmp_path, capsys, monkeypat
                                        "--batch-size", 2, "--seq-len", 40, "--lr", 0, "--samples", 0,
                                        "--eval-every", 1000)
     assert status == 0, stderr
-    batch = data.TokenBatches(data.tokenize([data.BUILTIN], str(out / "tokenizer.model"), str(tmp_path / "cache")),
+    batch = data.TokenBatches(data.tokenize([data.BUILTIN], Tokenizer(str(out / "tokenizer.model")), str(tmp_path / "cache")),
                               40, 2).batch(0)
     with torch.no_grad():
         logits = reference.model(torch.tensor(batch[:, :-1]).long()).logits
