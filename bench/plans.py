@@ -1,5 +1,6 @@
-"""Every row of docs/SCALING.md: the 7B train step and generate compiled ahead of time for TPU
-slices and the 8-device CPU stand-in (mistral_jax.aot), per-device memory from XLA.
+"""Every row of docs/SCALING.md: the train step and generate of Mistral 7B, Ministral 8B and
+Mistral Nemo 12B compiled ahead of time for TPU slices and the 8-device CPU stand-in
+(mistral_jax.aot), per-device memory from XLA.
 
   python -m bench.plans            # compiles and prints every row
   python -m bench.plans --write    # ... and rewrites the table in docs/SCALING.md
@@ -27,6 +28,13 @@ PLANS = [
     aot.Plan("v4-8", "tensor=4", "generate", 8, 4096),
     aot.Plan("v5p-8", "tensor=4", "generate", 8, 4096),
     aot.Plan("cpu-8", "tensor=8", "generate", 8, 4096),
+    # Ministral 8B (a full-attention layer, then three sliding) and Nemo 12B.
+    *(aot.Plan(target, mesh, program, batch, seq, preset)
+      for preset in ("ministral-8b", "mistral-nemo-12b")
+      for target, mesh, program, batch, seq in [
+          ("v5e-16", "fsdp=16", "train", 16, 4096), ("v5e-16", "fsdp=16", "train", 8, 4096),
+          ("v5p-8", "fsdp=4", "train", 16, 4096), ("cpu-8", "fsdp=8", "train", 8, 4096),
+          ("v5e-16", "data=2,tensor=8", "generate", 8, 4096), ("cpu-8", "tensor=8", "generate", 8, 4096)]),
 ]
 
 

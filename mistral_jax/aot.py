@@ -187,13 +187,13 @@ def fits(plan: Plan, report: Report) -> str:
     return "yes" if report.total <= 0.95 * capacity else "tight"
 
 
-HEADER = ("| target | mesh | program | batch x context | params | optimizer | temporaries | total | device | fits |\n"
-          "|---|---|---|---|---:|---:|---:|---:|---:|---|")
+HEADER = ("| model | target | mesh | program | batch x context | params | optimizer | temporaries | total | device "
+          "| fits |\n|---|---|---|---|---|---:|---:|---:|---:|---:|---|")
 
 
 def format_row(plan: Plan, r: Report) -> str:
     device = f"{TARGETS[plan.target].hbm_gib:g}"
-    head = f"| {plan.target} | {plan.mesh} | {r.program} | {plan.batch} x {plan.seq} |"
+    head = f"| {plan.preset} | {plan.target} | {plan.mesh} | {r.program} | {plan.batch} x {plan.seq} |"
     if r.error:
         return head + f" | | | | {device} | no: {r.error} |"
     return head + (f" {r.params / GiB:.2f} | {r.optimizer / GiB:.2f} | {r.temporaries / GiB:.2f} | "

@@ -1,7 +1,10 @@
 """The rolling KV cache: fixed-size buffers written at position % cache_len.
 
 Per layer, K and V of shape [B, C, K, d] with C = cache_len = min(window, max length), and
-for the whole batch the absolute position held by each slot, [B, C] (-1 while empty).
+for the whole batch the absolute position held by each slot, [B, C] (-1 while empty). A
+model whose layers have different windows (Ministral: full, then three sliding) has one
+such cache per kind of layer (config.window_kinds): O(W) slots for the sliding layers, the
+whole length for the full ones.
 Masks are built from those positions, never from slot indices, so they stay right after
 the buffer wraps. Memory is O(window) however long generation runs.
 
@@ -34,25 +37,28 @@ KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # logical axes 
 
 @flax.struct.dataclass
 class KVCache:
-    """The layers' K and V laid out as the model's layers are (config.scan_layers): stacked,
-    [L, B, C, K, d], or a tuple of L arrays [B, C, K, d]."""
+    """Per kind of layer (config.window_kinds), the K and V of its layers, in layer order,
+    laid out as the model's layers are (config.scan_layers): stacked, [L_kind, B, C, K, d],
+    or a tuple of L_kind arrays [B, C, K, d]; and the positions its slots hold."""
 
-    k: jax.Array | tuple[jax.Array, ...]
-    v: jax.Array | tuple[jax.Array, ...]
-    positions: jax.Array  # [B, C] int32: the absolute position in each slot, -1 if empty
+    k: tuple[jax.Array | tuple[jax.Array, ...], ...]
+    v: tuple[jax.Array | tuple[jax.Array, ...], ...]
+    positions: tuple[jax.Array, ...]  # [B, C] int32 per kind: the position in each slot, -1 if empty
 
     @classmethod
     def init(cls, config: MistralConfig, batch: int, max_len: int) -> KVCache:
         """An empty cache for sequences of up to max_len tokens (unbounded with a window)."""
-        C = cache_length(config, max_len)
-        shape = (batch, C, config.n_kv_heads, config.head_dim)
         dtype = jnp.dtype(config.dtype)
-
-        def empty():
-            if config.scan_layers:
-                return jnp.zeros((config.n_layers, *shape), dtype)
-            return tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-        return cls(k=empty(), v=empty(), positions=jnp.full((batch, C), -1, jnp.int32))
+        k, positions = [], []
+        for window in config.window_kinds:
+            C = cache_length(window, max_len)
+            shape = (batch, C, config.n_kv_heads, config.head_dim)
+            n = config.windows.count(window)
+            k.append(jnp.zeros((n, *shape), dtype) if config.scan_layers
+                     else tuple(jnp.zeros(shape, dtype) for _ in range(n)))
+            positions.append(jnp.full((batch, C), -1, jnp.int32))
+        k = tuple(k)
+        return cls(k=k, v=jax.tree_util.tree_map(jnp.zeros_like, k), positions=tuple(positions))
 
     def shardings(self, mesh: Mesh) -> KVCache:
         """NamedSharding per array (of this cache or its shapes): rows split like batches, kv
@@ -60,11 +66,12 @@ class KVCache:
         def kv(x):
             return sharding_for(KV_AXES[-x.ndim:], x.shape, mesh)
         return KVCache(k=jax.tree_util.tree_map(kv, self.k), v=jax.tree_util.tree_map(kv, self.v),
-                       positions=sharding_for(("batch", "length"), self.positions.shape, mesh))
+                       positions=tuple(sharding_for(("batch", "length"), p.shape, mesh) for p in self.positions))
 
 
-def cache_length(config: MistralConfig, max_len: int) -> int:
-    return max_len if config.sliding_window is None else min(config.sliding_window, max_len)
+def cache_length(window: int | None, max_len: int) -> int:
+    """Slots of a layer with this window for sequences of up to max_len tokens."""
+    return max_len if window is None else min(window, max_len)
 
 
 def write_slots(positions: jax.Array, cache_len: int) -> jax.Array:

@@ -44,7 +44,10 @@ class MistralConfig:
     vocab_size: int
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    sliding_window: int | None = None  # None: full causal attention
+    # Keys each query sees (itself included): one window for every layer, None for full causal
+    # attention, or a tuple of per-layer windows repeated over the layers (Ministral: (None,
+    # W, W, W)), as params.json writes it; kept in its shortest repeating form.
+    sliding_window: int | None | tuple[int | None, ...] = None
     max_seq_len: int = _DEFAULT_MAX_SEQ_LEN
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -65,9 +68,7 @@ class MistralConfig:
             raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
-        if self.sliding_window is not None and (
-                not isinstance(self.sliding_window, int) or self.sliding_window < 1):
-            raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        object.__setattr__(self, "sliding_window", _window_pattern(self.sliding_window, self.n_layers))
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
         if not self.rope_theta > 0:
@@ -82,6 +83,23 @@ class MistralConfig:
 
     def replace(self, **changes) -> MistralConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def layer_pattern(self) -> tuple[int | None, ...]:
+        """The windows of one repeating group of layers: (W,) or (None,) for a uniform stack."""
+        window = self.sliding_window
+        return window if isinstance(window, tuple) else (window,)
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each layer's window (None: full attention)."""
+        return self.layer_pattern * (self.n_layers // len(self.layer_pattern))
+
+    @property
+    def window_kinds(self) -> tuple[int | None, ...]:
+        """The distinct windows, in order of first appearance: each is one compiled kind of
+        attention layer with its own KV cache (cache.KVCache)."""
+        return tuple(dict.fromkeys(self.layer_pattern))
 
     @property
     def num_params(self) -> int:
@@ -100,35 +118,42 @@ class MistralConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
+        """MistralForCausalLM's and MinistralForCausalLM's config.json, or the text model of
+        Mistral3ForConditionalGeneration's (its vision tower and projector are not read)."""
         model_type = d.get("model_type", "mistral")
-        if model_type != "mistral":
-            raise ConfigError(f"config.json has model_type {model_type!r}, expected 'mistral'")
+        if model_type == "mistral3":
+            text = d.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError("config.json has model_type 'mistral3' but no text_config object")
+            return cls.from_hf_dict({"model_type": "mistral", **text}, **overrides)
+        if model_type not in _HF_DEFAULT_EPS:
+            raise ConfigError(f"config.json has model_type {model_type!r}, expected one of "
+                              f"{', '.join(map(repr, _HF_DEFAULT_EPS))} or 'mistral3'")
         if d.get("tie_word_embeddings", False):
             raise ConfigError("config.json sets tie_word_embeddings; Mistral's output projection is untied")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json hidden_act {d['hidden_act']!r} is not silu")
-        rope = d.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
-        if rope.get("rope_type", "default") != "default" or d.get("rope_scaling"):
-            raise ConfigError("config.json asks for RoPE scaling, which Mistral does not use")
-        rope_theta = rope.get("rope_theta", d.get("rope_theta"))
-        if rope_theta is None:
-            raise ConfigError("config.json has no rope_theta (neither top level nor rope_parameters)")
         try:
-            n_heads = d["num_attention_heads"]
+            n_heads, n_layers = d["num_attention_heads"], d["num_hidden_layers"]
             fields = dict(
-                dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
+                dim=d["hidden_size"], n_layers=n_layers,
                 head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
                 hidden_dim=d["intermediate_size"], n_heads=n_heads,
                 n_kv_heads=d.get("num_key_value_heads") or n_heads,
-                vocab_size=d["vocab_size"], norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(rope_theta), sliding_window=_parse_window(d.get("sliding_window")),
+                vocab_size=d["vocab_size"], norm_eps=float(d.get("rms_norm_eps", _HF_DEFAULT_EPS[model_type])),
+                rope_theta=_hf_rope_theta(d), sliding_window=_hf_windows(d, n_layers),
                 max_seq_len=d.get("max_position_embeddings", _DEFAULT_MAX_SEQ_LEN))
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
+        except (TypeError, ZeroDivisionError) as e:
+            raise ConfigError(f"config.json has a malformed field: {e}") from None
         return cls(**{**fields, **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
-        return {
+        """MistralForCausalLM's config.json, or MinistralForCausalLM's for per-layer windows
+        (more than one window size: a per-layer list that we read and transformers does not,
+        see hf_expressible)."""
+        d = {
             "architectures": ["MistralForCausalLM"], "model_type": "mistral",
             "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "head_dim": self.head_dim,
             "intermediate_size": self.hidden_dim, "num_attention_heads": self.n_heads,
@@ -138,13 +163,30 @@ class MistralConfig:
             "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
             "torch_dtype": self.param_dtype,
         }
+        windows = {w for w in self.window_kinds if w is not None}
+        if len(windows) > 1:  # beyond HF's MinistralConfig (one window): the list, as params.json has it
+            d["sliding_window"] = list(self.windows)
+        elif len(self.window_kinds) > 1:
+            d.update(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=windows.pop(),
+                     layer_types=["full_attention" if w is None else "sliding_attention" for w in self.windows])
+        return d
+
+    @property
+    def hf_expressible(self) -> bool:
+        """Whether transformers' MistralConfig / MinistralConfig can describe this model (at
+        most one sliding window besides full attention)."""
+        return len({w for w in self.window_kinds if w is not None}) <= 1
 
     # ---- Mistral-native params.json ---------------------------------------------------------
 
     @classmethod
     def from_params_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
+        """mistral-inference's params.json; a multimodal one's (Mistral Small 3.1) text model."""
         if d.get("moe"):
             raise ConfigError("params.json describes a mixture-of-experts model, which is not supported")
+        for key in ("yarn", "llama_4_scaling", "rope_scaling"):
+            if d.get(key):
+                raise ConfigError(f"params.json asks for RoPE scaling ({key!r}), which is not implemented")
         try:
             window = _parse_window(d.get("sliding_window"))
             rope_theta = d.get("rope_theta")
@@ -157,9 +199,11 @@ class MistralConfig:
                 dim=d["dim"], n_layers=d["n_layers"], head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
                 hidden_dim=d["hidden_dim"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
                 vocab_size=d["vocab_size"], norm_eps=float(d.get("norm_eps", 1e-5)),
-                rope_theta=float(rope_theta), sliding_window=window)
+                rope_theta=_float("rope_theta", rope_theta), sliding_window=window)
         except KeyError as e:
             raise ConfigError(f"params.json lacks required field {e.args[0]!r}") from None
+        except (TypeError, ZeroDivisionError) as e:
+            raise ConfigError(f"params.json has a malformed field: {e}") from None
         return cls(**{**fields, **overrides})
 
     def to_params_dict(self) -> dict[str, Any]:
@@ -167,7 +211,7 @@ class MistralConfig:
             "dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim,
             "hidden_dim": self.hidden_dim, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
             "norm_eps": self.norm_eps, "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
-            "sliding_window": self.sliding_window,
+            "sliding_window": list(self.windows) if isinstance(self.sliding_window, tuple) else self.sliding_window,
         }
 
     # ---- files ------------------------------------------------------------------------------
@@ -198,14 +242,35 @@ class MistralConfig:
         _write_json(os.path.join(path, "params.json"), self.to_params_dict())
 
 
-def _parse_window(value: Any) -> int | None:
-    """sliding_window as real checkpoints write it: null, an int, a string, or one value per layer."""
+_HF_DEFAULT_EPS = {"mistral": 1e-5, "ministral": 1e-6}  # rms_norm_eps when config.json omits it
+_HF_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _window_pattern(value: Any, n_layers: int) -> int | None | tuple[int | None, ...]:
+    """sliding_window in canonical form: one window, or the shortest repeating tuple of them."""
+    if not isinstance(value, (list, tuple)):
+        return _window(value)
+    pattern = tuple(_window(w) for w in value)
+    if not pattern or n_layers % len(pattern):
+        raise ConfigError(f"a per-layer sliding_window of {len(pattern)} values does not repeat over "
+                          f"{n_layers} layers")
+    for period in range(1, len(pattern) + 1):
+        if len(pattern) % period == 0 and pattern == pattern[:period] * (len(pattern) // period):
+            return pattern[0] if period == 1 else pattern[:period]
+    raise AssertionError("unreachable: a pattern repeats with its own length")
+
+
+def _window(value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"sliding_window must be a positive integer or None, got {value!r}")
+    return value
+
+
+def _parse_window(value: Any) -> int | None | list[int | None]:
+    """sliding_window as real files write it: null, an int, a string, or a list of those
+    (per layer, repeating: null is a full-attention layer)."""
     if isinstance(value, (list, tuple)):
-        values = {_parse_window(v) for v in value}
-        if len(values) != 1:
-            raise ConfigError(f"per-layer sliding_window with different values {sorted(values, key=str)} "
-                              "is not supported (all layers share one compiled block)")
-        return values.pop()
+        return [_parse_window(v) for v in value]
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, str):
@@ -220,6 +285,48 @@ def _parse_window(value: Any) -> int | None:
     if not isinstance(value, int) or value < 1:
         raise ConfigError(f"sliding_window must be a positive integer or null, got {value!r}")
     return value
+
+
+def _hf_windows(d: dict[str, Any], n_layers: int) -> int | None | list[int | None]:
+    """config.json's sliding_window, per layer where layer_types says which layers slide."""
+    window = _parse_window(d.get("sliding_window"))
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        return window
+    if isinstance(window, list):
+        raise ConfigError("config.json has both layer_types and a list of sliding windows")
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers:
+        raise ConfigError(f"config.json layer_types must be a list of {n_layers} layer types")
+    unknown = sorted(set(map(str, layer_types)) - set(_HF_LAYER_TYPES))
+    if unknown:
+        raise ConfigError(f"config.json layer_types has unknown kinds {unknown}; known: {', '.join(_HF_LAYER_TYPES)}")
+    return [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
+def _hf_rope_theta(d: dict[str, Any]) -> float:
+    """rope_theta from the top level (transformers < 5) or rope_parameters (>= 5); any RoPE
+    scaling (YaRN, llama-4's) is refused rather than dropped."""
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    for params in (rope, scaling):
+        if not isinstance(params, dict):
+            raise ConfigError("config.json rope_parameters / rope_scaling must be objects")
+        kind = params.get("rope_type", params.get("type", "default"))
+        extra = sorted(k for k in params if k.startswith("llama_4") or k in ("factor", "beta_fast", "beta_slow"))
+        if kind != "default" or extra:
+            raise ConfigError(f"config.json asks for RoPE scaling ({kind}{', ' + ', '.join(extra) if extra else ''}), "
+                              "which is not implemented")
+    rope_theta = rope.get("rope_theta", d.get("rope_theta"))
+    if rope_theta is None:
+        raise ConfigError("config.json has no rope_theta (neither top level nor rope_parameters)")
+    return _float("rope_theta", rope_theta)
+
+
+def _float(name: str, value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
 
 
 def _read_json(file: str) -> dict[str, Any]:
@@ -247,6 +354,22 @@ PRESETS: dict[str, MistralConfig] = {
     "mistral-7b-v0.1": _MISTRAL_7B,
     "mistral-7b-v0.2": _MISTRAL_7B.replace(rope_theta=1e6, sliding_window=None),
     "mistral-7b-v0.3": _MISTRAL_7B.replace(rope_theta=1e6, sliding_window=None, vocab_size=32768),
+    # The rest of the family, each from its HF config.json (tests/test_config.py checks the
+    # parameter counts against transformers' own models of these configs):
+    # mistralai/Ministral-8B-Instruct-2410 (one full-attention layer, then three with a 32k
+    # window; max_position_embeddings 32768, the model card's context 128k).
+    "ministral-8b": MistralConfig(dim=4096, n_layers=36, head_dim=128, hidden_dim=12288, n_heads=32,
+                                  n_kv_heads=8, vocab_size=131072, rope_theta=1e8,
+                                  sliding_window=(None, 32768, 32768, 32768), max_seq_len=32768),
+    # mistralai/Mistral-Nemo-Base-2407 (head_dim 128 != 5120 / 32).
+    "mistral-nemo-12b": MistralConfig(dim=5120, n_layers=40, head_dim=128, hidden_dim=14336, n_heads=32,
+                                      n_kv_heads=8, vocab_size=131072, rope_theta=1e6, max_seq_len=1024000),
+    # mistralai/Mistral-Small-24B-Base-2501.
+    "mistral-small-24b": MistralConfig(dim=5120, n_layers=40, head_dim=128, hidden_dim=32768, n_heads=32,
+                                       n_kv_heads=8, vocab_size=131072, rope_theta=1e8, max_seq_len=32768),
+    # mistralai/Codestral-22B-v0.1.
+    "codestral-22b": MistralConfig(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48,
+                                   n_kv_heads=8, vocab_size=32768, rope_theta=1e6, max_seq_len=32768),
     # The default model of train.py: ~15.7M parameters, trained on a laptop CPU in minutes.
     "mistral-15m": MistralConfig(dim=384, n_layers=6, head_dim=64, hidden_dim=1024, n_heads=6,
                                  n_kv_heads=2, vocab_size=8192, rope_theta=1e4, sliding_window=256,

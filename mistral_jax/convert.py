@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,8 @@ from mistral_jax.checkpoint import atomic_directory, check_destination, load_che
 from mistral_jax.config import MistralConfig
 from mistral_jax.tensor_files import TensorFileError, aligned_empty, read_tensor_file, to_numpy, write_safetensors
 from mistral_jax.tokenizer import checkpoint_name, find_tokenizer
+
+logger = logging.getLogger("mistral_jax")
 
 
 class CheckpointError(ValueError):
@@ -48,6 +51,17 @@ TOP_TENSORS = {
     ("output",): ("output", "lm_head"),
 }
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer older HF .bin files carry
+# Where an HF checkpoint keeps the text model, told by the embedding's name: (prefix of what
+# MistralForCausalLM calls "model.", prefix of "lm_head"). Mistral3ForConditionalGeneration
+# (Mistral Small 3.1) as transformers >= 5 saves it, and as its hub files (4.x) have it.
+HF_TEXT_PREFIXES = {
+    "model.embed_tokens.weight": ("model.", ""),
+    "model.language_model.embed_tokens.weight": ("model.language_model.", ""),
+    "language_model.model.embed_tokens.weight": ("language_model.model.", "language_model."),
+}
+# What a multimodal checkpoint holds beside its text model (HF and native names), not read.
+_VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\.|"
+                     r"(vision_encoder|vision_language_adapter|patch_merger|pre_mm_projector_norm)\.")
 
 
 def torch_shape(leaf: str, c: MistralConfig) -> tuple[int, ...]:
@@ -140,26 +154,48 @@ def _read_all(files: list[str]) -> dict[str, Mapping[str, object]]:
 
 # ---- PyTorch -> Flax ------------------------------------------------------------------------
 
-def tensor_names(layout: str, c: MistralConfig) -> dict[tuple, str]:
-    """Flax path (with the layer index after 'layers') -> tensor name in a checkpoint of layout."""
+def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] = ("model.", "")) -> dict[tuple, str]:
+    """Flax path (with the layer index after 'layers') -> tensor name in a checkpoint of
+    layout; an HF text model under hf_prefixes (HF_TEXT_PREFIXES)."""
     pick = 0 if layout == "native" else 1
     prefix = "layers" if layout == "native" else "model.layers"
     names = {path: names[pick] + ".weight" for path, names in TOP_TENSORS.items()}
     for i in range(c.n_layers):
         for path, layer_names in LAYER_TENSORS.items():
             names[("layers", i) + path] = f"{prefix}.{i}.{layer_names[pick]}.weight"
+    if layout == "hf" and hf_prefixes != ("model.", ""):
+        body, head = hf_prefixes
+        names = {path: body + name.removeprefix("model.") if name.startswith("model.") else head + name
+                 for path, name in names.items()}
     return names
 
 
+def source_names(layout: str, config: MistralConfig, present, multimodal: bool = False
+                 ) -> tuple[dict[tuple, str], list[str]]:
+    """(Flax path -> the name of its tensor among `present`, the present tensors not read:
+    a multimodal checkpoint's vision encoder and projector)."""
+    skipped = sorted(name for name in present if multimodal and _VISION.match(name))
+    prefixes = ("model.", "")
+    if layout == "hf":
+        prefixes = next((p for embedding, p in HF_TEXT_PREFIXES.items() if embedding in present), prefixes)
+    return tensor_names(layout, config, prefixes), skipped
+
+
 def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], config: MistralConfig, dtype: str,
-                     on_tensor: Callable[[str], None] = lambda name: None) -> Iterator[tuple[tuple, np.ndarray]]:
+                     on_tensor: Callable[[str], None] = lambda name: None, multimodal: bool = False
+                     ) -> Iterator[tuple[tuple, np.ndarray]]:
     """Yields (Flax path, numpy array in dtype) per parameter, layers stacked, one at a time.
 
     sources maps each tensor name to the file mapping that holds it; a tensor is mapped
-    from its file only while it is converted.
+    from its file only while it is converted. multimodal: the checkpoint's text model is
+    read, its vision tensors skipped (said).
     """
-    names = tensor_names(layout, config)
     present = {k for k in sources if not _IGNORED.match(k)}
+    names, skipped = source_names(layout, config, present, multimodal)
+    if skipped:
+        logger.warning("reading the text model of a multimodal checkpoint; skipping its %d vision encoder "
+                       "and projector tensors", len(skipped))
+    present -= set(skipped)
     missing = sorted(set(names.values()) - present)
     unexpected = sorted(present - set(names.values()))
     if missing:
@@ -201,14 +237,22 @@ def read_pytorch(path: str, dtype: str = "float32",
                  ) -> tuple[MistralConfig, str, int, Iterator[tuple[tuple, np.ndarray]]]:
     """(config, layout, number of tensors, iterator of (Flax path, numpy array)) of a checkpoint dir."""
     layout, files = find_checkpoint(path)
-    if layout == "hf":
-        config = MistralConfig.from_dir(path)
-    else:
-        config = MistralConfig.from_params_dict(_read_json(os.path.join(path, "params.json")))
+    config, multimodal = read_config(path, layout)
     config = config.replace(dtype=dtype, param_dtype=dtype)
     sources = _read_all(files)
-    arrays = iter_flax_params(layout, sources, config, dtype, on_tensor)
+    arrays = iter_flax_params(layout, sources, config, dtype, on_tensor, multimodal)
     return config, layout, len(tensor_names(layout, config)), arrays
+
+
+def read_config(path: str, layout: str) -> tuple[MistralConfig, bool]:
+    """(the config of a checkpoint dir of layout, whether it is a multimodal model's)."""
+    file = os.path.join(path, "config.json" if layout == "hf" else "params.json")
+    d = _read_json(file)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    if layout == "hf":
+        return MistralConfig.from_hf_dict(d), d.get("model_type") == "mistral3"
+    return MistralConfig.from_params_dict(d), bool(d.get("vision_encoder"))
 
 
 def load_pytorch(path: str, dtype: str = "float32") -> tuple[MistralConfig, dict]:
@@ -245,6 +289,9 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
             ) -> list[str]:
     """Writes config.json and model.safetensors (sharded with an index above max_shard_bytes),
     as transformers' MistralForCausalLM.from_pretrained reads them. Returns the files written."""
+    if not config.hf_expressible:
+        raise CheckpointError(f"windows {sorted({w for w in config.windows if w})} in one model: transformers' "
+                              "MinistralConfig has a single sliding_window, so no HF model holds this one")
     np_dtype = jnp.dtype(dtype) if dtype else None
     arrays = jax.tree_util.tree_map(np.asarray, params)  # zero-copy views on CPU
     entries = []

@@ -19,9 +19,10 @@ def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True) 
     as computed under the causal mask and the window (QK^T and PV over the keys each query
     sees, averaged over positions); x3 for forward + backward."""
     matmul_params = config.num_params - config.vocab_size * config.dim - (2 * config.n_layers + 1) * config.dim
-    window = config.sliding_window or seq_len
-    mean_keys = sum(min(i + 1, window) for i in range(seq_len)) / seq_len
-    attention = config.n_layers * 2 * 2 * config.n_heads * config.head_dim * mean_keys
+    def mean_keys(window):
+        return sum(min(i + 1, window or seq_len) for i in range(seq_len)) / seq_len
+    keys = sum(mean_keys(w) for w in config.windows)  # over the layers
+    attention = 2 * 2 * config.n_heads * config.head_dim * keys
     return (3 if training else 1) * (2 * matmul_params + attention)
 
 

@@ -5,12 +5,14 @@ d head dim, F hidden dim, V vocab, L layers.
 
 Parameter names are Mistral-native (tok_embeddings, layers/attention/wq, feed_forward/w1,
 attention_norm, ffn_norm, norm, output); kernels are stored input-major ([D, H, d] for wq),
-and each carries logical axis names for sharding.py. The layer stack is one `nn.scan`, so
-every parameter under `layers` has a leading L axis and the block compiles once: the layout
-of checkpoints and training. With config.scan_layers False the stack is a block per layer
-over `layers_0` ... `layers_{L-1}` (unstack_layers), which decodes faster on CPU
+and each carries logical axis names for sharding.py. Every parameter under `layers` has a
+leading L axis, scanned over, so each kind of layer (config.window_kinds) compiles once:
+the layout of checkpoints and training. With config.scan_layers False the stack is a block
+per layer over `layers_0` ... `layers_{L-1}` (unstack_layers), which decodes faster on CPU
 (platforms.decode_per_layer).
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -53,14 +55,15 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE and an optional sliding window.
+    """Grouped-query self-attention with RoPE and an optional sliding window (this layer's).
 
     Without a cache: the full sequence at positions 0..T-1. With a cache: this layer's (k, v)
     [B, C, K, d], the slots [B, T] this chunk writes, and the mask [B, T, S] of the keys it
-    reads (built once per call by Mistral), returning the updated (k, v) too.
+    reads (built once per call and kind of layer by Mistral), returning the updated (k, v) too.
     """
 
     config: MistralConfig
+    window: int | None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, cache=None, slots=None, mask=None):
@@ -76,7 +79,7 @@ class Attention(nn.Module):
         k = apply_rope(jnp.einsum("ND,DKd->NKd", tokens, wk).reshape(B, T, K, d), positions, c.rope_theta)
         v = jnp.einsum("ND,DKd->NKd", tokens, wv).reshape(B, T, K, d)
         if cache is None:
-            out = causal_attention(q, k, v, c.sliding_window, c.attention, c.attention_block)
+            out = causal_attention(q, k, v, self.window, c.attention, c.attention_block)
         else:
             k_cache, v_cache = cache
             cache = rolling_update(k_cache, slots, k), rolling_update(v_cache, slots, v)
@@ -107,14 +110,16 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; the (carry, output) signature is what nn.scan expects."""
+    """Pre-norm transformer block whose attention sees `window` keys (None: all before it):
+    x [B, T, D] -> (x, the layer's updated cache)."""
 
     config: MistralConfig
+    window: int | None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, positions: jnp.ndarray, cache, slots, mask):
         c = self.config
-        attended, cache = Attention(c, name="attention")(
+        attended, cache = Attention(c, self.window, name="attention")(
             RMSNorm(c, name="attention_norm")(x), positions, cache, slots, mask)
         h = x + attended
         out = h + FeedForward(c, name="feed_forward")(RMSNorm(c, name="ffn_norm")(h))
@@ -129,8 +134,10 @@ class Mistral(nn.Module):
     (an index into T per row), only those positions are projected onto the vocabulary:
     logits [B, 1, V], what a prefill chunk needs, at 1/T of the output projection's cost.
 
-    The layers are one scanned block over params stacked under `layers`, or with
-    config.scan_layers False a block per layer over unstack_layers' params; the cache
+    Each layer attends as its window says (config.windows). The layers are one `lax.scan`
+    over groups of config.layer_pattern's length (one layer, or Ministral's four) over
+    params stacked under `layers`, so each kind of layer compiles once; or, with
+    config.scan_layers False, a block per layer over unstack_layers' params. The cache
     follows the same layout (KVCache.init).
 
     lm_head: if False, the call returns the final normed states [B, T, D] instead of logits,
@@ -150,32 +157,34 @@ class Mistral(nn.Module):
         x = constrain(jnp.take(embedding, tokens, axis=0), ACTIVATIONS)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-        layer_caches = slots = mask = new_positions = None
+        # What each kind of layer reads: its slots [B, T] and mask [B, T, S]; None without a cache.
+        slots = masks = new_positions = (None,) * len(c.window_kinds)
         if cache is not None:
-            layer_caches = (cache.k, cache.v)
-            slots = write_slots(positions, cache.positions.shape[1])
-            new_positions = rolling_update(cache.positions, slots, positions)
-            # What every layer reads: after writing for a decode token; cache ∪ chunk for a prefill chunk.
-            key_positions = new_positions if T == 1 else jnp.concatenate([cache.positions, positions], axis=1)
-            mask = attention_mask(positions, key_positions, c.sliding_window)
+            slots = tuple(write_slots(positions, held.shape[1]) for held in cache.positions)
+            new_positions = tuple(rolling_update(held, s, positions) for held, s in zip(cache.positions, slots))
+            # After writing for a decode token; cache ∪ chunk for a prefill chunk.
+            key_positions = new_positions if T == 1 else tuple(
+                jnp.concatenate([held, positions], axis=1) for held in cache.positions)
+            masks = tuple(attention_mask(positions, keys, w) for keys, w in zip(key_positions, c.window_kinds))
 
-        block = Block
-        if c.remat != "none":
-            block = nn.remat(Block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[c.remat]),
-                             prevent_cse=False)
         if c.scan_layers:
-            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(nn.broadcast, 0, nn.broadcast, nn.broadcast), length=c.n_layers,
-                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, layer_caches = layers(c, name="layers")(x, positions, layer_caches, slots, mask)
+            layers = self.param("layers", _init_layers, c)
+            x, kv = _scan_layers(c, layers, x, positions, None if cache is None else (cache.k, cache.v),
+                                 slots, masks)
         else:
-            written = []
-            for i in range(c.n_layers):
-                layer_cache = None if cache is None else (layer_caches[0][i], layer_caches[1][i])
-                x, layer_cache = block(c, name=f"layers_{i}")(x, positions, layer_cache, slots, mask)
-                written.append(layer_cache)
+            kinds = [c.window_kinds.index(w) for w in c.windows]
+            kv = None if cache is None else tuple(tuple(list(stack) for stack in per_kind)
+                                                  for per_kind in (cache.k, cache.v))
+            seen = [0] * len(c.window_kinds)
+            for i, kind in enumerate(kinds):
+                n, seen[kind] = seen[kind], seen[kind] + 1  # layer i is the n-th of its kind
+                layer_cache = None if cache is None else (kv[0][kind][n], kv[1][kind][n])
+                x, layer_cache = _remat(c, Block)(c, c.windows[i], name=f"layers_{i}")(
+                    x, positions, layer_cache, slots[kind], masks[kind])
+                if cache is not None:
+                    kv[0][kind][n], kv[1][kind][n] = layer_cache
             if cache is not None:
-                layer_caches = tuple(k for k, _ in written), tuple(v for _, v in written)
+                kv = tuple(tuple(tuple(stack) for stack in per_kind) for per_kind in kv)
 
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
@@ -187,8 +196,83 @@ class Mistral(nn.Module):
             x = constrain(x.reshape(B, n, c.vocab_size), ("batch", "length", "vocab"))
         if cache is None:
             return x
-        k, v = layer_caches
-        return x, KVCache(k=k, v=v, positions=new_positions)
+        return x, KVCache(k=kv[0], v=kv[1], positions=new_positions)
+
+
+def _remat(config: MistralConfig, block):
+    """The block class or function, rematerialised in the backward pass as config.remat says."""
+    if config.remat == "none":
+        return block
+    policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[config.remat])
+    if isinstance(block, type):
+        return nn.remat(block, policy=policy, prevent_cse=False)
+    return jax.checkpoint(block, policy=policy, prevent_cse=False)
+
+
+def _init_layers(key: jax.Array, config: MistralConfig):
+    """Fresh weights of every layer, stacked [L, ...], boxed with a leading `layers` axis."""
+    x, positions = jnp.zeros((1, 1, config.dim), config.dtype), jnp.zeros((1, 1), jnp.int32)
+    init = functools.partial(Block(config, None).init, x=x, positions=positions, cache=None, slots=None, mask=None)
+    stacked = jax.vmap(lambda k: init(k)["params"])(jax.random.split(key, config.n_layers))
+    return jax.tree_util.tree_map(lambda box: box.replace(names=("layers",) + tuple(box.names)), stacked,
+                                  is_leaf=lambda v: isinstance(v, nn.Partitioned))
+
+
+def _scan_layers(config: MistralConfig, layers, x, positions, kv, slots, masks):
+    """x through the layers stacked [L, ...] in `layers`, as one `lax.scan`, each layer with
+    its window. kv: None, or per kind of layer the stacked caches (k, v) [L_kind, B, C_kind,
+    K, d], updated and returned."""
+    if kv is None:
+        return _scan_over_layers(config, layers, x, positions), None
+    return _scan_over_groups(config, layers, x, positions, kv, slots, masks)
+
+
+def _scan_over_layers(config: MistralConfig, layers, x, positions):
+    """Without a cache (training, full sequences): a scan over the L layers, each choosing
+    its kind's block by `lax.switch` (one kind: a plain call). The scan's inputs are the
+    stacked weights themselves, which the backward pass reads back rather than saving a
+    copy: the grouped form below costs a second copy of the weights here (+3.5 GB per
+    device on the 7B train plan, docs/SCALING.md)."""
+    kinds = [functools.partial(_apply_block, config, w) for w in config.window_kinds]
+    kind_of_layer = jnp.array([config.window_kinds.index(w) for w in config.windows], jnp.int32)
+
+    def block(weights, x, kind):
+        return jax.lax.switch(kind, kinds, weights, x, positions, None, None, None)[0]
+
+    block = _remat(config, block)
+    x, _ = jax.lax.scan(lambda x, xs: (block(*xs[:1], x, xs[1]), None), x, (layers, kind_of_layer))
+    return x
+
+
+def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, masks):
+    """With a cache: a scan over the G groups of P = len(config.layer_pattern) layers, each
+    position of the group a block of its own window over its kind's cache, whose sizes
+    differ by kind. [L, ...] -> [G, P, ...] (and a kind's [L_kind, ...] -> [G, n, ...]) are
+    reshapes, not copies: layer g*P + j is position j of group g."""
+    pattern = config.layer_pattern
+    P, G = len(pattern), config.n_layers // len(pattern)
+    kinds = [config.window_kinds.index(w) for w in pattern]
+    index_in_kind = [kinds[:j].count(kind) for j, kind in enumerate(kinds)]  # within the group
+
+    def group(x, xs):
+        weights, caches = xs
+        caches = [[list(stack) for stack in per_kind] for per_kind in caches]
+        for j, window in enumerate(pattern):
+            kind, n = kinds[j], index_in_kind[j]
+            layer = jax.tree_util.tree_map(lambda w: w[j], weights)
+            x, (caches[0][kind][n], caches[1][kind][n]) = _apply_block(
+                config, window, layer, x, positions, (caches[0][kind][n], caches[1][kind][n]), slots[kind],
+                masks[kind])
+        return x, tuple(tuple(jnp.stack(stack) for stack in per_kind) for per_kind in caches)
+
+    grouped = jax.tree_util.tree_map(lambda w: w.reshape(G, P, *w.shape[1:]), layers)
+    kv = jax.tree_util.tree_map(lambda a: a.reshape(G, -1, *a.shape[1:]), kv)
+    x, kv = jax.lax.scan(group, x, (grouped, kv))
+    return x, jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), kv)
+
+
+def _apply_block(config: MistralConfig, window: int | None, weights, x, positions, cache, slots, mask):
+    return Block(config, window).apply({"params": weights}, x, positions, cache, slots, mask)
 
 
 def abstract_params(config: MistralConfig):

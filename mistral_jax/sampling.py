@@ -163,8 +163,9 @@ def decoding_layout(config: MistralConfig, params, mesh: Mesh | None = None) -> 
 
 
 def chunk_size(config: MistralConfig, longest: int, limit: int = PREFILL_CHUNK) -> int:
-    """Prefill chunk for prompts of up to `longest` tokens: at most `limit` and the window."""
-    return min(limit, config.sliding_window or limit, _bucket(longest))
+    """Prefill chunk for prompts of up to `longest` tokens: at most `limit` and the smallest
+    window (a chunk must not wrap a rolling cache onto itself)."""
+    return min(limit, *(w for w in config.window_kinds if w is not None), _bucket(longest))
 
 
 def _bucket(n: int) -> int:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax.config import MistralConfig
-from mistral_jax.convert import find_checkpoint, interleaved_to_rotate_half, tensor_names
+from mistral_jax.convert import find_checkpoint, interleaved_to_rotate_half, read_config, source_names, tensor_names
 from mistral_jax.tensor_files import read_tensor_file, to_numpy
 from mistral_jax.model import Mistral
 
@@ -32,22 +32,30 @@ class Comparison:
 
 
 def pytorch_model(src: str, config: MistralConfig):
-    """transformers' MistralForCausalLM holding the source checkpoint's weights, rounded to
-    config.param_dtype and held in float32."""
+    """transformers' MistralForCausalLM (MinistralForCausalLM for per-layer windows) holding
+    the source checkpoint's (text model's) weights, rounded to config.param_dtype and held in
+    float32."""
     import torch
     import transformers
 
     layout, files = find_checkpoint(src)
-    hf_config = transformers.MistralConfig(**config.to_hf_dict(), attn_implementation="eager")
+    hf_dict = config.to_hf_dict()
+    kind = "Ministral" if hf_dict["model_type"] == "ministral" else "Mistral"
+    hf_config = getattr(transformers, f"{kind}Config")(**hf_dict, attn_implementation="eager")
     with torch.device("meta"):
-        model = transformers.MistralForCausalLM(hf_config)
-    native_to_hf = dict(zip(tensor_names("native", config).values(), tensor_names("hf", config).values()))
+        model = getattr(transformers, f"{kind}ForCausalLM")(hf_config)
+    contents = [read_tensor_file(file) for file in files]
+    present = {name for c in contents for name in c}
+    names, _ = source_names(layout, config, present, read_config(src, layout)[1])
+    to_hf = {names[path]: hf_name for path, hf_name in tensor_names("hf", config).items()}
     state = {}
-    for file in files:
-        for name, tensor in read_tensor_file(file).items():
+    for tensors in contents:
+        for name, tensor in tensors.items():
+            if name not in to_hf:  # a vision tensor, or HF's rotary buffer
+                continue
             w = to_numpy(tensor)
+            name = to_hf[name]
             if layout == "native":
-                name = native_to_hf[name]
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     n_heads = config.n_heads if "q_proj" in name else config.n_kv_heads
                     w = interleaved_to_rotate_half(w, n_heads)

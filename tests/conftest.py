@@ -25,7 +25,8 @@ def forward(config, params, tokens):
 
 @dataclasses.dataclass
 class Reference:
-    """An HF MistralForCausalLM with strong random weights, saved, and its logits on `tokens`."""
+    """An HF MistralForCausalLM (or MinistralForCausalLM) with strong random weights, saved,
+    and its logits on `tokens`."""
 
     dir: str
     model: object  # transformers.MistralForCausalLM
@@ -39,15 +40,15 @@ class Reference:
 WEIGHT_STD = 0.2
 
 
-def build_reference(tmp_dir, *, seed, window, seq_len, **hf_config) -> Reference:
+def build_reference(tmp_dir, *, seed, window, seq_len, kind="Mistral", **hf_config) -> Reference:
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.MistralConfig(sliding_window=window, attn_implementation="eager",
-                                        tie_word_embeddings=False, max_position_embeddings=512,
-                                        **hf_config)
-    model = transformers.MistralForCausalLM(config).eval()
+    config = getattr(transformers, f"{kind}Config")(sliding_window=window, attn_implementation="eager",
+                                                    tie_word_embeddings=False, max_position_embeddings=512,
+                                                    **hf_config)
+    model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -79,6 +80,19 @@ def ref_full(tmp_path_factory):
                            hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=1, head_dim=16, intermediate_size=128,
                            vocab_size=352, rope_theta=1e6)
+
+
+MINISTRAL_LAYERS = ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"] * 2
+
+
+@pytest.fixture(scope="session")
+def ref_ministral(tmp_path_factory):
+    """Ministral-like: one full-attention layer then three sliding ones, twice; rope_theta 1e8."""
+    return build_reference(tmp_path_factory.mktemp("hf_ministral"), seed=2, window=WINDOW, kind="Ministral",
+                           layer_types=MINISTRAL_LAYERS, seq_len=4 * WINDOW + 5, hidden_size=64,
+                           num_hidden_layers=len(MINISTRAL_LAYERS), num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, intermediate_size=128, vocab_size=288, rope_theta=1e8,
+                           rms_norm_eps=1e-5)
 
 
 @pytest.fixture(params=["ref_windowed", "ref_full"])

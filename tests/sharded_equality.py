@@ -19,8 +19,9 @@ from mistral_jax.sharding import batch_sharding, make_mesh
 jax.config.update("jax_numpy_rank_promotion", "raise")
 assert jax.device_count() == 8, jax.devices()
 
-CONFIG = MistralConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=8, n_kv_heads=2, vocab_size=256,
-                       sliding_window=8, max_seq_len=128)
+# Layers alternate full attention and a window of 8 (Ministral's two kinds of layer).
+CONFIG = MistralConfig(dim=64, n_layers=4, head_dim=16, hidden_dim=128, n_heads=8, n_kv_heads=2, vocab_size=256,
+                       sliding_window=(None, 8), max_seq_len=128)
 HP = trainer.Hyperparameters(steps=10, batch_size=8, seq_len=24, lr=1e-2, warmup=1)
 rng = np.random.default_rng(0)
 BATCH = rng.integers(0, 256, (8, 25)).astype(np.int32)
@@ -42,7 +43,7 @@ def run(mesh):
     platforms.decode_per_layer = decode_per_layer
     cache = start(state.params, CONFIG, np.zeros((4, 8), np.int32), np.full(4, 8, np.int32), jax.random.key(0),
                   sampler=Sampler(), eos_id=-1, chunk=8, max_tokens=8, mesh=mesh).cache
-    split["cache_shard"] = list(cache.k.addressable_shards[0].data.shape)
+    split["cache_shard"] = [list(k.addressable_shards[0].data.shape) for k in cache.k]  # per kind
     _, per_layer = unstack_layers(CONFIG, state.params)  # views of each device's shards
     split["per_layer_wq_shard"] = list(per_layer["layers_0"]["attention"]["wq"].addressable_shards[0].data.shape)
     batch = jax.device_put(BATCH, batch_sharding(mesh))

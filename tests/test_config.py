@@ -87,13 +87,24 @@ def test_bad_values(changes, message):
 
 
 @pytest.mark.parametrize("parse,d,message", [
-    ("params", {**PARAMS_V01, "sliding_window": [4096, 8192]}, "different values"),
+    ("params", {**PARAMS_V01, "sliding_window": [4096] * 5}, "5 values does not repeat over 32 layers"),
+    ("params", {**PARAMS_V01, "sliding_window": [4096, 0]}, "positive integer"),
+    ("params", {**PARAMS_V03, "yarn": {"factor": 4.0}}, "RoPE scaling .'yarn'"),
+    ("params", {**PARAMS_V03, "llama_4_scaling": {"beta": 0.1}}, "RoPE scaling .'llama_4_scaling'"),
+    ("params", {**PARAMS_V03, "rope_theta": "fast"}, "rope_theta must be a number"),
     ("params", {**PARAMS_V01, "sliding_window": "wide"}, "not an integer"),
     ("params", {**PARAMS_V01, "moe": {"num_experts": 8}}, "mixture-of-experts"),
     ("params", {k: v for k, v in PARAMS_V01.items() if k != "hidden_dim"}, "lacks required field 'hidden_dim'"),
     ("hf", {**HF_V01, "model_type": "llama"}, "model_type 'llama'"),
     ("hf", {**HF_V01, "tie_word_embeddings": True}, "untied"),
-    ("hf", {**HF_V01, "rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling"),
+    ("hf", {**HF_V01, "rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling .linear"),
+    ("hf", {**HF_V01, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0}},
+     "RoPE scaling .yarn"),
+    ("hf", {**HF_V01, "rope_parameters": {"rope_theta": 1e6, "llama_4_scaling_beta": 0.1}},
+     "RoPE scaling .default, llama_4_scaling_beta"),
+    ("hf", {**HF_V01, "model_type": "ministral", "layer_types": ["full_attention"] * 31}, "list of 32 layer types"),
+    ("hf", {**HF_V01, "model_type": "ministral", "layer_types": ["local"] * 32}, "unknown kinds .'local'"),
+    ("hf", {"model_type": "mistral3"}, "no text_config"),
     ("hf", {k: v for k, v in HF_V01.items() if k != "rope_theta"}, "no rope_theta"),
 ])
 def test_bad_files(parse, d, message):
@@ -110,3 +121,23 @@ def test_bad_directories(tmp_path):
         MistralConfig.from_dir(tmp_path)
     with pytest.raises(ConfigError, match="unknown preset"):
         MistralConfig.preset("mistral-70b")
+
+
+def test_per_layer_windows_in_both_formats(tmp_path):
+    """Ministral's kinds of layer: HF layer_types (which transformers reads back), native
+    lists (per layer, or one group repeated as mistral-inference reads it)."""
+    config = MistralConfig.preset("ministral-8b")
+    assert config.windows == (None, 32768, 32768, 32768) * 9 and config.window_kinds == (None, 32768)
+    config.save_hf(tmp_path)
+    hf = transformers.MinistralConfig.from_pretrained(tmp_path)
+    assert hf.layer_types == ["full_attention", "sliding_attention", "sliding_attention", "sliding_attention"] * 9
+    assert hf.sliding_window == 32768 and hf.rope_parameters["rope_theta"] == 1e8
+    assert MistralConfig.from_dir(tmp_path) == config
+    native = config.to_params_dict()
+    assert native["sliding_window"] == [None, 32768, 32768, 32768] * 9
+    group = {**native, "sliding_window": [None, 32768, 32768, 32768]}
+    assert MistralConfig.from_params_dict(group) == MistralConfig.from_params_dict(native) == config
+    # Two window sizes: our files keep the list; transformers has no such model.
+    two = MistralConfig.from_params_dict({**PARAMS_V03, "sliding_window": [131072, 32768]})
+    assert two.windows == (131072, 32768) * 16 and not two.hf_expressible and config.hf_expressible
+    assert MistralConfig.from_hf_dict(two.to_hf_dict()) == two

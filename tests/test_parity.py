@@ -106,7 +106,10 @@ def write_native(ref, out_dir, fmt, dtype=torch.float32, permute=True):
     params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "head_dim": c.head_dim,
               "hidden_dim": c.intermediate_size, "n_heads": c.num_attention_heads,
               "n_kv_heads": c.num_key_value_heads, "norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size}
-    if c.sliding_window is not None:
+    if getattr(c, "model_type", "") == "ministral":  # per-layer windows as a list, null = full attention
+        params["sliding_window"] = [None if t == "full_attention" else c.sliding_window for t in c.layer_types]
+        params["rope_theta"] = c.rope_parameters["rope_theta"]
+    elif c.sliding_window is not None:
         params["sliding_window"] = c.sliding_window
         assert c.rope_parameters["rope_theta"] == 1e4  # what the loader must infer
     else:

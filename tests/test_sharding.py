@@ -48,16 +48,19 @@ def test_equal_to_one_device_under_meshes():
         assert f["logits_max_diff"] < 1e-5, spec
         assert f["tokens_equal"] and f["stacked_tokens_equal"], spec
         assert f["per_layer_wq_shard"] == f["wq"]["shard"][1:], spec  # unstack_layers kept the split
-        assert f["loss_diff"] < 1e-6 and f["grad_norm_rel_diff"] < 1e-5, spec
+        # The loss's float32 floor: on one device, permuting the batch's rows alone moves it by
+        # up to 3.8e-6 (measured on this config and the 2-layer one before it); 1e-6 held by luck.
+        assert f["loss_diff"] < 1e-5 and f["grad_norm_rel_diff"] < 1e-5, spec
         assert f["updated_max_diff"] < 1e-6, spec
-        assert f["splash_loss_diff"] < 1e-6 and f["splash_updated_max_diff"] < 1e-6, spec
-    # wq [L, D, H, d] = [2, 64, 8, 16]: really split where the mesh has fsdp or tensor axes.
-    assert findings["data=8"]["wq"]["devices"] == 8 and findings["data=8"]["wq"]["shard"] == [2, 64, 8, 16]
-    assert findings["fsdp=8"]["wq"]["shard"] == [2, 8, 8, 16]
-    assert findings["data=2,fsdp=2,tensor=2"]["wq"]["shard"] == [2, 32, 4, 16]
-    assert findings["fsdp=2,tensor=4"]["wq"]["shard"] == [2, 32, 2, 16]
-    # The cache k [L, B, C, K, d] = [2, 4, 8, 2, 16]: rows over data x fsdp, kv heads over
-    # tensor where it divides them (tensor=4 > 2 kv heads: whole heads on every device).
-    assert findings["data=8"]["cache_shard"] == [2, 4, 8, 2, 16]  # 4 rows do not divide over 8
-    assert findings["data=2,fsdp=2,tensor=2"]["cache_shard"] == [2, 1, 8, 1, 16]
-    assert findings["fsdp=2,tensor=4"]["cache_shard"] == [2, 2, 8, 2, 16]
+        assert f["splash_loss_diff"] < 1e-5 and f["splash_updated_max_diff"] < 1e-6, spec
+    # wq [L, D, H, d] = [4, 64, 8, 16]: really split where the mesh has fsdp or tensor axes.
+    assert findings["data=8"]["wq"]["devices"] == 8 and findings["data=8"]["wq"]["shard"] == [4, 64, 8, 16]
+    assert findings["fsdp=8"]["wq"]["shard"] == [4, 8, 8, 16]
+    assert findings["data=2,fsdp=2,tensor=2"]["wq"]["shard"] == [4, 32, 4, 16]
+    assert findings["fsdp=2,tensor=4"]["wq"]["shard"] == [4, 32, 2, 16]
+    # The cache per kind of layer, k [L_kind, B, C, K, d]: the 2 full layers' [2, 4, 16, 2, 16]
+    # (prompt + output), the 2 sliding layers' [2, 4, 8, 2, 16] (the window). Rows over data x
+    # fsdp, kv heads over tensor where it divides them (tensor=4 > 2 kv heads: whole heads).
+    assert findings["data=8"]["cache_shard"] == [[2, 4, 16, 2, 16], [2, 4, 8, 2, 16]]  # 4 rows do not divide over 8
+    assert findings["data=2,fsdp=2,tensor=2"]["cache_shard"] == [[2, 1, 16, 1, 16], [2, 1, 8, 1, 16]]
+    assert findings["fsdp=2,tensor=4"]["cache_shard"] == [[2, 2, 16, 2, 16], [2, 2, 8, 2, 16]]
