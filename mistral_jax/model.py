@@ -265,6 +265,12 @@ def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, ma
                 masks[kind])
         return x, tuple(tuple(jnp.stack(stack) for stack in per_kind) for per_kind in caches)
 
+    if P == 1:  # a scan over the layers themselves: reshaping the cache cost XLA its in-place update
+        def layer(x, xs):
+            weights, (k, v) = xs
+            x, cache = _apply_block(config, pattern[0], weights, x, positions, (k[0], v[0]), slots[0], masks[0])
+            return x, ((cache[0],), (cache[1],))
+        return jax.lax.scan(layer, x, (layers, kv))
     grouped = jax.tree_util.tree_map(lambda w: w.reshape(G, P, *w.shape[1:]), layers)
     kv = jax.tree_util.tree_map(lambda a: a.reshape(G, -1, *a.shape[1:]), kv)
     x, kv = jax.lax.scan(group, x, (grouped, kv))
