@@ -204,6 +204,9 @@ def compile_only_environment() -> None:
     """Compiling needs no accelerator: CPU as the backend (with 8 devices for the cpu-8
     stand-in), TPUs only as compile targets. Call it before JAX starts a backend."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Compiling touches no TPU, so a second process doing the same may load libtpu too
+    # (otherwise libtpu's lockfile refuses it while another holds it).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
         os.environ["XLA_FLAGS"] = flags.strip()

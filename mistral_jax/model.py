@@ -240,7 +240,7 @@ def _scan_over_layers(config: MistralConfig, layers, x, positions):
         return jax.lax.switch(kind, kinds, weights, x, positions, None, None, None)[0]
 
     block = _remat(config, block)
-    x, _ = jax.lax.scan(lambda x, xs: (block(*xs[:1], x, xs[1]), None), x, (layers, kind_of_layer))
+    x, _ = jax.lax.scan(lambda x, xs: (block(xs[0], x, xs[1]), None), x, (layers, kind_of_layer))
     return x
 
 
@@ -248,7 +248,9 @@ def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, ma
     """With a cache: a scan over the G groups of P = len(config.layer_pattern) layers, each
     position of the group a block of its own window over its kind's cache, whose sizes
     differ by kind. [L, ...] -> [G, P, ...] (and a kind's [L_kind, ...] -> [G, n, ...]) are
-    reshapes, not copies: layer g*P + j is position j of group g."""
+    reshapes: layer g*P + j is position j of group g. XLA then copies the cache instead of
+    updating it in place (docs/SCALING.md, Ministral 8B), so one kind (P = 1) scans the
+    layers themselves."""
     pattern = config.layer_pattern
     P, G = len(pattern), config.n_layers // len(pattern)
     kinds = [config.window_kinds.index(w) for w in pattern]
