@@ -32,14 +32,18 @@ from jax.sharding import Mesh
 from mistral_jax.config import MistralConfig
 from mistral_jax.sharding import sharding_for
 
-KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")  # logical axes of k and v, see sharding.py
+# Logical axes of k and v, see sharding.py: [L, B, C, K, d], or [G, n, B, C, K, d] by groups.
+KV_AXES = (None, "layers", "batch", "length", "kv_heads", "head_dim")
 
 
 @flax.struct.dataclass
 class KVCache:
     """Per kind of layer (config.window_kinds), the K and V of its layers, in layer order,
     laid out as the model's layers are (config.scan_layers): stacked, [L_kind, B, C, K, d],
-    or a tuple of L_kind arrays [B, C, K, d]; and the positions its slots hold."""
+    or a tuple of L_kind arrays [B, C, K, d]; and the positions its slots hold. Stacked
+    with several kinds, each kind's layers are grouped as the model scans them, [G, n, B,
+    C, K, d] for G groups of config.layer_pattern holding n layers of the kind each: so the
+    scan updates the cache in place (a reshape there made XLA copy it)."""
 
     k: tuple[jax.Array | tuple[jax.Array, ...], ...]
     v: tuple[jax.Array | tuple[jax.Array, ...], ...]
@@ -53,9 +57,11 @@ class KVCache:
         for window in config.window_kinds:
             C = cache_length(window, max_len)
             shape = (batch, C, config.n_kv_heads, config.head_dim)
-            n = config.windows.count(window)
-            k.append(jnp.zeros((n, *shape), dtype) if config.scan_layers
-                     else tuple(jnp.zeros(shape, dtype) for _ in range(n)))
+            n = config.layer_pattern.count(window)  # per group
+            G = config.n_layers // len(config.layer_pattern)
+            stacked = (G, n, *shape) if len(config.window_kinds) > 1 else (G, *shape)
+            k.append(jnp.zeros(stacked, dtype) if config.scan_layers
+                     else tuple(jnp.zeros(shape, dtype) for _ in range(G * n)))
             positions.append(jnp.full((batch, C), -1, jnp.int32))
         k = tuple(k)
         return cls(k=k, v=jax.tree_util.tree_map(jnp.zeros_like, k), positions=tuple(positions))

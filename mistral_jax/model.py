@@ -220,8 +220,8 @@ def _init_layers(key: jax.Array, config: MistralConfig):
 
 def _scan_layers(config: MistralConfig, layers, x, positions, kv, slots, masks):
     """x through the layers stacked [L, ...] in `layers`, as one `lax.scan`, each layer with
-    its window. kv: None, or per kind of layer the stacked caches (k, v) [L_kind, B, C_kind,
-    K, d], updated and returned."""
+    its window. kv: None, or per kind of layer its caches (k, v) stacked as KVCache.init
+    lays them out, updated and returned."""
     if kv is None:
         return _scan_over_layers(config, layers, x, positions), None
     return _scan_over_groups(config, layers, x, positions, kv, slots, masks)
@@ -247,10 +247,9 @@ def _scan_over_layers(config: MistralConfig, layers, x, positions):
 def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, masks):
     """With a cache: a scan over the G groups of P = len(config.layer_pattern) layers, each
     position of the group a block of its own window over its kind's cache, whose sizes
-    differ by kind. [L, ...] -> [G, P, ...] (and a kind's [L_kind, ...] -> [G, n, ...]) are
-    reshapes: layer g*P + j is position j of group g. XLA then copies the cache instead of
-    updating it in place (docs/SCALING.md, Ministral 8B), so one kind (P = 1) scans the
-    layers themselves."""
+    differ by kind; kv holds each kind's layers grouped, [G, n, ...] (KVCache.init). The
+    weights [L, ...] -> [G, P, ...] are a reshape: layer g*P + j is position j of group g.
+    One kind (P = 1) scans the layers themselves."""
     pattern = config.layer_pattern
     P, G = len(pattern), config.n_layers // len(pattern)
     kinds = [config.window_kinds.index(w) for w in pattern]
@@ -267,16 +266,14 @@ def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, ma
                 masks[kind])
         return x, tuple(tuple(jnp.stack(stack) for stack in per_kind) for per_kind in caches)
 
-    if P == 1:  # a scan over the layers themselves: reshaping the cache cost XLA its in-place update
+    if P == 1:
         def layer(x, xs):
             weights, (k, v) = xs
             x, cache = _apply_block(config, pattern[0], weights, x, positions, (k[0], v[0]), slots[0], masks[0])
             return x, ((cache[0],), (cache[1],))
         return jax.lax.scan(layer, x, (layers, kv))
     grouped = jax.tree_util.tree_map(lambda w: w.reshape(G, P, *w.shape[1:]), layers)
-    kv = jax.tree_util.tree_map(lambda a: a.reshape(G, -1, *a.shape[1:]), kv)
-    x, kv = jax.lax.scan(group, x, (grouped, kv))
-    return x, jax.tree_util.tree_map(lambda a: a.reshape(-1, *a.shape[2:]), kv)
+    return jax.lax.scan(group, x, (grouped, kv))
 
 
 def _apply_block(config: MistralConfig, window: int | None, weights, x, positions, cache, slots, mask):

@@ -91,7 +91,8 @@ def test_cached_logits_equal_full_forward(ministral, chunk, layout):
     cached, cache = logits_by_chunks(*in_layout(config, params, layout), ref.tokens, chunk)
     np.testing.assert_allclose(cached, np.asarray(forward(config, params, ref.tokens)), atol=TOL)
     np.testing.assert_allclose(cached, ref.logits, atol=TOL)
-    assert [len(k) for k in cache.k] == [2, 6]  # layers of each kind, stacked or a tuple of them
+    layers = [len(k) if isinstance(k, tuple) else int(np.prod(k.shape[:-4])) for k in cache.k]
+    assert layers == [2, 6]  # layers of each kind: a tuple of them, or stacked [G, n, ...]
     full, sliding = (jax.tree_util.tree_leaves(k) for k in cache.k)
     assert all(k.shape[-3] == T for k in full) and all(k.shape[-3] == WINDOW for k in sliding)
     np.testing.assert_array_equal(np.sort(cache.positions[0], axis=1), np.tile(np.arange(T), (B, 1)))
@@ -99,13 +100,14 @@ def test_cached_logits_equal_full_forward(ministral, chunk, layout):
 
 
 def test_cache_holds_window_slots_for_sliding_layers(ministral):
-    """The sampler's cache: 2 full layers x the whole length, 6 sliding layers x W slots."""
+    """The sampler's cache: 2 full layers x the whole length, 6 sliding layers x W slots,
+    each kind's grouped as the model scans them ([G, n, B, C, K, d])."""
     _, config, params = ministral
     prompt_len, new = 2 * WINDOW, 64
     state = start(params, config, np.ones((2, prompt_len), np.int32), np.full(2, prompt_len, np.int32),
                   jax.random.key(0), sampler=Sampler(), eos_id=-1, chunk=WINDOW, max_tokens=new)
     full, sliding = state.cache.k
-    assert full.shape == (2, 2, prompt_len + new, 2, 16) and sliding.shape == (6, 2, WINDOW, 2, 16)
+    assert full.shape == (2, 1, 2, prompt_len + new, 2, 16) and sliding.shape == (2, 3, 2, WINDOW, 2, 16)
     uniform = KVCache.init(config.replace(sliding_window=None), 2, prompt_len + new)
     assert sum(k.nbytes for k in state.cache.k) / sum(k.nbytes for k in uniform.k) == (2 * 96 + 6 * 16) / (8 * 96)
 

@@ -58,9 +58,10 @@ def test_equal_to_one_device_under_meshes():
     assert findings["fsdp=8"]["wq"]["shard"] == [4, 8, 8, 16]
     assert findings["data=2,fsdp=2,tensor=2"]["wq"]["shard"] == [4, 32, 4, 16]
     assert findings["fsdp=2,tensor=4"]["wq"]["shard"] == [4, 32, 2, 16]
-    # The cache per kind of layer, k [L_kind, B, C, K, d]: the 2 full layers' [2, 4, 16, 2, 16]
-    # (prompt + output), the 2 sliding layers' [2, 4, 8, 2, 16] (the window). Rows over data x
-    # fsdp, kv heads over tensor where it divides them (tensor=4 > 2 kv heads: whole heads).
-    assert findings["data=8"]["cache_shard"] == [[2, 4, 16, 2, 16], [2, 4, 8, 2, 16]]  # 4 rows do not divide over 8
-    assert findings["data=2,fsdp=2,tensor=2"]["cache_shard"] == [[2, 1, 16, 1, 16], [2, 1, 8, 1, 16]]
-    assert findings["fsdp=2,tensor=4"]["cache_shard"] == [[2, 2, 16, 2, 16], [2, 2, 8, 2, 16]]
+    # The cache per kind of layer, k [G, n, B, C, K, d] (2 groups of a full and a sliding
+    # layer): the full layers' [2, 1, 4, 16, 2, 16] (prompt + output), the sliding layers'
+    # [2, 1, 4, 8, 2, 16] (the window). Rows over data x fsdp, kv heads over tensor where it
+    # divides them (tensor=4 > 2 kv heads: whole heads on every device).
+    assert findings["data=8"]["cache_shard"] == [[2, 1, 4, 16, 2, 16], [2, 1, 4, 8, 2, 16]]  # 4 rows: not over 8
+    assert findings["data=2,fsdp=2,tensor=2"]["cache_shard"] == [[2, 1, 1, 16, 1, 16], [2, 1, 1, 8, 1, 16]]
+    assert findings["fsdp=2,tensor=4"]["cache_shard"] == [[2, 1, 2, 16, 2, 16], [2, 1, 2, 8, 2, 16]]
