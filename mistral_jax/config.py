@@ -254,10 +254,9 @@ def _window_pattern(value: Any, n_layers: int) -> int | None | tuple[int | None,
     if not pattern or n_layers % len(pattern):
         raise ConfigError(f"a per-layer sliding_window of {len(pattern)} values does not repeat over "
                           f"{n_layers} layers")
-    for period in range(1, len(pattern) + 1):
-        if len(pattern) % period == 0 and pattern == pattern[:period] * (len(pattern) // period):
-            return pattern[0] if period == 1 else pattern[:period]
-    raise AssertionError("unreachable: a pattern repeats with its own length")
+    period = next(p for p in range(1, len(pattern) + 1)
+                  if len(pattern) % p == 0 and pattern == pattern[:p] * (len(pattern) // p))
+    return pattern[0] if period == 1 else pattern[:period]
 
 
 def _window(value: Any) -> int | None:

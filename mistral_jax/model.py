@@ -135,8 +135,8 @@ class Mistral(nn.Module):
     logits [B, 1, V], what a prefill chunk needs, at 1/T of the output projection's cost.
 
     Each layer attends as its window says (config.windows). The layers are one `lax.scan`
-    over groups of config.layer_pattern's length (one layer, or Ministral's four) over
-    params stacked under `layers`, so each kind of layer compiles once; or, with
+    over the params stacked under `layers` (_scan_layers: over the layers, or with a cache
+    over groups of config.layer_pattern), so each kind of layer compiles once; or, with
     config.scan_layers False, a block per layer over unstack_layers' params. The cache
     follows the same layout (KVCache.init).
 
