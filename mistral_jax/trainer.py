@@ -188,7 +188,22 @@ def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int 
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradient norm became NaN or infinite."""
+
+
+@jax.jit
+def _first_nonfinite(first: tuple[jax.Array, jax.Array], step: jax.Array, metrics: dict):
+    """((step, 0 for the loss / 1 for the gradient norm), its value) of the first step whose
+    loss or gradients were not finite; ((-1, -1), 0) while none was. Run after every step on
+    the device, so a bad step between host syncs is known before any later state is saved:
+    its update made the weights non-finite even when only its gradients were."""
+    where, value = first
+    values = jnp.stack([metrics["loss"], metrics["grad_norm"]]).astype(jnp.float32)
+    bad = ~jnp.isfinite(values)
+    kind = jnp.argmax(bad)  # the loss when both
+    is_new = (where[0] < 0) & bad.any()
+    return (jnp.where(is_new, jnp.stack([step, kind]).astype(jnp.int32), where),
+            jnp.where(is_new, values[kind], value))
 
 
 def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str, schedule: Schedule = Schedule(),
@@ -228,19 +243,21 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     first = int(state.step)
     last_time, last_step = time.perf_counter(), first
+    nonfinite = (jnp.array([-1, -1], jnp.int32), jnp.float32(0))
     try:
         for step in range(first, hp.steps):
             state, metrics = train_step(state, global_batch(batches.batch(step, process, processes)))
             done = step + 1
+            nonfinite = _first_nonfinite(nonfinite, jnp.int32(done), metrics)
             log = done % schedule.log_every == 0 or done == hp.steps or stop
             evaluate = done % schedule.eval_every == 0 or done == hp.steps
             save = done % schedule.save_every == 0 or done == hp.steps or stop
             if not (log or evaluate or save):
                 continue
-            metrics = jax.device_get(metrics)  # the only host sync of the loop
-            if not math.isfinite(metrics["loss"]):
+            metrics, ((bad_step, what), value) = jax.device_get((metrics, nonfinite))  # the loop's one host sync
+            if bad_step >= 0:
                 good = manager.latest_step()
-                raise TrainingDiverged(f"loss became {metrics['loss']} at step {done}; " + (
+                raise TrainingDiverged(f"{('loss', 'gradient norm')[what]} became {value} at step {bad_step}; " + (
                     f"the last good checkpoint is step {good} in {os.path.join(out_dir, 'checkpoints')}"
                     if good is not None else "no checkpoint had been saved"))
             now = time.perf_counter()

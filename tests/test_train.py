@@ -19,7 +19,7 @@ import transformers
 import sample
 import train
 from conftest import REPO, assert_one_line_error, build_reference, forward, run_script
-from mistral_jax import data, metrics, trainer
+from mistral_jax import checkpoint, data, metrics, trainer
 from mistral_jax.checkpoint import load_checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.model import init_params
@@ -160,12 +160,23 @@ def test_loss_goes_down_and_resume_is_exact(tokens, tmp_path):
         assert resumed[step] == uninterrupted[step], step  # bit-identical
 
 
-def test_nan_loss_stops_with_last_good_checkpoint(tokens, tmp_path):
+@pytest.mark.parametrize("log_every", [1, 5])
+def test_divergence_stops_with_a_finite_last_good_checkpoint(tokens, tmp_path, log_every):
+    """A step whose gradients are non-finite while its loss is not (the fault campaign's
+    --lr 1e4 --save-every 1) is caught before any state after it is saved, even between
+    log steps: the checkpoint named "last good" holds only finite weights."""
     batches = data.TokenBatches(tokens, 32, 8)
-    diverged = r"loss became (nan|inf) at step \d+; the last good checkpoint is step"
-    with pytest.raises(trainer.TrainingDiverged, match=diverged):
-        trainer.fit(TINY, hp(steps=30, lr=1e9, clip=1e12), batches, make_mesh(""), str(tmp_path),
-                    trainer.Schedule(log_every=1, save_every=1))
+    diverged = r"(loss|gradient norm) became (nan|inf) at step (\d+); the last good checkpoint is step (\d+)"
+    with pytest.raises(trainer.TrainingDiverged, match=diverged) as e:
+        trainer.fit(TINY, hp(steps=30, lr=1e4), batches, make_mesh(""), str(tmp_path),
+                    trainer.Schedule(log_every=log_every, save_every=1))
+    bad, good = map(int, re.search(diverged, str(e.value)).groups()[2:])
+    assert good < bad
+    manager = checkpoint.train_state_manager(str(tmp_path / "checkpoints"), 3)
+    assert manager.latest_step() == good
+    state = checkpoint.restore_train_state(manager, trainer.abstract_state(
+        TINY, trainer.make_optimizer(hp(steps=30, lr=1e4)), make_mesh("")))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 
 
 def dot_flops(jaxpr) -> int:
