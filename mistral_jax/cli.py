@@ -78,6 +78,7 @@ def run(main: Callable[[], int | None]) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if not os.environ.get("MISTRAL_JAX_DEBUG"):
         _quiet_library_threads()
+    threads_before = set(threading.enumerate())
     try:
         status = main() or 0
     except KeyboardInterrupt:
@@ -93,6 +94,14 @@ def run(main: Callable[[], int | None]) -> None:
             message = f"{message}: {e.filename}"
         print(f"error: {message}", file=sys.stderr)
         status = 1
+        lingering = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
+        if lingering:
+            # A failed write leaves orbax's save threads waiting for a signal that never
+            # comes, and the interpreter would wait for them forever: a job that never ends
+            # and never frees its slice. The error is said; end the process.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
     sys.exit(status)
 
 

@@ -101,6 +101,10 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
             elif os.path.exists(path):
                 os.remove(path)
 
+    checkpoints = os.path.join(options.out, "checkpoints")
+    if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
+        raise ValueError(f"{checkpoints} is not a directory: the run keeps its checkpoints there")
+
     params = None
     if options.init_from:
         if not os.path.isdir(options.init_from):

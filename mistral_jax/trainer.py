@@ -284,6 +284,9 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
-        manager.wait_until_finished()
-        writer.close()
+        try:
+            manager.wait_until_finished()
+        finally:
+            manager.close()  # stops orbax's background threads, which otherwise keep a failed run alive
+            writer.close()
     return state, bool(stop)

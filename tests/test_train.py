@@ -312,6 +312,35 @@ def test_bad_input(tiny_config_file, tokenizer_path, tmp_path, capsys, monkeypat
     assert_one_line_error(status, stderr, message)
 
 
+def test_checkpoints_that_is_a_file_is_refused_before_training(tiny_config_file, tmp_path, capsys, monkeypatch):
+    """It used to fail at the first save, after training, and then hang (issue 15, item 1)."""
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("")
+    status, stdout, stderr = run_train(capsys, "--config", tiny_config_file, "--out", tmp_path / "run", "--steps", 2,
+                                       "--batch-size", 8, "--seq-len", 32)
+    assert_one_line_error(status, stderr, r"run/checkpoints is not a directory")
+    assert "step 1/" not in stdout  # nothing trained
+
+
+def test_a_failed_run_exits_though_a_library_thread_still_waits(tmp_path):
+    """What a failed orbax save leaves behind: a non-daemon thread waiting for a signal that
+    never comes. The script still says its one-line error and exits 1 (it used to wait for
+    the thread forever). The timeout makes a hang fail rather than block the suite."""
+    code = ("import threading\n"
+            "from mistral_jax import cli\n"
+            "def main():\n"
+            "    threading.Thread(target=threading.Event().wait, name='save-waiter').start()\n"
+            "    raise OSError(28, 'No space left on device')\n"
+            "cli.run(main)\n")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+    assert_one_line_error(out.returncode, out.stderr, "No space left on device")
+    assert out.returncode == 1
+
+
 def test_init_from_converted_weights(tokenizer_path, tmp_path, capsys, monkeypatch):
     """Fine-tuning starts from the converted weights: the first loss is the HF model's loss."""
     monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
