@@ -59,7 +59,7 @@ class KVCache:
             shape = (batch, C, config.n_kv_heads, config.head_dim)
             n = config.layer_pattern.count(window)  # per group
             G = config.n_layers // len(config.layer_pattern)
-            stacked = (G, n, *shape) if len(config.window_kinds) > 1 else (G, *shape)
+            stacked = (G, n, *shape) if config.grouped_layers else (G, *shape)
             k.append(jnp.zeros(stacked, dtype) if config.scan_layers
                      else tuple(jnp.zeros(shape, dtype) for _ in range(G * n)))
             positions.append(jnp.full((batch, C), -1, jnp.int32))

@@ -102,6 +102,18 @@ class MistralConfig:
         return tuple(dict.fromkeys(self.layer_pattern))
 
     @property
+    def layer_kinds(self) -> tuple[int, ...]:
+        """Each layer's kind: its index into window_kinds."""
+        return tuple(self.window_kinds.index(w) for w in self.windows)
+
+    @property
+    def grouped_layers(self) -> bool:
+        """Whether the stacked layers run (with a cache) as a scan over groups of
+        layer_pattern, each kind's cache stored [G, n, ...] (KVCache.init); otherwise, one
+        kind, a scan over the layers themselves."""
+        return len(self.layer_pattern) > 1
+
+    @property
     def num_params(self) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         ffn = 3 * self.dim * self.hidden_dim
@@ -163,11 +175,11 @@ class MistralConfig:
             "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
             "torch_dtype": self.param_dtype,
         }
-        windows = {w for w in self.window_kinds if w is not None}
-        if len(windows) > 1:  # beyond HF's MinistralConfig (one window): the list, as params.json has it
+        if not self.hf_expressible:  # beyond HF's MinistralConfig: the list, as params.json has it
             d["sliding_window"] = list(self.windows)
-        elif len(self.window_kinds) > 1:
-            d.update(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=windows.pop(),
+        elif self.grouped_layers:
+            window = next(w for w in self.window_kinds if w is not None)
+            d.update(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=window,
                      layer_types=["full_attention" if w is None else "sliding_attention" for w in self.windows])
         return d
 

@@ -21,7 +21,7 @@ def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True) 
     matmul_params = config.num_params - config.vocab_size * config.dim - (2 * config.n_layers + 1) * config.dim
     def mean_keys(window):
         return sum(min(i + 1, window or seq_len) for i in range(seq_len)) / seq_len
-    keys = sum(mean_keys(w) for w in config.windows)  # over the layers
+    keys = sum(mean_keys(w) * config.windows.count(w) for w in config.window_kinds)  # over the layers
     attention = 2 * 2 * config.n_heads * config.head_dim * keys
     return (3 if training else 1) * (2 * matmul_params + attention)
 

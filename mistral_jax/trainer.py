@@ -248,7 +248,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
         for step in range(first, hp.steps):
             state, metrics = train_step(state, global_batch(batches.batch(step, process, processes)))
             done = step + 1
-            nonfinite = _first_nonfinite(nonfinite, jnp.int32(done), metrics)
+            nonfinite = _first_nonfinite(nonfinite, state.step, metrics)  # on the device: no sync
             log = done % schedule.log_every == 0 or done == hp.steps or stop
             evaluate = done % schedule.eval_every == 0 or done == hp.steps
             save = done % schedule.save_every == 0 or done == hp.steps or stop
