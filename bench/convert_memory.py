@@ -30,7 +30,7 @@ def write_checkpoint(out_dir: str, config: MistralConfig, layout: str) -> None:
     os.makedirs(out_dir)
     generator = torch.Generator().manual_seed(0)
     state = {name: (torch.randn(torch_shape(path[-1], config), generator=generator) * 0.02).to(torch.bfloat16)
-             for path, name in tensor_names(layout, config).items()}
+             for (path, _), name in tensor_names(layout, config).items()}
     if layout == "hf":
         config.replace(param_dtype="bfloat16").save_hf(out_dir)
         names = list(state)

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import threading
+import warnings
 import types
 import typing
 from collections.abc import Callable
@@ -94,6 +95,9 @@ def run(main: Callable[[], int | None]) -> None:
             message = f"{message}: {e.filename}"
         print(f"error: {message}", file=sys.stderr)
         status = 1
+        # A failed orbax write abandons its coroutines; Python warns of each as the process
+        # ends, after the error line, which must stay the last (seen under load, issue 15).
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
         lingering = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
         if lingering:
             # A failed write leaves orbax's save threads waiting for a signal that never

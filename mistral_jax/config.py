@@ -20,6 +20,7 @@ REMAT_POLICIES = {
     "dots_no_batch": "dots_with_no_batch_dims_saveable",
 }
 ATTENTION_KERNELS = ("auto", "xla", "dot_product", "splash")  # see attention.causal_attention
+EXPERT_KERNELS = ("auto", "tiles", "ragged_dot")  # see moe.py
 _DEFAULT_MAX_SEQ_LEN = 32768  # what Mistral 7B's HF config.json states; params.json never says
 
 
@@ -49,11 +50,17 @@ class MistralConfig:
     # W, W, W)), as params.json writes it; kept in its shortest repeating form.
     sliding_window: int | None | tuple[int | None, ...] = None
     max_seq_len: int = _DEFAULT_MAX_SEQ_LEN
+    # A mixture of experts (Mixtral): each feed-forward is n_experts SwiGLU experts, each
+    # token routed to n_experts_per_tok of them; 0 for a dense feed-forward.
+    n_experts: int = 0
+    n_experts_per_tok: int = 0
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (HF's name)
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
     remat: str = "none"  # activation checkpointing policy of each block: a key of REMAT_POLICIES
     attention: str = "auto"  # self-attention kernel of full sequences, see attention.py
     attention_block: int = 128  # queries per block of the "xla" kernel (BENCHMARKS.md: block sizes)
+    expert_kernel: str = "auto"  # the experts' grouped matmul, see moe.py
     # The layer stack: one scanned block over params stacked under `layers` (checkpoints,
     # training), or a block per layer over `layers_0` ... (model.unstack_layers; CPU decoding).
     scan_layers: bool = True
@@ -69,6 +76,17 @@ class MistralConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         object.__setattr__(self, "sliding_window", _window_pattern(self.sliding_window, self.n_layers))
+        for name in ("n_experts", "n_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.n_experts and not 1 <= self.n_experts_per_tok <= self.n_experts:
+            raise ConfigError(f"n_experts_per_tok must be between 1 and n_experts ({self.n_experts}), "
+                              f"got {self.n_experts_per_tok}")
+        if not self.n_experts and self.n_experts_per_tok:
+            raise ConfigError(f"n_experts_per_tok is {self.n_experts_per_tok} but the model has no experts")
+        if not self.router_aux_loss_coef >= 0:
+            raise ConfigError(f"router_aux_loss_coef must be non-negative, got {self.router_aux_loss_coef!r}")
         if not self.norm_eps > 0:
             raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
         if not self.rope_theta > 0:
@@ -80,6 +98,8 @@ class MistralConfig:
             raise ConfigError(f"remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ConfigError(f"attention must be one of {ATTENTION_KERNELS}, got {self.attention!r}")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise ConfigError(f"expert_kernel must be one of {EXPERT_KERNELS}, got {self.expert_kernel!r}")
 
     def replace(self, **changes) -> MistralConfig:
         return dataclasses.replace(self, **changes)
@@ -115,8 +135,17 @@ class MistralConfig:
 
     @property
     def num_params(self) -> int:
+        return self._count_params(max(self.n_experts, 1))
+
+    @property
+    def active_params(self) -> int:
+        """The parameters a token's forward pass multiplies by: num_params less the experts
+        it is not routed to."""
+        return self._count_params(self.n_experts_per_tok or 1)
+
+    def _count_params(self, experts: int) -> int:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        ffn = 3 * self.dim * self.hidden_dim
+        ffn = 3 * self.dim * self.hidden_dim * experts + self.dim * self.n_experts  # experts and router
         per_layer = attn + ffn + 2 * self.dim
         return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
 
@@ -130,8 +159,9 @@ class MistralConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
-        """MistralForCausalLM's and MinistralForCausalLM's config.json, or the text model of
-        Mistral3ForConditionalGeneration's (its vision tower and projector are not read)."""
+        """MistralForCausalLM's, MinistralForCausalLM's and MixtralForCausalLM's config.json,
+        or the text model of Mistral3ForConditionalGeneration's (its vision tower and
+        projector are not read)."""
         model_type = d.get("model_type", "mistral")
         if model_type == "mistral3":
             text = d.get("text_config")
@@ -155,6 +185,10 @@ class MistralConfig:
                 vocab_size=d["vocab_size"], norm_eps=float(d.get("rms_norm_eps", _HF_DEFAULT_EPS[model_type])),
                 rope_theta=_hf_rope_theta(d), sliding_window=_hf_windows(d, n_layers),
                 max_seq_len=d.get("max_position_embeddings", _DEFAULT_MAX_SEQ_LEN))
+            if model_type == "mixtral":
+                fields.update(n_experts=d["num_local_experts"], n_experts_per_tok=d["num_experts_per_tok"],
+                              router_aux_loss_coef=_float("router_aux_loss_coef",
+                                                          d.get("router_aux_loss_coef", 0.001)))
         except KeyError as e:
             raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
         except (TypeError, ZeroDivisionError) as e:
@@ -162,9 +196,9 @@ class MistralConfig:
         return cls(**{**fields, **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """MistralForCausalLM's config.json, or MinistralForCausalLM's for per-layer windows
-        (more than one window size: a per-layer list that we read and transformers does not,
-        see hf_expressible)."""
+        """MistralForCausalLM's config.json, MixtralForCausalLM's for experts, or
+        MinistralForCausalLM's for per-layer windows (beyond those, see hf_expressible: a
+        per-layer list that we read and transformers does not)."""
         d = {
             "architectures": ["MistralForCausalLM"], "model_type": "mistral",
             "hidden_size": self.dim, "num_hidden_layers": self.n_layers, "head_dim": self.head_dim,
@@ -175,7 +209,10 @@ class MistralConfig:
             "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
             "torch_dtype": self.param_dtype,
         }
-        if not self.hf_expressible:  # beyond HF's MinistralConfig: the list, as params.json has it
+        if self.n_experts:
+            d.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=self.n_experts,
+                     num_experts_per_tok=self.n_experts_per_tok, router_aux_loss_coef=self.router_aux_loss_coef)
+        if not self.hf_expressible:  # beyond HF's configs: the list, as params.json has it
             d["sliding_window"] = list(self.windows)
         elif self.grouped_layers:
             window = next(w for w in self.window_kinds if w is not None)
@@ -185,17 +222,18 @@ class MistralConfig:
 
     @property
     def hf_expressible(self) -> bool:
-        """Whether transformers' MistralConfig / MinistralConfig can describe this model (at
-        most one sliding window besides full attention)."""
-        return len({w for w in self.window_kinds if w is not None}) <= 1
+        """Whether transformers' MistralConfig / MinistralConfig / MixtralConfig can describe
+        this model: at most one sliding window besides full attention, and per-layer windows
+        (MinistralConfig's layer_types) only without experts."""
+        windows = {w for w in self.window_kinds if w is not None}
+        return len(windows) <= 1 and not (self.n_experts and self.grouped_layers)
 
     # ---- Mistral-native params.json ---------------------------------------------------------
 
     @classmethod
     def from_params_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
-        """mistral-inference's params.json; a multimodal one's (Mistral Small 3.1) text model."""
-        if d.get("moe"):
-            raise ConfigError("params.json describes a mixture-of-experts model, which is not supported")
+        """mistral-inference's params.json (with "moe" for Mixtral); a multimodal one's
+        (Mistral Small 3.1) text model."""
         for key in ("yarn", "llama_4_scaling", "rope_scaling"):
             if d.get(key):
                 raise ConfigError(f"params.json asks for RoPE scaling ({key!r}), which is not implemented")
@@ -212,6 +250,12 @@ class MistralConfig:
                 hidden_dim=d["hidden_dim"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
                 vocab_size=d["vocab_size"], norm_eps=float(d.get("norm_eps", 1e-5)),
                 rope_theta=_float("rope_theta", rope_theta), sliding_window=window)
+            moe = d.get("moe")
+            if moe is not None and not isinstance(moe, dict):
+                raise ConfigError(f"params.json moe must be an object with num_experts and num_experts_per_tok, "
+                                  f"got {moe!r}")
+            if moe:
+                fields.update(n_experts=moe["num_experts"], n_experts_per_tok=moe["num_experts_per_tok"])
         except KeyError as e:
             raise ConfigError(f"params.json lacks required field {e.args[0]!r}") from None
         except (TypeError, ZeroDivisionError) as e:
@@ -219,12 +263,15 @@ class MistralConfig:
         return cls(**{**fields, **overrides})
 
     def to_params_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "dim": self.dim, "n_layers": self.n_layers, "head_dim": self.head_dim,
             "hidden_dim": self.hidden_dim, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
             "norm_eps": self.norm_eps, "vocab_size": self.vocab_size, "rope_theta": self.rope_theta,
             "sliding_window": list(self.windows) if isinstance(self.sliding_window, tuple) else self.sliding_window,
         }
+        if self.n_experts:
+            d["moe"] = {"num_experts": self.n_experts, "num_experts_per_tok": self.n_experts_per_tok}
+        return d
 
     # ---- files ------------------------------------------------------------------------------
 
@@ -254,7 +301,7 @@ class MistralConfig:
         _write_json(os.path.join(path, "params.json"), self.to_params_dict())
 
 
-_HF_DEFAULT_EPS = {"mistral": 1e-5, "ministral": 1e-6}  # rms_norm_eps when config.json omits it
+_HF_DEFAULT_EPS = {"mistral": 1e-5, "ministral": 1e-6, "mixtral": 1e-5}  # rms_norm_eps when config.json omits it
 _HF_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -360,6 +407,9 @@ def _write_json(file: str, d: dict[str, Any]) -> None:
 _MISTRAL_7B = MistralConfig(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32,
                             n_kv_heads=8, vocab_size=32000, norm_eps=1e-5, rope_theta=1e4,
                             sliding_window=4096)
+_MIXTRAL_8X22B = MistralConfig(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
+                               vocab_size=32000, rope_theta=1e6, max_seq_len=65536, n_experts=8,
+                               n_experts_per_tok=2, router_aux_loss_coef=0.001)
 
 PRESETS: dict[str, MistralConfig] = {
     "mistral-7b-v0.1": _MISTRAL_7B,
@@ -381,6 +431,13 @@ PRESETS: dict[str, MistralConfig] = {
     # mistralai/Codestral-22B-v0.1.
     "codestral-22b": MistralConfig(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48,
                                    n_kv_heads=8, vocab_size=32768, rope_theta=1e6, max_seq_len=32768),
+    # mistralai/Mixtral-8x7B-v0.1: eight experts of Mistral 7B's feed-forward, two per token.
+    "mixtral-8x7b-v0.1": _MISTRAL_7B.replace(rope_theta=1e6, sliding_window=None, n_experts=8, n_experts_per_tok=2,
+                                              router_aux_loss_coef=0.02),
+    # mistralai/Mixtral-8x22B-v0.1; v0.3 is the same model with v3's vocabulary of 32768 (Mistral's
+    # mixtral-8x22B-v0.3 release, and the HF files of Mixtral-8x22B-Instruct-v0.1).
+    "mixtral-8x22b-v0.1": _MIXTRAL_8X22B,
+    "mixtral-8x22b-v0.3": _MIXTRAL_8X22B.replace(vocab_size=32768),
     # The default model of train.py: ~15.7M parameters, trained on a laptop CPU in minutes.
     "mistral-15m": MistralConfig(dim=384, n_layers=6, head_dim=64, hidden_dim=1024, n_heads=6,
                                  n_kv_heads=2, vocab_size=8192, rope_theta=1e4, sliding_window=256,

@@ -45,6 +45,14 @@ LAYER_TENSORS = {
     ("attention_norm", "weight"): ("attention_norm", "input_layernorm"),
     ("ffn_norm", "weight"): ("ffn_norm", "post_attention_layernorm"),
 }
+# With experts (Mixtral) the feed-forward is a router and E experts' SwiGLUs, stacked [E, ...]
+# in Flax: expert e's tensors replace {e}.
+EXPERT_TENSORS = {
+    ("feed_forward", "gate"): ("feed_forward.gate", "block_sparse_moe.gate"),
+    ("feed_forward", "w1"): ("feed_forward.experts.{e}.w1", "block_sparse_moe.experts.{e}.w1"),
+    ("feed_forward", "w2"): ("feed_forward.experts.{e}.w2", "block_sparse_moe.experts.{e}.w2"),
+    ("feed_forward", "w3"): ("feed_forward.experts.{e}.w3", "block_sparse_moe.experts.{e}.w3"),
+}
 TOP_TENSORS = {
     ("tok_embeddings",): ("tok_embeddings", "model.embed_tokens"),
     ("norm", "weight"): ("norm", "model.norm"),
@@ -64,12 +72,20 @@ _VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\.|"
                      r"(vision_encoder|vision_language_adapter|patch_merger|pre_mm_projector_norm)\.")
 
 
+def layer_tensors(c: MistralConfig) -> dict[tuple, tuple[str, str]]:
+    """LAYER_TENSORS, with EXPERT_TENSORS as the feed-forward of a model with experts."""
+    if not c.n_experts:
+        return LAYER_TENSORS
+    return {**{path: names for path, names in LAYER_TENSORS.items() if path[0] != "feed_forward"},
+            **EXPERT_TENSORS}
+
+
 def torch_shape(leaf: str, c: MistralConfig) -> tuple[int, ...]:
-    """Shape of a tensor in PyTorch layout ([out, in] for linear weights)."""
+    """Shape of a tensor in PyTorch layout ([out, in] for linear weights; one expert's)."""
     D, F, V, d = c.dim, c.hidden_dim, c.vocab_size, c.head_dim
     return {"wq": (c.n_heads * d, D), "wk": (c.n_kv_heads * d, D), "wv": (c.n_kv_heads * d, D),
             "wo": (D, c.n_heads * d), "w1": (F, D), "w3": (F, D), "w2": (D, F), "weight": (D,),
-            "tok_embeddings": (V, D), "output": (V, D)}[leaf]
+            "gate": (c.n_experts, D), "tok_embeddings": (V, D), "output": (V, D)}[leaf]
 
 
 def torch_to_flax(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
@@ -79,7 +95,7 @@ def torch_to_flax(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
         return w.reshape(-1, d, D).transpose(2, 0, 1)  # [N*d, D] -> [D, N, d]
     if leaf == "wo":
         return w.reshape(D, c.n_heads, d).transpose(1, 2, 0)  # [D, H*d] -> [H, d, D]
-    if leaf in ("w1", "w2", "w3", "output"):
+    if leaf in ("w1", "w2", "w3", "gate", "output"):
         return w.T
     return w
 
@@ -90,7 +106,7 @@ def flax_to_torch(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
         return w.transpose(1, 2, 0).reshape(-1, c.dim)  # [D, N, d] -> [N*d, D]
     if leaf == "wo":
         return w.transpose(2, 0, 1).reshape(c.dim, -1)  # [H, d, D] -> [D, H*d]
-    if leaf in ("w1", "w2", "w3", "output"):
+    if leaf in ("w1", "w2", "w3", "gate", "output"):
         return w.T
     return w
 
@@ -154,25 +170,31 @@ def _read_all(files: list[str]) -> dict[str, Mapping[str, object]]:
 
 # ---- PyTorch -> Flax ------------------------------------------------------------------------
 
-def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] = ("model.", "")) -> dict[tuple, str]:
-    """Flax path (with the layer index after 'layers') -> tensor name in a checkpoint of
-    layout; an HF text model under hf_prefixes (HF_TEXT_PREFIXES)."""
+def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] = ("model.", "")
+                 ) -> dict[tuple[tuple, tuple], str]:
+    """(Flax param path, index into it) -> tensor name in a checkpoint of layout; the index
+    is () for a top-level param, (layer,) under `layers`, (layer, expert) for an expert's.
+    An HF text model under hf_prefixes (HF_TEXT_PREFIXES)."""
     pick = 0 if layout == "native" else 1
     prefix = "layers" if layout == "native" else "model.layers"
-    names = {path: names[pick] + ".weight" for path, names in TOP_TENSORS.items()}
+    names = {(path, ()): names[pick] + ".weight" for path, names in TOP_TENSORS.items()}
     for i in range(c.n_layers):
-        for path, layer_names in LAYER_TENSORS.items():
-            names[("layers", i) + path] = f"{prefix}.{i}.{layer_names[pick]}.weight"
+        for path, layer_names in layer_tensors(c).items():
+            name = f"{prefix}.{i}.{layer_names[pick]}.weight"
+            if "{e}" not in name:
+                names[("layers",) + path, (i,)] = name
+            for e in range(c.n_experts if "{e}" in name else 0):
+                names[("layers",) + path, (i, e)] = name.format(e=e)
     if layout == "hf" and hf_prefixes != ("model.", ""):
         body, head = hf_prefixes
-        names = {path: body + name.removeprefix("model.") if name.startswith("model.") else head + name
-                 for path, name in names.items()}
+        names = {key: body + name.removeprefix("model.") if name.startswith("model.") else head + name
+                 for key, name in names.items()}
     return names
 
 
 def source_names(layout: str, config: MistralConfig, present, multimodal: bool = False
-                 ) -> tuple[dict[tuple, str], list[str]]:
-    """(Flax path -> the name of its tensor among `present`, the present tensors not read:
+                 ) -> tuple[dict[tuple[tuple, tuple], str], list[str]]:
+    """(tensor_names' keys -> the name of each tensor among `present`, the present tensors not read:
     a multimodal checkpoint's vision encoder and projector)."""
     skipped = sorted(name for name in present if multimodal and _VISION.match(name))
     prefixes = ("model.", "")
@@ -205,8 +227,8 @@ def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], c
                               f"e.g. {unexpected[:3]}")
     np_dtype = jnp.dtype(dtype)
 
-    def load(path: tuple, out: np.ndarray | None = None) -> np.ndarray:
-        name, leaf = names[path], path[-1]
+    def load(key: tuple[tuple, tuple], out: np.ndarray | None = None) -> np.ndarray:
+        name, leaf = names[key], key[0][-1]
         source = sources[name]
         w = to_numpy(source[name])
         if tuple(w.shape) != torch_shape(leaf, config):
@@ -223,12 +245,13 @@ def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], c
         return out
 
     for path in TOP_TENSORS:
-        yield path, load(path)
-    for path in LAYER_TENSORS:
-        shape = torch_to_flax(path[-1], np.empty(torch_shape(path[-1], config), np.int8), config).shape
-        stacked = aligned_empty((config.n_layers,) + shape, np_dtype)
-        for i in range(config.n_layers):
-            load(("layers", i) + path, stacked[i])
+        yield path, load((path, ()))
+    for path, layer_names in layer_tensors(config).items():
+        stack = (config.n_layers, config.n_experts) if "{e}" in layer_names[0] else (config.n_layers,)
+        one = torch_to_flax(path[-1], np.empty(torch_shape(path[-1], config), np.int8), config).shape
+        stacked = aligned_empty(stack + one, np_dtype)
+        for index in np.ndindex(stack):
+            load((("layers",) + path, index), stacked[index])
         yield ("layers",) + path, stacked
 
 
@@ -288,24 +311,27 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
             max_shard_bytes: int = HF_SHARD_BYTES, on_tensor: Callable[[str], None] = lambda name: None
             ) -> list[str]:
     """Writes config.json and model.safetensors (sharded with an index above max_shard_bytes),
-    as transformers' MistralForCausalLM.from_pretrained reads them. Returns the files written."""
+    as transformers' MistralForCausalLM (Ministral..., Mixtral...) .from_pretrained reads
+    them. Returns the files written."""
     if not config.hf_expressible:
+        if config.n_experts and config.grouped_layers:
+            raise CheckpointError("experts with per-layer windows: transformers' MixtralConfig has one "
+                                  "sliding_window for every layer, so no HF model holds this one")
         raise CheckpointError(f"windows {sorted({w for w in config.windows if w})} in one model: transformers' "
                               "MinistralConfig has a single sliding_window, so no HF model holds this one")
     np_dtype = jnp.dtype(dtype) if dtype else None
     arrays = jax.tree_util.tree_map(np.asarray, params)  # zero-copy views on CPU
     entries = []
-    for path, name in tensor_names("hf", config).items():
+    for (path, index), name in tensor_names("hf", config).items():
         leaf = arrays
-        for key in (path[:1] + path[2:]) if path[0] == "layers" else path:
+        for key in path:
             leaf = leaf[key]
-        layer = path[1] if path[0] == "layers" else None
         shape = torch_shape(path[-1], config)
         out_dtype = np_dtype or leaf.dtype
 
-        def make(leaf=leaf, layer=layer, kind=path[-1], name=name):
+        def make(leaf=leaf, index=index, kind=path[-1], name=name):
             on_tensor(name)
-            return flax_to_torch(kind, leaf if layer is None else leaf[layer], config)
+            return flax_to_torch(kind, leaf[index], config)
 
         entries.append((name, shape, out_dtype, make))
 

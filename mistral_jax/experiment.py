@@ -83,10 +83,10 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
     if options.distributed or options.coordinator:
         distributed.initialize(options.coordinator, options.num_processes, options.process_id)
     mesh = make_mesh(options.mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if hp.batch_size % (hp.grad_accum * shards) or hp.batch_size % jax.process_count():
         raise OptionError("batch_size", f"{hp.batch_size} must divide into grad_accum {hp.grad_accum} micro-batches, "
-                                        f"each split over data x fsdp = {shards} devices")
+                                        f"each split over data x fsdp x expert = {shards} devices")
     primary = distributed.is_primary()
     os.makedirs(options.out, exist_ok=True)
     has_run = os.path.isdir(os.path.join(options.out, "checkpoints"))

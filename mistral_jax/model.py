@@ -1,10 +1,11 @@
 """The Mistral transformer as Flax linen modules.
 
 Shapes: B batch, T sequence (or chunk), C cache slots, D dim, H heads, K kv heads,
-d head dim, F hidden dim, V vocab, L layers.
+d head dim, F hidden dim, V vocab, L layers, E experts.
 
 Parameter names are Mistral-native (tok_embeddings, layers/attention/wq, feed_forward/w1,
-attention_norm, ffn_norm, norm, output); kernels are stored input-major ([D, H, d] for wq),
+attention_norm, ffn_norm, norm, output; with experts feed_forward/gate and
+feed_forward/w1 [E, D, F], the experts stacked); kernels are stored input-major ([D, H, d] for wq),
 and each carries logical axis names for sharding.py. Every parameter under `layers` has a
 leading L axis, scanned over, so each kind of layer (config.window_kinds) compiles once:
 the layout of checkpoints and training. With config.scan_layers False the stack is a block
@@ -21,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mistral_jax.attention import attention_mask, causal_attention, masked_attention
+from mistral_jax import moe
 from mistral_jax.cache import KVCache, rolling_update, write_slots
 from mistral_jax.config import REMAT_POLICIES, MistralConfig
 from mistral_jax.rope import apply_rope
@@ -37,8 +39,9 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return value.astype(c.dtype)
 
 
-def _fan_in(in_axis, out_axis) -> nn.initializers.Initializer:
-    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis)
+def _fan_in(in_axis, out_axis, batch_axis=()) -> nn.initializers.Initializer:
+    return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
+                                            batch_axis=batch_axis)
 
 
 class RMSNorm(nn.Module):
@@ -109,9 +112,28 @@ class FeedForward(nn.Module):
         return jnp.einsum("NF,FD->ND", gate * jnp.einsum("ND,DF->NF", tokens, w3), w2).reshape(x.shape)
 
 
+class Experts(nn.Module):
+    """Mixtral's feed-forward: a router `gate` [D, E] and E SwiGLU experts stacked [E, ...],
+    each token through config.n_experts_per_tok of them (moe.py). x [B, T, D] -> (y, the
+    routing's moe.RouterStats)."""
+
+    config: MistralConfig
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray):
+        c = self.config
+        E, D, F = c.n_experts, c.dim, c.hidden_dim
+        gate = _param(self, "gate", (D, E), ("embed", None), _fan_in(0, 1))
+        w1 = _param(self, "w1", (E, D, F), ("expert", "embed", "mlp"), _fan_in(1, 2, 0))
+        w3 = _param(self, "w3", (E, D, F), ("expert", "embed", "mlp"), _fan_in(1, 2, 0))
+        w2 = _param(self, "w2", (E, F, D), ("expert", "mlp", "embed"), _fan_in(1, 2, 0))
+        y, stats = moe.feed_forward(x.reshape(-1, D), gate, w1, w3, w2, c.n_experts_per_tok, c.expert_kernel)
+        return y.reshape(x.shape), stats
+
+
 class Block(nn.Module):
     """Pre-norm transformer block whose attention sees `window` keys (None: all before it):
-    x [B, T, D] -> (x, the layer's updated cache)."""
+    x [B, T, D] -> (x, the layer's updated cache, its router's stats: None without experts)."""
 
     config: MistralConfig
     window: int | None
@@ -122,8 +144,12 @@ class Block(nn.Module):
         attended, cache = Attention(c, self.window, name="attention")(
             RMSNorm(c, name="attention_norm")(x), positions, cache, slots, mask)
         h = x + attended
-        out = h + FeedForward(c, name="feed_forward")(RMSNorm(c, name="ffn_norm")(h))
-        return constrain(out, ACTIVATIONS), cache
+        normed = RMSNorm(c, name="ffn_norm")(h)
+        if c.n_experts:
+            mixed, stats = Experts(c, name="feed_forward")(normed)
+        else:
+            mixed, stats = FeedForward(c, name="feed_forward")(normed), None
+        return constrain(h + mixed, ACTIVATIONS), cache, stats
 
 
 class Mistral(nn.Module):
@@ -135,10 +161,11 @@ class Mistral(nn.Module):
     logits [B, 1, V], what a prefill chunk needs, at 1/T of the output projection's cost.
 
     Each layer attends as its window says (config.windows). The layers are one `lax.scan`
-    over the params stacked under `layers` (_scan_layers: over the layers, or with a cache
-    over groups of config.layer_pattern), so each kind of layer compiles once; or, with
-    config.scan_layers False, a block per layer over unstack_layers' params. The cache
-    follows the same layout (KVCache.init).
+    over the params stacked under `layers` (_scan_over_layers, or with a cache
+    _scan_over_groups), so each kind of layer compiles once; or, with config.scan_layers
+    False, a block per layer over unstack_layers' params. The cache follows the same layout
+    (KVCache.init). With experts, the routers' moe.RouterStats, summed over the layers, are
+    sown in the "router" collection (apply with mutable=["router"] to have them).
 
     lm_head: if False, the call returns the final normed states [B, T, D] instead of logits,
     for a caller that applies the `output` projection itself (loss.cross_entropy).
@@ -167,10 +194,13 @@ class Mistral(nn.Module):
                 jnp.concatenate([held, positions], axis=1) for held in cache.positions)
             masks = tuple(attention_mask(positions, keys, w) for keys, w in zip(key_positions, c.window_kinds))
 
+        stats = None
         if c.scan_layers:
             layers = self.param("layers", _init_layers, c)
-            x, kv = _scan_layers(c, layers, x, positions, None if cache is None else (cache.k, cache.v),
-                                 slots, masks)
+            if cache is None:
+                x, stats = _scan_over_layers(c, layers, x, positions)
+            else:
+                x, kv = _scan_over_groups(c, layers, x, positions, (cache.k, cache.v), slots, masks)
         else:
             kv = None if cache is None else tuple(tuple(list(stack) for stack in per_kind)
                                                   for per_kind in (cache.k, cache.v))
@@ -178,13 +208,16 @@ class Mistral(nn.Module):
             for i, kind in enumerate(c.layer_kinds):
                 n, seen[kind] = seen[kind], seen[kind] + 1  # layer i is the n-th of its kind
                 layer_cache = None if cache is None else (kv[0][kind][n], kv[1][kind][n])
-                x, layer_cache = _remat(c, Block)(c, c.windows[i], name=f"layers_{i}")(
+                x, layer_cache, layer_stats = _remat(c, Block)(c, c.windows[i], name=f"layers_{i}")(
                     x, positions, layer_cache, slots[kind], masks[kind])
+                stats = layer_stats if stats is None else jax.tree_util.tree_map(jnp.add, stats, layer_stats)
                 if cache is not None:
                     kv[0][kind][n], kv[1][kind][n] = layer_cache
             if cache is not None:
                 kv = tuple(tuple(tuple(stack) for stack in per_kind) for per_kind in kv)
 
+        if stats is not None:  # every layer's, for the auxiliary losses (trainer.loss_fn)
+            self.sow("router", "stats", stats)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = RMSNorm(c, name="norm")(x)
@@ -217,18 +250,12 @@ def _init_layers(key: jax.Array, config: MistralConfig):
                                   is_leaf=lambda v: isinstance(v, nn.Partitioned))
 
 
-def _scan_layers(config: MistralConfig, layers, x, positions, kv, slots, masks):
-    """x through the layers stacked [L, ...] in `layers`, as one `lax.scan`, each layer with
-    its window. kv: None, or per kind of layer its caches (k, v) stacked as KVCache.init
-    lays them out, updated and returned."""
-    if kv is None:
-        return _scan_over_layers(config, layers, x, positions), None
-    return _scan_over_groups(config, layers, x, positions, kv, slots, masks)
-
-
 def _scan_over_layers(config: MistralConfig, layers, x, positions):
-    """Without a cache (training, full sequences): a scan over the L layers, each choosing
-    its kind's block by `lax.switch` (one kind: a plain call). The scan's inputs are the
+    """x through the layers stacked [L, ...] in `layers` without a cache (training, full
+    sequences) -> (x, the routers' stats summed over the layers, None without experts).
+
+    A scan over the L layers, each choosing its kind's block by `lax.switch` (one kind: a
+    plain call). The scan's inputs are the
     stacked weights themselves, which the backward pass reads back rather than saving a
     copy: the grouped form below costs a second copy of the weights here (+3.5 GB per
     device on the 7B train plan, docs/SCALING.md)."""
@@ -236,15 +263,26 @@ def _scan_over_layers(config: MistralConfig, layers, x, positions):
     kind_of_layer = jnp.array(config.layer_kinds, jnp.int32)
 
     def block(weights, x, kind):
-        return jax.lax.switch(kind, kinds, weights, x, positions, None, None, None)[0]
+        x, _, stats = jax.lax.switch(kind, kinds, weights, x, positions, None, None, None)
+        return x, stats
+
+    def layer(carry, xs):
+        x, stats = block(xs[0], carry[0], xs[1])
+        return (x, None if stats is None else jax.tree_util.tree_map(jnp.add, carry[1], stats)), None
 
     block = _remat(config, block)
-    x, _ = jax.lax.scan(lambda x, xs: (block(xs[0], x, xs[1]), None), x, (layers, kind_of_layer))
-    return x
+    stats = None
+    if config.n_experts:
+        E = config.n_experts
+        stats = moe.RouterStats(jnp.zeros(E), jnp.zeros(E), jnp.float32(0), jnp.float32(0))
+    return jax.lax.scan(layer, (x, stats), (layers, kind_of_layer))[0]
 
 
 def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, masks):
-    """With a cache: a scan over the G groups of P = len(config.layer_pattern) layers, each
+    """x through the layers stacked [L, ...] in `layers` with kv, per kind of layer its
+    caches (k, v) stacked as KVCache.init lays them out -> (x, the updated kv).
+
+    A scan over the G groups of P = len(config.layer_pattern) layers, each
     position of the group a block of its own window over its kind's cache, whose sizes
     differ by kind; kv holds each kind's layers grouped, [G, n, ...] (KVCache.init). The
     weights [L, ...] -> [G, P, ...] are a reshape: layer g*P + j is position j of group g.
@@ -260,7 +298,7 @@ def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, ma
         for j, window in enumerate(pattern):
             kind, n = kinds[j], index_in_kind[j]
             layer = jax.tree_util.tree_map(lambda w: w[j], weights)
-            x, (caches[0][kind][n], caches[1][kind][n]) = _apply_block(
+            x, (caches[0][kind][n], caches[1][kind][n]), _ = _apply_block(
                 config, window, layer, x, positions, (caches[0][kind][n], caches[1][kind][n]), slots[kind],
                 masks[kind])
         return x, tuple(tuple(jnp.stack(stack) for stack in per_kind) for per_kind in caches)
@@ -268,7 +306,7 @@ def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, ma
     if not config.grouped_layers:  # stored [L, ...]: grouping it cost the cpu-8 7B prefill 5.28 -> 6.91 GiB
         def layer(x, xs):
             weights, (k, v) = xs
-            x, cache = _apply_block(config, pattern[0], weights, x, positions, (k[0], v[0]), slots[0], masks[0])
+            x, cache, _ = _apply_block(config, pattern[0], weights, x, positions, (k[0], v[0]), slots[0], masks[0])
             return x, ((cache[0],), (cache[1],))
         return jax.lax.scan(layer, x, (layers, kv))
     grouped = jax.tree_util.tree_map(lambda w: w.reshape(G, P, *w.shape[1:]), layers)

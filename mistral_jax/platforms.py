@@ -1,6 +1,7 @@
 """What differs between CPU, GPU and TPU, decided here; the rest of the code asks.
 
-- the attention kernel that `attention="auto"` means on each platform;
+- the attention kernel that `attention="auto"` means on each platform, and the experts'
+  grouped matmul (`expert_kernel="auto"`);
 - whether decoding runs the layer stack as one scan over stacked weights or as a block per
   layer over an array per layer (CPU: per layer);
 - restarting a script with glibc's malloc on huge pages (for XLA:CPU).
@@ -32,6 +33,14 @@ def attention_kernel(requested: str) -> str:
     if requested != "auto":
         return requested
     return {"gpu": "dot_product", "tpu": "splash"}.get(target_platform(), "xla")
+
+
+def expert_kernel(requested: str) -> str:
+    """The grouped matmul of the experts (moe.py): `requested`, or for "auto" ragged_dot on
+    TPU, whose XLA implements it as one, and the scan over tiles elsewhere."""
+    if requested != "auto":
+        return requested
+    return "ragged_dot" if target_platform() == "tpu" else "tiles"
 
 
 def decode_platform(mesh=None) -> str:

@@ -1,7 +1,8 @@
 """Device mesh and the one table that maps logical axis names to mesh axes.
 
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with weights, gradients
-and optimizer state sharded), `tensor` (heads / mlp / vocab split across devices). The
+and optimizer state sharded), `expert` (a mixture's experts split across devices, which
+are data parallel elsewhere: moe.py), `tensor` (heads / mlp / vocab split across devices). The
 logical names are declared where the arrays are made (model.py for parameters, cache.py for
 the KV cache); this module only maps them.
 
@@ -21,11 +22,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
 # logical axis -> mesh axes                   where it appears
 RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),  # tokens [B, T], activations [B, T, D], cache [L, B, C, K, d]
+    "batch": ("data", "fsdp", "expert"),  # tokens [B, T], activations [B, T, D], cache [L, B, C, K, d]
     "length": None,  # T of activations, C of the cache
     "layers": None,  # the leading L axis of every scanned weight
     "embed": "fsdp",  # D of tok_embeddings [V, D], wq [D, H, d], w1 [D, F], norms [D], output [D, V]
@@ -33,7 +34,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",  # H of wq [D, H, d] and wo [H, d, D]
     "kv_heads": "tensor",  # K of wk, wv [D, K, d] and of the cache
     "head_dim": None,  # d
-    "mlp": "tensor",  # F of w1, w3 [D, F] and w2 [F, D]
+    "mlp": "tensor",  # F of w1, w3 [D, F] and w2 [F, D], and of the experts' [E, D, F], [E, F, D]
+    "expert": "expert",  # E of the experts' w1, w3 [E, D, F] and w2 [E, F, D]
 }
 
 
@@ -124,5 +126,5 @@ def logical_shardings(boxed, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches [B, T, ...] split over data x fsdp."""
+    """Batches [B, T, ...] split over data x fsdp x expert."""
     return NamedSharding(mesh, PartitionSpec(RULES["batch"], *[None] * (ndim - 1)))

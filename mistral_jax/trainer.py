@@ -53,6 +53,9 @@ class Hyperparameters:
     b1: float = option(0.9, "Adam beta1")
     b2: float = option(0.95, "Adam beta2")
     z_loss: float = option(0.0, "weight of log(Z)^2, which keeps the softmax normaliser near 1")
+    router_aux_loss: float | None = option(None, "experts: weight of the load-balancing loss (default: the "
+                                                 "config's router_aux_loss_coef)")
+    router_z_loss: float = option(0.0, "experts: weight of the router z-loss, the mean logsumexp(router logits)^2")
     loss_chunk: int = option(128, "sequence positions whose logits the loss holds at a time")
     seed: int = option(0, "seed of the initial weights and of the data order")
 
@@ -106,12 +109,28 @@ def make_optimizer(hp: Hyperparameters) -> optax.GradientTransformation:
         optax.adamw(learning_rate(hp), b1=hp.b1, b2=hp.b2, weight_decay=hp.weight_decay, mask=decay_mask))
 
 
-def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chunk: int = 128):
-    """Mean next-token cross-entropy of batch [B, T+1] (plus z-loss); returns (loss, ce), ce
-    without gradient. The output projection is fused into the loss (loss.cross_entropy)."""
+def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chunk: int = 128,
+            router_aux_loss: float = 0.0, router_z_loss: float = 0.0):
+    """Mean next-token cross-entropy of batch [B, T+1] (plus z-loss; with experts, plus the
+    router's load-balancing and z-losses at these weights) -> (loss, metrics): the
+    cross-entropy `ce` and, with experts, `aux_loss` and `router_z_loss`, without gradient.
+    The output projection is fused into the loss (loss.cross_entropy)."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    hidden = Mistral(config, lm_head=False).apply({"params": params}, inputs)
-    return cross_entropy(hidden, params["output"].astype(config.dtype), targets, z_loss, chunk)
+    hidden, sown = Mistral(config, lm_head=False).apply({"params": params}, inputs, mutable=["router"])
+    loss, ce = cross_entropy(hidden, params["output"].astype(config.dtype), targets, z_loss, chunk)
+    metrics = {"ce": ce}
+    if config.n_experts:
+        (stats,) = sown["router"]["stats"]
+        aux, router_z = stats.load_balancing_loss(), stats.z_loss()
+        loss = loss + router_aux_loss * aux + router_z_loss * router_z
+        metrics.update(aux_loss=jax.lax.stop_gradient(aux), router_z_loss=jax.lax.stop_gradient(router_z))
+    return loss, metrics
+
+
+def router_weights(config: MistralConfig, hp: Hyperparameters) -> tuple[float, float]:
+    """(load-balancing, z) weights of the router losses: the flags, or the config's coefficient."""
+    aux = config.router_aux_loss_coef if hp.router_aux_loss is None else hp.router_aux_loss
+    return (aux, hp.router_z_loss) if config.n_experts else (0.0, 0.0)
 
 
 def abstract_state(config: MistralConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
@@ -154,23 +173,24 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
     @under_mesh(mesh)
     def train_step(state: TrainState, batch: jax.Array):
         B = batch.shape[0]
+        router = router_weights(config, hp)
         A = hp.grad_accum
         # Row r goes to micro-batch r % A, so each device's rows stay on that device.
         micro = batch.reshape(B // A, A, -1).swapaxes(0, 1)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
         def accumulate(carry, micro_batch):
-            grads, loss, ce = carry
-            (micro_loss, micro_ce), micro_grads = grad_fn(state.params, config, micro_batch, hp.z_loss,
-                                                          hp.loss_chunk)
-            return (jax.tree_util.tree_map(jnp.add, grads, micro_grads), loss + micro_loss, ce + micro_ce), None
+            (micro_loss, micro_metrics), micro_grads = grad_fn(state.params, config, micro_batch, hp.z_loss,
+                                                               hp.loss_chunk, *router)
+            return jax.tree_util.tree_map(jnp.add, carry, (micro_grads, {"loss": micro_loss, **micro_metrics})), None
 
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (grads, loss, ce), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+        names = ("loss", "ce") + (("aux_loss", "router_z_loss") if config.n_experts else ())
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params), {name: jnp.float32(0) for name in names}
+        (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
         grads = jax.tree_util.tree_map(lambda g: g / A, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss / A, "ce": ce / A, "grad_norm": optax.tree.norm(grads),
+        metrics = {**{name: total / A for name, total in sums.items()}, "grad_norm": optax.tree.norm(grads),
                    "lr": learning_rate(hp)(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
@@ -182,7 +202,7 @@ def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int 
     """jitted (params, batch) -> mean cross-entropy."""
     @under_mesh(mesh)
     def eval_step(params, batch):
-        return loss_fn(params, config, batch, 0.0, loss_chunk)[1]
+        return loss_fn(params, config, batch, 0.0, loss_chunk)[1]["ce"]
 
     return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)))
 
@@ -265,8 +285,11 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
             last_time, last_step = now, done
             record = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                       "lr": float(metrics["lr"]), "tokens_per_s": tokens_per_step / seconds_per_step}
-            if hp.z_loss:
+            if hp.z_loss or config.n_experts:
                 record["ce"] = float(metrics["ce"])
+            for name in ("aux_loss", "router_z_loss"):
+                if name in metrics:
+                    record[name] = float(metrics[name])
             if peak_flops:
                 record["mfu"] = flops_per_step / seconds_per_step / peak_flops
             if evaluate:

@@ -32,22 +32,22 @@ class Comparison:
 
 
 def pytorch_model(src: str, config: MistralConfig):
-    """transformers' MistralForCausalLM (MinistralForCausalLM for per-layer windows) holding
-    the source checkpoint's (text model's) weights, rounded to config.param_dtype and held in
-    float32."""
+    """transformers' MistralForCausalLM (MinistralForCausalLM for per-layer windows,
+    MixtralForCausalLM for experts) holding the source checkpoint's (text model's) weights,
+    rounded to config.param_dtype and held in float32."""
     import torch
     import transformers
 
     layout, files = find_checkpoint(src)
     hf_dict = config.to_hf_dict()
-    kind = "Ministral" if hf_dict["model_type"] == "ministral" else "Mistral"
+    kind = {"ministral": "Ministral", "mixtral": "Mixtral"}.get(hf_dict["model_type"], "Mistral")
     hf_config = getattr(transformers, f"{kind}Config")(**hf_dict, attn_implementation="eager")
     with torch.device("meta"):
         model = getattr(transformers, f"{kind}ForCausalLM")(hf_config)
     contents = [read_tensor_file(file) for file in files]
     present = {name for c in contents for name in c}
     names, _ = source_names(layout, config, present, read_config(src, layout)[1])
-    to_hf = {names[path]: hf_name for path, hf_name in tensor_names("hf", config).items()}
+    to_hf = {names[key]: hf_name for key, hf_name in tensor_names("hf", config).items()}
     state = {}
     for tensors in contents:
         for name, tensor in tensors.items():
@@ -61,10 +61,29 @@ def pytorch_model(src: str, config: MistralConfig):
                     w = interleaved_to_rotate_half(w, n_heads)
             rounded = np.asarray(w).astype(jnp.dtype(config.param_dtype)).astype(np.float32)
             state[name] = torch.from_numpy(rounded)
+    if config.n_experts:
+        state = _fused_experts(state, config)
     model.load_state_dict(state, strict=True, assign=True)
     # The rotary frequencies are a computed buffer, not a checkpoint tensor: build them for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config)
     return model.eval()
+
+
+def _fused_experts(state: dict, config: MistralConfig) -> dict:
+    """MixtralForCausalLM's hub tensor names (block_sparse_moe.experts.E.w1, ...) -> those of
+    its modules in memory (transformers >= 5 holds each layer's experts as one mlp.experts
+    tensor: gate_up_proj [E, 2F, D], w1 then w3, and down_proj [E, D, F])."""
+    import torch
+
+    for i in range(config.n_layers):
+        old = f"model.layers.{i}.block_sparse_moe."
+        new = f"model.layers.{i}.mlp."
+        experts = [{w: state.pop(f"{old}experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")}
+                   for e in range(config.n_experts)]
+        state[new + "gate.weight"] = state.pop(old + "gate.weight")
+        state[new + "experts.gate_up_proj"] = torch.stack([torch.cat([x["w1"], x["w3"]]) for x in experts])
+        state[new + "experts.down_proj"] = torch.stack([x["w2"] for x in experts])
+    return state
 
 
 def compare_with_pytorch(src: str, config: MistralConfig, params, n_tokens: int = 256, seed: int = 0) -> Comparison:

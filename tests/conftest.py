@@ -25,8 +25,8 @@ def forward(config, params, tokens):
 
 @dataclasses.dataclass
 class Reference:
-    """An HF MistralForCausalLM (or MinistralForCausalLM) with strong random weights, saved,
-    and its logits on `tokens`."""
+    """An HF MistralForCausalLM (or Ministral..., Mixtral...) with strong random weights,
+    saved, and its logits on `tokens`."""
 
     dir: str
     model: object  # transformers.MistralForCausalLM
@@ -93,6 +93,17 @@ def ref_ministral(tmp_path_factory):
                            num_hidden_layers=len(MINISTRAL_LAYERS), num_attention_heads=4, num_key_value_heads=2,
                            head_dim=16, intermediate_size=128, vocab_size=288, rope_theta=1e8,
                            rms_norm_eps=1e-5)
+
+
+MIXTRAL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               intermediate_size=96, vocab_size=256, rope_theta=1e6, router_jitter_noise=0.0)
+
+
+@pytest.fixture(scope="session")
+def ref_mixtral(tmp_path_factory):
+    """Mixtral-like: 4 experts, top-2, a sliding window, T > 4W; the router's weights as strong as the rest."""
+    return build_reference(tmp_path_factory.mktemp("hf_mixtral"), seed=4, window=WINDOW, kind="Mixtral",
+                           seq_len=4 * WINDOW + 5, num_local_experts=4, num_experts_per_tok=2, **MIXTRAL)
 
 
 @pytest.fixture(params=["ref_windowed", "ref_full"])

@@ -2,13 +2,14 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import WINDOW, forward
 from mistral_jax.convert import load_pytorch
@@ -86,7 +87,8 @@ def write_native(ref, out_dir, fmt, dtype=torch.float32, permute=True):
                "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm",
                "post_attention_layernorm": "ffn_norm"}
     state = {}
-    for name, w in ref.model.state_dict().items():
+    # The hub's tensor names (MixtralForCausalLM's in memory differ), as save_pretrained wrote them.
+    for name, w in load_file(os.path.join(ref.dir, "model.safetensors")).items():
         if name == "model.embed_tokens.weight":
             name = "tok_embeddings.weight"
         elif name == "model.norm.weight":
@@ -95,7 +97,8 @@ def write_native(ref, out_dir, fmt, dtype=torch.float32, permute=True):
             name = "output.weight"
         else:
             layer, hf_name = name.removeprefix("model.layers.").removesuffix(".weight").split(".", 1)
-            name = f"layers.{layer}.{renames[hf_name]}.weight"
+            native = re.sub(r"block_sparse_moe\.(experts\.\d+\.w\d|gate)", r"feed_forward.\1", hf_name)
+            name = f"layers.{layer}.{renames.get(hf_name, native)}.weight"
             if hf_name == "self_attn.q_proj" and permute:
                 w = unpermute(w, c.num_attention_heads)
             elif hf_name == "self_attn.k_proj" and permute:
@@ -106,13 +109,16 @@ def write_native(ref, out_dir, fmt, dtype=torch.float32, permute=True):
     params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "head_dim": c.head_dim,
               "hidden_dim": c.intermediate_size, "n_heads": c.num_attention_heads,
               "n_kv_heads": c.num_key_value_heads, "norm_eps": c.rms_norm_eps, "vocab_size": c.vocab_size}
+    if getattr(c, "model_type", "") == "mixtral":
+        params["moe"] = {"num_experts": c.num_local_experts, "num_experts_per_tok": c.num_experts_per_tok}
     if getattr(c, "model_type", "") == "ministral":  # per-layer windows as a list, null = full attention
         params["sliding_window"] = [None if t == "full_attention" else c.sliding_window for t in c.layer_types]
         params["rope_theta"] = c.rope_parameters["rope_theta"]
-    elif c.sliding_window is not None:
-        params["sliding_window"] = c.sliding_window
-        assert c.rope_parameters["rope_theta"] == 1e4  # what the loader must infer
+    elif c.sliding_window is not None and c.rope_parameters["rope_theta"] == 1e4:
+        params["sliding_window"] = c.sliding_window  # and no rope_theta: what the loader must infer
     else:
+        if c.sliding_window is not None:
+            params["sliding_window"] = c.sliding_window
         params["rope_theta"] = c.rope_parameters["rope_theta"]
     (out_dir / "params.json").write_text(json.dumps(params))
     if fmt == "safetensors":
