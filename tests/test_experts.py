@@ -2,7 +2,7 @@
 router's too): logits with top-1, top-2 and top-3, with and without a sliding window, over
 several seeds; the native layout; the auxiliary losses and the gradients of the training
 loss; greedy generation and the cache; conversion both ways and --verify; planted bugs;
-the presets' shapes."""
+the presets' shapes; training (accumulation, resume, train.py)."""
 
 import copy
 import json
@@ -17,13 +17,16 @@ from safetensors.torch import load_file
 
 import convert_weights
 from conftest import MIXTRAL, WINDOW, build_reference, forward, run_script
-from mistral_jax import moe, trainer
+from mistral_jax import data, moe, trainer
+from mistral_jax.checkpoint import load_checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.convert import load_pytorch
 from mistral_jax.model import Mistral
 from mistral_jax.sampling import generate
+from mistral_jax.sharding import make_mesh
 from test_parity import TOL, max_diff, write_native
 from test_sampling import decoding, hf_greedy, in_layout, logits_by_chunks, prompts_of  # noqa: F401 (a fixture)
+from test_train import TINY, StopAt, hp, losses, run_cli_convert, run_train, tokenizer_path, tokens  # noqa: F401
 
 NEW = 3 * WINDOW + 7
 
@@ -208,3 +211,74 @@ def test_preset_shapes_equal_transformers_models(name):
     assert MistralConfig.from_hf_dict(hf) == config
     native = MistralConfig.from_params_dict(config.to_params_dict())
     assert native == config.replace(max_seq_len=native.max_seq_len, router_aux_loss_coef=0.0)
+
+
+# ---- training ---------------------------------------------------------------------------------
+
+TINY_MOE = TINY.replace(n_experts=4, n_experts_per_tok=2, router_aux_loss_coef=0.02)
+
+
+def test_grad_accumulation_averages_the_micro_batches(tokens):
+    """With experts the load-balancing loss is a product of means, so, as in HF's training,
+    each micro-batch has its own: the accumulated step is the mean of the micro-batches'
+    losses and gradients (computed here one by one)."""
+    mesh = make_mesh("")
+    batch = jnp.asarray(data.TokenBatches(tokens, 32, 8).batch(0))
+    h = hp(grad_accum=4, router_z_loss=1e-3)
+    tx = trainer.make_optimizer(h)
+    state = trainer.init_state(TINY_MOE, tx, mesh, seed=0)
+    params = jax.device_get(state.params)
+    step = trainer.make_train_step(TINY_MOE, tx, h, mesh, trainer.state_shardings(state))
+    _, metrics = jax.device_get(step(state, batch))
+    grad_fn = jax.jit(jax.value_and_grad(trainer.loss_fn, has_aux=True), static_argnums=(1, 3, 4, 5, 6))
+    parts = [grad_fn(params, TINY_MOE, batch[i::4], 0.0, h.loss_chunk, 0.02, 1e-3) for i in range(4)]
+    loss = np.mean([float(p[0][0]) for p in parts])
+    aux = np.mean([float(p[0][1]["aux_loss"]) for p in parts])
+    grads = jax.tree_util.tree_map(lambda *g: sum(g) / 4, *[p[1] for p in parts])
+    assert abs(metrics["loss"] - loss) < 1e-6 * loss and abs(metrics["aux_loss"] - aux) < 1e-6 * aux
+    norm = float(np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree_util.tree_leaves(grads))))
+    assert abs(metrics["grad_norm"] - norm) < 1e-5 * norm
+
+
+def test_training_goes_down_and_resumes_exactly(tokens, tmp_path):
+    batches = data.TokenBatches(tokens, 32, 8)
+    mesh = make_mesh("")
+    kwargs = dict(schedule=trainer.Schedule(log_every=1, eval_every=100, save_every=4), peak_flops=None)
+    trainer.fit(TINY_MOE, hp(steps=40), batches, mesh, str(tmp_path / "long"), **kwargs)
+    records = [json.loads(line) for line in open(tmp_path / "long" / "metrics.jsonl")]
+    for r in records:  # the loss holds the load-balancing loss at the config's coefficient
+        assert abs(r["loss"] - (r["ce"] + 0.02 * r["aux_loss"])) < 1e-5 * r["loss"]
+    assert np.mean([r["loss"] for r in records[-5:]]) < np.mean([r["loss"] for r in records[:5]]) - 1.0
+    trainer.fit(TINY_MOE, hp(), batches, mesh, str(tmp_path / "a"), **kwargs)
+    state, interrupted = trainer.fit(TINY_MOE, hp(), StopAt(batches, 6), mesh, str(tmp_path / "b"), **kwargs)
+    assert interrupted and int(state.step) == 7
+    trainer.fit(TINY_MOE, hp(), batches, mesh, str(tmp_path / "b"), resume=True, **kwargs)
+    uninterrupted, resumed = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in range(8, 13):
+        assert resumed[step] == uninterrupted[step], step  # bit-identical
+
+
+def test_train_py_trains_and_exports_a_mixtral(tmp_path, capsys, monkeypatch):
+    """train.py with the router's losses as flags, its metrics, and the final model in
+    MixtralForCausalLM."""
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
+    TINY_MOE.save_hf(tmp_path)
+    out = tmp_path / "run"
+    status, stdout, stderr = run_train(capsys, "--config", tmp_path / "config.json", "--out", out, "--steps", 6,
+                                       "--batch-size", 8, "--seq-len", 32, "--log-every", 3, "--eval-every", 6,
+                                       "--save-every", 6, "--samples", 0, "--router-aux-loss", 0.05,
+                                       "--router-z-loss", 1e-3)
+    assert status == 0, stderr
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records] == [3, 6]
+    for r in records:  # the flags' weights, not the config's 0.02
+        assert r["aux_loss"] > 0 and r["router_z_loss"] > 0
+        assert abs(r["loss"] - (r["ce"] + 0.05 * r["aux_loss"] + 1e-3 * r["router_z_loss"])) < 1e-5 * r["loss"]
+    config, params = load_checkpoint(str(out / "model"))
+    assert (config.n_experts, config.n_experts_per_tok) == (4, 2)
+    assert run_cli_convert(out / "model", tmp_path / "hf") == 0
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    tokens = np.random.default_rng(0).integers(0, 512, (2, 40))
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(config, params, tokens)), expected, atol=1e-4)
