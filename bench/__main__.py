@@ -1,6 +1,7 @@
 """Runs the benchmarks side by side with the PyTorch baseline and prints one table.
 
   python -m bench [--only train decode scaling] [--configs tiny small default] [--reps 3] [--write]
+  python -m bench --only experts --configs small-moe [--write]
 
 Each suite runs once per config and side, each in its own process, so that each side runs
 as it does by default: ours with glibc's malloc on huge pages, as train.py and sample.py
@@ -19,15 +20,15 @@ import sys
 import tempfile
 import time
 
-from bench import common, decode, report, scaling, train
+from bench import common, decode, experts, report, scaling, train
 from mistral_jax.platforms import huge_page_tunables, restart_with_huge_pages
 
-SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run}
+SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run, "experts": experts.run}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="+", choices=list(SUITES), default=list(SUITES))
+    p.add_argument("--only", nargs="+", choices=list(SUITES), default=["train", "decode", "scaling"])
     p.add_argument("--configs", nargs="+", choices=sorted(common.CONFIGS), default=["tiny", "small"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--write", action="store_true", help="rewrite the results section of BENCHMARKS.md")

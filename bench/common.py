@@ -20,6 +20,10 @@ CONFIGS = {
                            vocab_size=32000, sliding_window=512, max_seq_len=4096),
     "default": MistralConfig.preset("mistral-15m"),  # what train.py trains by default
 }
+# Mixtral-shaped: small's dims with 8 experts, top-2 (bench/experts.py); and the dense model
+# with as many parameters active per token (F = 2 x 2048; less the router's D x E).
+CONFIGS["small-moe"] = CONFIGS["small"].replace(n_experts=8, n_experts_per_tok=2, router_aux_loss_coef=0.02)
+CONFIGS["small-active"] = CONFIGS["small"].replace(hidden_dim=2 * CONFIGS["small"].hidden_dim)
 
 
 def _busy_jiffies() -> tuple[int, int]:
@@ -79,8 +83,8 @@ def memory_bandwidth() -> float:
 
 
 def random_hf_model(config: MistralConfig, seed: int = 0):
-    """transformers' MistralForCausalLM of config with default random init, and the same
-    weights as our (config, params)."""
+    """transformers' MistralForCausalLM (MixtralForCausalLM with experts) of config with
+    default random init, and the same weights as our (config, params)."""
     import tempfile
 
     import torch
@@ -89,8 +93,9 @@ def random_hf_model(config: MistralConfig, seed: int = 0):
     from mistral_jax.convert import load_pytorch
 
     torch.manual_seed(seed)
-    hf_config = transformers.MistralConfig(**config.to_hf_dict())
-    model = transformers.MistralForCausalLM(hf_config).eval()
+    kind = "Mixtral" if config.n_experts else "Mistral"
+    hf_config = getattr(transformers, f"{kind}Config")(**config.to_hf_dict())
+    model = getattr(transformers, f"{kind}ForCausalLM")(hf_config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         ours = load_pytorch(tmp, "float32")

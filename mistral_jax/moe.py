@@ -140,12 +140,38 @@ def dispatch(x: jax.Array, weights: jax.Array, experts: jax.Array, w1: jax.Array
 
 def _tiles(rows: jax.Array, tile_expert: jax.Array, used: jax.Array, w1, w3, w2) -> jax.Array:
     """rows [n, tile, D], each tile through its expert's SwiGLU; unused tiles are zeros."""
-    def swiglu(x, e):
-        return (jax.nn.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]
+    h = jax.nn.silu(_grouped(rows, w1, tile_expert, used)) * _grouped(rows, w3, tile_expert, used)
+    return _grouped(h, w2, tile_expert, used)
 
+
+@jax.custom_vjp
+def _grouped(x: jax.Array, w: jax.Array, tile_expert: jax.Array, used: jax.Array) -> jax.Array:
+    """x [n, tile, K] @ w[tile_expert] [K, N] per tile -> [n, tile, N] (zeros where not used):
+    a scan over the tiles. Its gradient is two more such scans, by hand: differentiated by
+    JAX, the scan kept each tile's slice of w for the backward pass, a copy of the experts
+    per tile (the small-moe train step's temporaries: 15.6 GiB, BENCHMARKS.md "Experts")."""
     def body(_, xs):
         x, e, use = xs
-        return None, jax.lax.cond(use, swiglu, lambda x, e: jnp.zeros_like(x), x, e)
+        return None, jax.lax.cond(use, lambda: x @ w[e], lambda: jnp.zeros((x.shape[0], w.shape[2]), x.dtype))
 
-    return jax.lax.scan(body, None, (rows, tile_expert, used))[1]
+    return jax.lax.scan(body, None, (x, tile_expert, used))[1]
 
+
+def _grouped_fwd(x, w, tile_expert, used):
+    return _grouped(x, w, tile_expert, used), (x, w, tile_expert, used)
+
+
+def _grouped_bwd(residuals, dy):
+    x, w, tile_expert, used = residuals
+
+    def body(dw, xs):
+        x, dy, e, use = xs
+        dx = jax.lax.cond(use, lambda: dy @ w[e].T, lambda: jnp.zeros_like(x))
+        dw = jax.lax.cond(use, lambda: dw.at[e].add((x.T @ dy).astype(dw.dtype)), lambda: dw)
+        return dw, dx
+
+    dw, dx = jax.lax.scan(body, jnp.zeros_like(w), (x, dy, tile_expert, used))
+    return dx, dw, None, None
+
+
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)

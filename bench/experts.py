@@ -1,0 +1,121 @@
+"""Mixtral-shaped experts (small's dims, 8 experts, top-2) against HF transformers'
+MixtralForCausalLM: forward (8 x 512), train step (8 x 256, the load-balancing loss in
+both) and greedy decode (batch 1, prompt 32 + 64 new tokens); and the dispatch's overhead:
+each side's MoE train step and forward timed against the dense model with the same
+parameters active per token (small-active: F = 2 x 2048), in the notes as MoE time / dense
+time (1.0 would be a free dispatch; HF's loop over the experts is the baseline).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from bench.common import CONFIGS, random_hf_model, timed
+
+PROMPT, NEW = 32, 64
+
+
+def run(bandwidth: float, peak_flops: float, names=("small-moe",), reps: int = 3, side: str = "ours") -> list[dict]:
+    del bandwidth
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    rows = []
+    for name in names:
+        if not CONFIGS[name].n_experts:
+            raise ValueError(f"the experts suite runs configs with experts (small-moe), not {name}")
+        moe_seconds = {}
+        for model_name in (name, "small-active"):
+            config = CONFIGS[model_name]
+            hf, (ours_config, params) = random_hf_model(config)
+            times = _ours(ours_config, params, reps) if side == "ours" else _hf(hf, config, reps)
+            if model_name == name:
+                moe_seconds = times
+            for workload, tokens in (("forward", 8 * 512), ("train step", 8 * 256), ("decode", NEW)):
+                if workload not in times:
+                    continue
+                size = {"forward": "8x512", "train step": "8x256", "decode": f"batch 1, {PROMPT}+{NEW}"}[workload]
+                row = dict(workload=f"{workload} {model_name} {size}", unit="tok/s")
+                row["ours" if side == "ours" else "torch"] = tokens / times[workload]
+                if model_name != name:
+                    row["note"] = (f"{'ours' if side == 'ours' else 'HF'}: {name} takes "
+                                   f"{moe_seconds[workload] / times[workload]:.2f}x this")
+                rows.append(row)
+            del hf, params
+    return rows
+
+
+def _ours(config, params, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from mistral_jax import trainer
+    from mistral_jax.model import Mistral
+    from mistral_jax.sampling import generate
+    from mistral_jax.sharding import make_mesh
+
+    times = {}
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 512)).astype(np.int32)
+    forward = jax.jit(lambda p, t: Mistral(config).apply({"params": p}, t))
+    times["forward"] = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
+
+    batch = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32))
+    hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10)
+    tx = trainer.make_optimizer(hp)
+    mesh = make_mesh("", jax.devices()[:1])
+    state = [trainer.init_state(config, tx, mesh, params=params)]
+    step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]))
+
+    def our_step():
+        state[0], metrics = step(state[0], batch)
+        jax.block_until_ready(metrics["loss"])
+    times["train step"] = timed(our_step, reps=reps)
+    del state
+
+    if config.n_experts:
+        prompt = [np.random.default_rng(2).integers(3, config.vocab_size, PROMPT).tolist()]
+        times["decode"] = timed(lambda: generate(config, params, prompt, NEW, eos_id=None), reps=reps)
+    return times
+
+
+def _hf(model, config, reps: int) -> dict:
+    import torch
+
+    times = {}
+    model.config._attn_implementation = "sdpa"
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, config.vocab_size, (8, 512))).long()
+
+    def forward():
+        with torch.no_grad():
+            model(tokens, use_cache=False)
+    times["forward"] = timed(forward, reps=reps)
+
+    batch = torch.from_numpy(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257))).long()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    moe = dict(output_router_logits=True) if config.n_experts else {}
+
+    def step():
+        out = model(batch[:, :-1], use_cache=False, **moe)
+        logits = out.logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        if config.n_experts:
+            loss = loss + config.router_aux_loss_coef * out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    times["train step"] = timed(step, reps=reps)
+    model.eval()
+
+    if config.n_experts:
+        prompt = torch.tensor([np.random.default_rng(2).integers(3, config.vocab_size, PROMPT).tolist()])
+
+        def decode():
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+        times["decode"] = timed(decode, reps=reps)
+    return times
