@@ -46,6 +46,7 @@ TARGETS = {
     "v5e-16": Target("tpu", "v5e:4x4", "default", 16, 16),
     "v4-8": Target("tpu", "v4:2x2x1", "megacore", 32, 4),
     "v5p-8": Target("tpu", "v5:2x2x1", "megacore", 95, 4),
+    "v5p-32": Target("tpu", "v5:2x2x4", "megacore", 95, 16),
     "cpu-8": Target("cpu", None, None, 80, 8),  # stand-in for 8 x 80 GB GPUs (A100/H100)
 }
 

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mistral_jax.attention import attention_mask, causal_attention, masked_attention
 from mistral_jax import moe
+from mistral_jax.attention import attention_mask, causal_attention, masked_attention
 from mistral_jax.cache import KVCache, rolling_update, write_slots
 from mistral_jax.config import REMAT_POLICIES, MistralConfig
 from mistral_jax.rope import apply_rope
@@ -255,10 +255,10 @@ def _scan_over_layers(config: MistralConfig, layers, x, positions):
     sequences) -> (x, the routers' stats summed over the layers, None without experts).
 
     A scan over the L layers, each choosing its kind's block by `lax.switch` (one kind: a
-    plain call). The scan's inputs are the
-    stacked weights themselves, which the backward pass reads back rather than saving a
-    copy: the grouped form below costs a second copy of the weights here (+3.5 GB per
-    device on the 7B train plan, docs/SCALING.md)."""
+    plain call), the routers' stats summed in its carry. The scan's inputs are the stacked
+    weights themselves, which the backward pass reads back rather than saving a copy: the
+    grouped form below costs a second copy of the weights here (+3.5 GB per device on the
+    7B train plan, docs/SCALING.md)."""
     kinds = [functools.partial(_apply_block, config, w) for w in config.window_kinds]
     kind_of_layer = jnp.array(config.layer_kinds, jnp.int32)
 
@@ -282,8 +282,8 @@ def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, ma
     """x through the layers stacked [L, ...] in `layers` with kv, per kind of layer its
     caches (k, v) stacked as KVCache.init lays them out -> (x, the updated kv).
 
-    A scan over the G groups of P = len(config.layer_pattern) layers, each
-    position of the group a block of its own window over its kind's cache, whose sizes
+    A scan over the G groups of P = len(config.layer_pattern) layers, each position of
+    the group a block of its own window over its kind's cache, whose sizes
     differ by kind; kv holds each kind's layers grouped, [G, n, ...] (KVCache.init). The
     weights [L, ...] -> [G, P, ...] are a reshape: layer g*P + j is position j of group g.
     One kind (P = 1) scans the layers themselves."""

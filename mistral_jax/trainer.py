@@ -26,7 +26,7 @@ from mistral_jax.distributed import is_primary
 from mistral_jax.loss import cross_entropy
 from mistral_jax.metrics import MetricsWriter, flops_per_token, format_line
 from mistral_jax.model import Mistral, init_params, param_shardings
-from mistral_jax.options import option, require_positive
+from mistral_jax.options import OptionError, option, require_positive
 from mistral_jax.sharding import batch_sharding, under_mesh
 
 
@@ -61,6 +61,10 @@ class Hyperparameters:
 
     def __post_init__(self):
         require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
+        for name in ("router_aux_loss", "router_z_loss"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:  # NaN too
+                raise OptionError(name, f"must be non-negative, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,7 +48,7 @@ def sharded_findings(model):
 def assert_equal_to_one_device(spec, f):
     assert f["init_max_diff"] == 0.0, spec  # params born sharded are the same numbers
     assert f["logits_max_diff"] < 1e-5, spec
-    assert f["tokens_equal"] and f["stacked_tokens_equal"], spec
+    assert f["tokens_equal"], spec
     assert f["per_layer_wq_shard"] == f["wq"]["shard"][1:], spec  # unstack_layers kept the split
     # The loss's float32 floor: on one device, permuting the batch's rows alone moves it by
     # up to 3.8e-6 (measured on this config and the 2-layer one before it); 1e-6 held by luck.
@@ -62,6 +62,7 @@ def test_equal_to_one_device_under_meshes():
     assert set(findings) == {"data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"}
     for spec, f in findings.items():
         assert_equal_to_one_device(spec, f)
+        assert f["stacked_tokens_equal"], spec  # decoding over the stacked layers, as on TPU and GPU
         assert set(f["grads_max_rel_diff"]) == {"xla", "splash"}
     # wq [L, D, H, d] = [4, 64, 8, 16]: really split where the mesh has fsdp or tensor axes.
     assert findings["data=8"]["wq"]["devices"] == 8 and findings["data=8"]["wq"]["shard"] == [4, 64, 8, 16]

@@ -296,6 +296,8 @@ def run_cli_convert(src, dst):
     (["--batch-size", "6", "--grad-accum", "4"], "--batch-size 6 must divide into grad_accum 4 micro-batches"),
     (["--loss-chunk", "0"], "--loss-chunk must be a positive integer, got 0"),
     (["--keep", "0"], "--keep must be a positive integer, got 0"),
+    (["--router-z-loss", "-1"], "--router-z-loss must be non-negative, got -1.0"),
+    (["--router-aux-loss", "nan"], "--router-aux-loss must be non-negative, got nan"),
     (["--init-from", "/nonexistent"], "checkpoint /nonexistent not found"),
     (["--data", "{short_text}", "--tokenizer", "{tokenizer}"], "too short for a batch"),
     (["--data", "{short_text}", "--vocab-size", "100"],
