@@ -16,8 +16,8 @@ every expert, E times the work (BENCHMARKS.md, "Experts").
 Expert parallelism: under a mesh whose `expert` axis divides E, each device holds E / ep
 experts (the rules table's `expert` row). The devices along `expert` gather one another's
 tokens, each runs the assignments to its own experts, and the partial outputs are summed
-and scattered back to the tokens' devices: activations cross devices, experts' weights
-never do.
+and scattered back to the tokens' devices: along `expert` activations move, experts'
+weights do not (over `fsdp` the experts' model dimension is gathered like any weight's).
 """
 
 from __future__ import annotations
