@@ -15,10 +15,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-import convert_weights
-from conftest import MIXTRAL, WINDOW, build_reference, forward, run_script
+from conftest import MIXTRAL, WINDOW, build_reference, forward
 from mistral_jax import data, moe, trainer
-from mistral_jax.checkpoint import load_checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.convert import load_pytorch
 from mistral_jax.model import Mistral
@@ -26,7 +24,8 @@ from mistral_jax.sampling import generate
 from mistral_jax.sharding import make_mesh
 from test_parity import TOL, max_diff, write_native
 from test_sampling import decoding, hf_greedy, in_layout, logits_by_chunks, prompts_of  # noqa: F401 (a fixture)
-from test_train import TINY, StopAt, hp, losses, run_cli_convert, run_train, tokenizer_path, tokens  # noqa: F401
+from test_family import assert_hf_round_trip
+from test_train import TINY, StopAt, assert_exported_model_equals_hf, hp, losses, run_train, tokenizer_path, tokens  # noqa: F401,E501
 
 NEW = 3 * WINDOW + 7
 
@@ -178,20 +177,8 @@ def test_cached_logits_equal_full_forward(mixtral, chunk):
 
 
 def test_hf_jax_hf_round_trip_and_verify(ref_mixtral, tmp_path, capsys):
-    src = tmp_path / "src"
-    copy.deepcopy(ref_mixtral.model).save_pretrained(src)
-    status, out, _ = run_script(capsys, convert_weights, src, tmp_path / "jax", "--dtype", "float32", "--verify")
-    assert status == 0 and "top-1 agreement 100.00%" in out
-    assert run_script(capsys, convert_weights, tmp_path / "jax", tmp_path / "back", "--to-hf")[0] == 0
-    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
-    assert before.keys() == after.keys()
-    for name in before:
-        assert torch.equal(before[name], after[name]), name
-    exported = json.loads((tmp_path / "back" / "config.json").read_text())
+    exported = assert_hf_round_trip(ref_mixtral, tmp_path, capsys, transformers.MixtralForCausalLM)
     assert (exported["model_type"], exported["num_local_experts"], exported["num_experts_per_tok"]) == ("mixtral", 4, 2)
-    reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager")
-    with torch.no_grad():
-        np.testing.assert_array_equal(reloaded(torch.tensor(ref_mixtral.tokens)).logits.numpy(), ref_mixtral.logits)
 
 
 # Parameter counts as the model cards round them (billions): total, active per token.
@@ -274,11 +261,5 @@ def test_train_py_trains_and_exports_a_mixtral(tmp_path, capsys, monkeypatch):
     for r in records:  # the flags' weights, not the config's 0.02
         assert r["aux_loss"] > 0 and r["router_z_loss"] > 0
         assert abs(r["loss"] - (r["ce"] + 0.05 * r["aux_loss"] + 1e-3 * r["router_z_loss"])) < 1e-5 * r["loss"]
-    config, params = load_checkpoint(str(out / "model"))
+    config = assert_exported_model_equals_hf(out / "model", tmp_path / "hf", transformers.MixtralForCausalLM)
     assert (config.n_experts, config.n_experts_per_tok) == (4, 2)
-    assert run_cli_convert(out / "model", tmp_path / "hf") == 0
-    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
-    tokens = np.random.default_rng(0).integers(0, 512, (2, 40))
-    with torch.no_grad():
-        expected = hf(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(forward(config, params, tokens)), expected, atol=1e-4)

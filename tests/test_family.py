@@ -112,9 +112,12 @@ def test_cache_holds_window_slots_for_sliding_layers(ministral):
     assert sum(k.nbytes for k in state.cache.k) / sum(k.nbytes for k in uniform.k) == (2 * 96 + 6 * 16) / (8 * 96)
 
 
-def test_hf_jax_hf_round_trip_and_verify(ref_ministral, tmp_path, capsys):
+def assert_hf_round_trip(ref, tmp_path, capsys, hf_class) -> dict:
+    """The reference's checkpoint converted (--verify passing), exported back with --to-hf
+    bit for bit, and loaded by hf_class with the reference's logits; returns the exported
+    config.json."""
     src = tmp_path / "src"
-    copy.deepcopy(ref_ministral.model).save_pretrained(src)
+    copy.deepcopy(ref.model).save_pretrained(src)
     status, out, _ = run_script(capsys, convert_weights, src, tmp_path / "jax", "--dtype", "float32", "--verify")
     assert status == 0 and "top-1 agreement 100.00%" in out
     assert run_script(capsys, convert_weights, tmp_path / "jax", tmp_path / "back", "--to-hf")[0] == 0
@@ -122,11 +125,15 @@ def test_hf_jax_hf_round_trip_and_verify(ref_ministral, tmp_path, capsys):
     assert before.keys() == after.keys()
     for name in before:
         assert torch.equal(before[name], after[name]), name
-    exported = json.loads((tmp_path / "back" / "config.json").read_text())
-    assert exported["model_type"] == "ministral" and exported["layer_types"] == ref_ministral.model.config.layer_types
-    reloaded = transformers.MinistralForCausalLM.from_pretrained(tmp_path / "back", attn_implementation="eager")
+    reloaded = hf_class.from_pretrained(tmp_path / "back", attn_implementation="eager")
     with torch.no_grad():
-        np.testing.assert_array_equal(reloaded(torch.tensor(ref_ministral.tokens)).logits.numpy(), ref_ministral.logits)
+        np.testing.assert_array_equal(reloaded(torch.tensor(ref.tokens)).logits.numpy(), ref.logits)
+    return json.loads((tmp_path / "back" / "config.json").read_text())
+
+
+def test_hf_jax_hf_round_trip_and_verify(ref_ministral, tmp_path, capsys):
+    exported = assert_hf_round_trip(ref_ministral, tmp_path, capsys, transformers.MinistralForCausalLM)
+    assert exported["model_type"] == "ministral" and exported["layer_types"] == ref_ministral.model.config.layer_types
 
 
 # ---- Mistral3ForConditionalGeneration's text model -------------------------------------------

@@ -228,14 +228,7 @@ def test_train_py_end_to_end(tiny_config_file, tmp_path, capsys, monkeypatch):
     for name in ("model/params", "model/config.json", "model/tokenizer.model", "tokenizer.model", "metrics.jsonl",
                  "loss.png", "checkpoints/20", "tensorboard"):
         assert (out / name).exists(), name
-    # The final model, exported to HF, computes the same logits in transformers as here.
-    config, params = load_checkpoint(str(out / "model"))
-    assert run_cli_convert(out / "model", tmp_path / "hf") == 0
-    hf = transformers.MistralForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
-    tokens = np.random.default_rng(0).integers(0, 512, (2, 40))
-    with torch.no_grad():
-        expected = hf(torch.tensor(tokens)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(forward(config, params, tokens)), expected, atol=1e-4)
+    assert_exported_model_equals_hf(out / "model", tmp_path / "hf", transformers.MistralForCausalLM)
 
     status, _, stderr = run_train(capsys, "--config", tiny_config_file, "--out", out, "--steps", 20)
     assert_one_line_error(status, stderr, "holds a run: pass --resume")
@@ -280,6 +273,19 @@ def test_train_py_on_a_small_corpus(tiny_config_file, tmp_path, capsys, monkeypa
                                             text.split()[0], "--max-new-tokens", 16)
     assert status == 0, stderr
     assert completion.strip() and set(completion.strip()) <= set(text)  # the corpus's characters
+
+
+def assert_exported_model_equals_hf(model_dir, hf_dir, hf_class):
+    """A final model/, exported by convert_weights.py --to-hf, computes the same logits in
+    transformers' hf_class as here."""
+    config, params = load_checkpoint(str(model_dir))
+    assert run_cli_convert(model_dir, hf_dir) == 0
+    hf = hf_class.from_pretrained(hf_dir, attn_implementation="eager")
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(forward(config, params, tokens)), expected, atol=1e-4)
+    return config
 
 
 def run_cli_convert(src, dst):
