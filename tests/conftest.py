@@ -121,12 +121,16 @@ def run_script(capsys, script, *argv):
     (exit status, stdout, stderr)."""
     from mistral_jax import cli
 
+    def exit_here(status):  # cli.run ends a failed process whose library threads linger; not pytest's
+        raise SystemExit(status)
+
     sys_argv, sys.argv = sys.argv, [script.__name__ + ".py", *map(str, argv)]
+    os_exit, cli.os._exit = cli.os._exit, exit_here  # that path runs for real in a subprocess test
     try:
         with pytest.raises(SystemExit) as exit_:
             cli.run(script.main)
     finally:
-        sys.argv = sys_argv
+        sys.argv, cli.os._exit = sys_argv, os_exit
     out = capsys.readouterr()
     return exit_.value.code, out.out, out.err
 
