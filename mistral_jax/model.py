@@ -271,10 +271,7 @@ def _scan_over_layers(config: MistralConfig, layers, x, positions):
         return (x, None if stats is None else jax.tree_util.tree_map(jnp.add, carry[1], stats)), None
 
     block = _remat(config, block)
-    stats = None
-    if config.n_experts:
-        E = config.n_experts
-        stats = moe.RouterStats(jnp.zeros(E), jnp.zeros(E), jnp.float32(0), jnp.float32(0))
+    stats = moe.RouterStats.zeros(config.n_experts) if config.n_experts else None
     return jax.lax.scan(layer, (x, stats), (layers, kind_of_layer))[0]
 
 

@@ -41,6 +41,10 @@ class RouterStats(NamedTuple):
     z: jax.Array  # (): logsumexp(router logits)^2
     tokens: jax.Array  # (): tokens routed (times layers)
 
+    @classmethod
+    def zeros(cls, n_experts: int) -> "RouterStats":
+        return cls(jnp.zeros(n_experts), jnp.zeros(n_experts), jnp.float32(0), jnp.float32(0))
+
     def load_balancing_loss(self) -> jax.Array:
         """HF's load_balancing_loss_func (Switch Transformer's): E * sum_e f_e * P_e, f_e the
         fraction of assignments and P_e the mean probability of expert e over every token of
