@@ -47,10 +47,13 @@ class SampleOptions:
         prompts = list(self.prompt)
         for file in self.prompt_file:
             try:
-                with open(file) as f:
+                with open(file, encoding="utf-8") as f:
                     prompts.append(f.read().rstrip("\n"))
             except OSError as e:
                 raise ValueError(f"cannot read prompt file {file}: {e.strerror}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"prompt file {file} is not UTF-8 text (byte {e.object[e.start]:#04x} at "
+                                 f"offset {e.start})") from None
         if not prompts and not self.interactive:
             raise ValueError("give at least one --prompt or --prompt-file (or --interactive)")
         for i, prompt in enumerate(prompts):
@@ -94,9 +97,15 @@ def complete(config, params, tokenizer, prompts: list[list[int]], options: Sampl
     decode_time = total - first_piece[0] - (compile_time - first_piece[1])
     n_prompt = sum(len(p) for p in prompts)
     n_decoded = sum(max(0, len(until_eos(row, tokenizer.eos_id)) - 1) for row in generated)
-    print(f"compile {compile_time:.2f} s; prefill {n_prompt} tokens, {n_prompt / max(prefill_time, 1e-9):.0f} tok/s; "
-          f"decode {n_decoded} tokens, {n_decoded / max(decode_time, 1e-9):.1f} tok/s", file=sys.stderr)
+    print(f"compile {compile_time:.2f} s; prefill {n_prompt} tokens{_rate(n_prompt, prefill_time)}; "
+          f"decode {n_decoded} tokens{_rate(n_decoded, decode_time)}", file=sys.stderr)
     return [tokenizer.decode(until_eos(row, tokenizer.eos_id)) for row in generated]
+
+
+def _rate(tokens: int, seconds: float) -> str:
+    """The rate for the timing line; none where the time left after subtracting compiling is
+    under what the two clocks resolve (it printed "prefill 6 tokens, 6000000000 tok/s")."""
+    return f", {tokens / seconds:,.1f} tok/s" if tokens and seconds >= 1e-3 else ""
 
 
 def main():

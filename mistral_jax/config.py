@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -26,6 +28,27 @@ _DEFAULT_MAX_SEQ_LEN = 32768  # what Mistral 7B's HF config.json states; params.
 
 class ConfigError(ValueError):
     """A config file or value that cannot describe a Mistral model."""
+
+
+def _parser(source: str):
+    """The one place where what a malformed dict makes Python raise while it is read (a
+    missing key, a string where a number goes, a list as a dict key, a zero divisor) becomes
+    a ConfigError saying so; the values read are then checked by MistralConfig itself."""
+    def wrap(parse):
+        @functools.wraps(parse)
+        def parse_or_say_why(cls, d, **overrides):
+            if not isinstance(d, dict):
+                raise ConfigError(f"{source} must hold a JSON object, got {type(d).__name__}")
+            try:
+                return parse(cls, d, **overrides)
+            except ConfigError:
+                raise
+            except KeyError as e:
+                raise ConfigError(f"{source} lacks required field {e.args[0]!r}") from None
+            except (TypeError, ValueError, ArithmeticError, AttributeError) as e:
+                raise ConfigError(f"{source} has a malformed field: {e}") from None
+        return parse_or_say_why
+    return wrap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +108,11 @@ class MistralConfig:
                               f"got {self.n_experts_per_tok}")
         if not self.n_experts and self.n_experts_per_tok:
             raise ConfigError(f"n_experts_per_tok is {self.n_experts_per_tok} but the model has no experts")
-        if not self.router_aux_loss_coef >= 0:
-            raise ConfigError(f"router_aux_loss_coef must be non-negative, got {self.router_aux_loss_coef!r}")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"norm_eps must be positive, got {self.norm_eps!r}")
-        if not self.rope_theta > 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta!r}")
+        for name, low in (("router_aux_loss_coef", "non-negative"), ("norm_eps", "positive"), ("rope_theta", "positive")):
+            value = getattr(self, name)
+            if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+                    or value < 0 or (low == "positive" and value == 0)):
+                raise ConfigError(f"{name} must be a finite {low} number, got {value!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -158,6 +180,7 @@ class MistralConfig:
     # ---- HF transformers config.json -------------------------------------------------------
 
     @classmethod
+    @_parser("config.json")
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
         """MistralForCausalLM's, MinistralForCausalLM's and MixtralForCausalLM's config.json,
         or the text model of Mistral3ForConditionalGeneration's (its vision tower and
@@ -168,31 +191,24 @@ class MistralConfig:
             if not isinstance(text, dict):
                 raise ConfigError("config.json has model_type 'mistral3' but no text_config object")
             return cls.from_hf_dict({"model_type": "mistral", **text}, **overrides)
-        if model_type not in _HF_DEFAULT_EPS:
+        if not isinstance(model_type, str) or model_type not in _HF_DEFAULT_EPS:
             raise ConfigError(f"config.json has model_type {model_type!r}, expected one of "
                               f"{', '.join(map(repr, _HF_DEFAULT_EPS))} or 'mistral3'")
         if d.get("tie_word_embeddings", False):
             raise ConfigError("config.json sets tie_word_embeddings; Mistral's output projection is untied")
         if d.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json hidden_act {d['hidden_act']!r} is not silu")
-        try:
-            n_heads, n_layers = d["num_attention_heads"], d["num_hidden_layers"]
-            fields = dict(
-                dim=d["hidden_size"], n_layers=n_layers,
-                head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
-                hidden_dim=d["intermediate_size"], n_heads=n_heads,
-                n_kv_heads=d.get("num_key_value_heads") or n_heads,
-                vocab_size=d["vocab_size"], norm_eps=float(d.get("rms_norm_eps", _HF_DEFAULT_EPS[model_type])),
-                rope_theta=_hf_rope_theta(d), sliding_window=_hf_windows(d, n_layers),
-                max_seq_len=d.get("max_position_embeddings", _DEFAULT_MAX_SEQ_LEN))
-            if model_type == "mixtral":
-                fields.update(n_experts=d["num_local_experts"], n_experts_per_tok=d["num_experts_per_tok"],
-                              router_aux_loss_coef=_float("router_aux_loss_coef",
-                                                          d.get("router_aux_loss_coef", 0.001)))
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks required field {e.args[0]!r}") from None
-        except (TypeError, ZeroDivisionError) as e:
-            raise ConfigError(f"config.json has a malformed field: {e}") from None
+        n_heads, n_layers = d["num_attention_heads"], d["num_hidden_layers"]
+        fields = dict(
+            dim=d["hidden_size"], n_layers=n_layers, head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
+            hidden_dim=d["intermediate_size"], n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
+            vocab_size=d["vocab_size"],
+            norm_eps=_float("rms_norm_eps", d.get("rms_norm_eps", _HF_DEFAULT_EPS[model_type])),
+            rope_theta=_hf_rope_theta(d), sliding_window=_hf_windows(d, n_layers),
+            max_seq_len=d.get("max_position_embeddings", _DEFAULT_MAX_SEQ_LEN))
+        if model_type == "mixtral":
+            fields.update(n_experts=d["num_local_experts"], n_experts_per_tok=d["num_experts_per_tok"],
+                          router_aux_loss_coef=_float("router_aux_loss_coef", d.get("router_aux_loss_coef", 0.001)))
         return cls(**{**fields, **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -231,35 +247,30 @@ class MistralConfig:
     # ---- Mistral-native params.json ---------------------------------------------------------
 
     @classmethod
+    @_parser("params.json")
     def from_params_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
         """mistral-inference's params.json (with "moe" for Mixtral); a multimodal one's
         (Mistral Small 3.1) text model."""
         for key in ("yarn", "llama_4_scaling", "rope_scaling"):
             if d.get(key):
                 raise ConfigError(f"params.json asks for RoPE scaling ({key!r}), which is not implemented")
-        try:
-            window = _parse_window(d.get("sliding_window"))
-            rope_theta = d.get("rope_theta")
-            if rope_theta is None:
-                # Official v0.1 params.json omits rope_theta; v0.2+ (no window) use 1e6.
-                rope_theta = 10000.0 if window is not None else 1e6
-                logger.warning("params.json has no rope_theta; inferred %g from sliding_window=%s",
-                               rope_theta, window)
-            fields = dict(
-                dim=d["dim"], n_layers=d["n_layers"], head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
-                hidden_dim=d["hidden_dim"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
-                vocab_size=d["vocab_size"], norm_eps=float(d.get("norm_eps", 1e-5)),
-                rope_theta=_float("rope_theta", rope_theta), sliding_window=window)
-            moe = d.get("moe")
-            if moe is not None and not isinstance(moe, dict):
-                raise ConfigError(f"params.json moe must be an object with num_experts and num_experts_per_tok, "
-                                  f"got {moe!r}")
-            if moe:
-                fields.update(n_experts=moe["num_experts"], n_experts_per_tok=moe["num_experts_per_tok"])
-        except KeyError as e:
-            raise ConfigError(f"params.json lacks required field {e.args[0]!r}") from None
-        except (TypeError, ZeroDivisionError) as e:
-            raise ConfigError(f"params.json has a malformed field: {e}") from None
+        window = _parse_window(d.get("sliding_window"))
+        rope_theta = d.get("rope_theta")
+        if rope_theta is None:
+            # Official v0.1 params.json omits rope_theta; v0.2+ (no window) use 1e6.
+            rope_theta = 10000.0 if window is not None else 1e6
+            logger.warning("params.json has no rope_theta; inferred %g from sliding_window=%s", rope_theta, window)
+        fields = dict(
+            dim=d["dim"], n_layers=d["n_layers"], head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
+            hidden_dim=d["hidden_dim"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
+            vocab_size=d["vocab_size"], norm_eps=_float("norm_eps", d.get("norm_eps", 1e-5)),
+            rope_theta=_float("rope_theta", rope_theta), sliding_window=window)
+        moe = d.get("moe")
+        if moe is not None and not isinstance(moe, dict):
+            raise ConfigError(f"params.json moe must be an object with num_experts and num_experts_per_tok, "
+                              f"got {moe!r}")
+        if moe:
+            fields.update(n_experts=moe["num_experts"], n_experts_per_tok=moe["num_experts_per_tok"])
         return cls(**{**fields, **overrides})
 
     def to_params_dict(self) -> dict[str, Any]:
@@ -282,7 +293,7 @@ class MistralConfig:
             return cls.from_dir(spec, **overrides)
         if os.path.isfile(spec):
             d = _read_json(spec)
-            return cls.from_params_dict(d, **overrides) if "dim" in d else cls.from_hf_dict(d, **overrides)
+            return _from_file(spec, cls.from_params_dict if "dim" in d else cls.from_hf_dict, d, overrides)
         return cls.preset(spec, **overrides)
 
     @classmethod
@@ -291,7 +302,7 @@ class MistralConfig:
         for name, parse in (("config.json", cls.from_hf_dict), ("params.json", cls.from_params_dict)):
             file = os.path.join(path, name)
             if os.path.isfile(file):
-                return parse(_read_json(file), **overrides)
+                return _from_file(file, parse, _read_json(file), overrides)
         raise ConfigError(f"{path} has neither config.json nor params.json")
 
     def save_hf(self, path: str | os.PathLike) -> None:
@@ -387,11 +398,20 @@ def _float(name: str, value: Any) -> float:
         raise ConfigError(f"{name} must be a number, got {value!r}") from None
 
 
+def _from_file(file: str, parse, d: dict[str, Any], overrides: dict[str, Any]) -> MistralConfig:
+    """parse(d), its errors naming the file (not just "config.json")."""
+    try:
+        return parse(d, **overrides)
+    except ConfigError as e:
+        name, message = os.path.basename(file), str(e)
+        raise ConfigError(file + message[len(name):] if message.startswith(name) else f"{file}: {message}") from None
+
+
 def _read_json(file: str) -> dict[str, Any]:
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             d = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: invalid JSON or UTF-8
         raise ConfigError(f"cannot read {file}: {e}") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{file} does not hold a JSON object")

@@ -19,12 +19,13 @@ from collections.abc import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from mistral_jax.checkpoint import atomic_directory, check_destination, load_checkpoint, save_checkpoint
 from mistral_jax.config import MistralConfig
 from mistral_jax.tensor_files import TensorFileError, aligned_empty, read_tensor_file, to_numpy, write_safetensors
-from mistral_jax.tokenizer import checkpoint_name, find_tokenizer
+from mistral_jax.tokenizer import Tokenizer, checkpoint_name, find_tokenizer
 
 logger = logging.getLogger("mistral_jax")
 
@@ -130,7 +131,13 @@ def find_checkpoint(path: str) -> tuple[str, list[str]]:
     if os.path.isfile(os.path.join(path, "config.json")):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            names = sorted(set(_read_json(index)["weight_map"].values()))
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+                raise CheckpointError(f"{index} has no weight_map of tensor names to shard files")
+            names = sorted(set(weight_map.values()))
+            outside = [n for n in names if os.path.basename(n) != n or n in ("", ".", "..")]
+            if outside:  # HF's shards lie beside the index; a path could read any file
+                raise CheckpointError(f"{index} names a shard that is not a file beside it: {outside[0]!r}")
             files = [os.path.join(path, n) for n in names]
             missing = [n for n, f in zip(names, files) if not os.path.isfile(f)]
             if missing:
@@ -231,6 +238,8 @@ def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], c
         name, leaf = names[key], key[0][-1]
         source = sources[name]
         w = to_numpy(source[name])
+        if not (np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16):
+            raise CheckpointError(f"tensor {name} has dtype {w.dtype}: weights are real floating point")
         if tuple(w.shape) != torch_shape(leaf, config):
             raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, the config expects "
                                   f"{torch_shape(leaf, config)}")
@@ -375,7 +384,7 @@ def convert_pytorch_checkpoint(src: str, dst: str, dtype: str = "bfloat16", over
     params: dict = {}
     for path, array in arrays:
         set_path(params, path, jax.device_put(array, may_alias=True))  # orbax saves jax arrays faster
-    tokenizer = find_tokenizer(src)
+    tokenizer = _tokenizer_file(src)
     save_checkpoint(dst, config, params, overwrite=overwrite,
                     extra_files={checkpoint_name(tokenizer): tokenizer} if tokenizer else None)
     return config
@@ -388,12 +397,25 @@ def export_hf_checkpoint(ckpt: str, dst: str, dtype: str | None = None, overwrit
     check_destination(dst, overwrite)
     config, params = load_checkpoint(ckpt, dtype)
     on_start(len(tensor_names("hf", config)))
-    tokenizer = find_tokenizer(ckpt)
+    tokenizer = _tokenizer_file(ckpt)
     with atomic_directory(dst, overwrite) as tmp:
         save_hf(tmp, config, params, on_tensor=on_tensor)
         if tokenizer:
             shutil.copyfile(tokenizer, os.path.join(tmp, checkpoint_name(tokenizer)))
     return config
+
+
+def _tokenizer_file(directory: str) -> str | None:
+    """directory's tokenizer file to copy beside the weights, checked to be one: a symlink
+    (an HF cache's files all are) is followed, but what it points to must parse as a
+    tokenizer, so no other file's contents travel into the output under its name."""
+    tokenizer = find_tokenizer(directory)
+    if tokenizer is not None:
+        try:
+            Tokenizer(tokenizer)
+        except ValueError as e:
+            raise CheckpointError(f"{tokenizer} is no tokenizer ({e})") from None
+    return tokenizer
 
 
 def _read_json(file: str) -> dict:

@@ -44,15 +44,33 @@ class SafetensorsFile(Mapping):
                 header = json.loads(f.read(header_len))
             except ValueError:
                 raise TensorFileError(f"{path} has a corrupt safetensors header") from None
+        if not isinstance(header, dict):
+            raise TensorFileError(f"{path} has a corrupt safetensors header")
         header.pop("__metadata__", None)
         self._entries = {}
         for name, info in header.items():
-            begin, end = (8 + header_len + offset for offset in info["data_offsets"])
-            if end > size:
-                raise TensorFileError(f"{path} is truncated: tensor {name} ends at byte {end}, file has {size}")
-            if info["dtype"] not in _DTYPES:
-                raise TensorFileError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            self._entries[name] = (_DTYPES[info["dtype"]], tuple(info["shape"]), begin)
+            dtype, shape, begin = self._entry(name, info, 8 + header_len, size)
+            self._entries[name] = (dtype, shape, begin)
+
+    def _entry(self, name: str, info, data_start: int, size: int) -> tuple[np.dtype, tuple[int, ...], int]:
+        """(dtype, shape, first byte) of a header entry whose offsets span exactly its shape's
+        bytes within the file (a header that disagreed converted garbage with rc 0)."""
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise TensorFileError(f"{self.path}: tensor {name} has a malformed header entry")
+        if info["dtype"] not in _DTYPES:
+            raise TensorFileError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not (isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+                and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise TensorFileError(f"{self.path}: tensor {name} has a malformed shape or data_offsets")
+        dtype = _DTYPES[info["dtype"]]
+        begin, end = data_start + offsets[0], data_start + offsets[1]
+        if offsets[1] - offsets[0] != int(np.prod(shape)) * dtype.itemsize or offsets[0] < 0:
+            raise TensorFileError(f"{self.path}: tensor {name}'s data_offsets {offsets} do not span its shape "
+                                  f"{shape} of {info['dtype']}")
+        if end > size:
+            raise TensorFileError(f"{self.path} is truncated: tensor {name} ends at byte {end}, file has {size}")
+        return dtype, tuple(shape), begin
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, offset = self._entries[name]

@@ -31,6 +31,19 @@ _BUNDLED = Path(mistral_common.__file__).parent / "data"  # mistral-common's cop
 _MESSAGES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
 
 
+def _unicode(text: str) -> str:
+    """text, refused with a clear error where it cannot be UTF-8: a lone surrogate (what
+    Python makes of invalid bytes in argv), which the encoders reject in their own words."""
+    if not isinstance(text, str):
+        raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text is not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}") \
+            from None
+    return text
+
+
 def checkpoint_name(path: str) -> str:
     """The name a checkpoint directory gives this tokenizer file (one of TOKENIZER_NAMES), which
     keeps the version its release's name says: tekken.json, tokenizer.model.v3, ...."""
@@ -77,7 +90,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of text; BOS first by default, as Mistral models were trained."""
-        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+        return [self.bos_id] * bos + self._encode(_unicode(text)) + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._decode(list(ids))
@@ -104,7 +117,8 @@ class Tokenizer:
                              "mistral-common knows (a tokenizer train.py trained has no [INST] tokens); "
                              "an instruct checkpoint's file is named tokenizer.model.v1/v3/v7 or tekken.json")
         try:
-            request = ChatCompletionRequest(messages=[_MESSAGES[m["role"]](content=m["content"]) for m in messages])
+            request = ChatCompletionRequest(messages=[_MESSAGES[m["role"]](content=_unicode(m["content"]))
+                                                      for m in messages])
             return chat.encode_chat_completion(request).tokens
         except KeyError as e:
             raise ValueError(f"chat messages need a role of {sorted(_MESSAGES)} and a content; got {e}") from None

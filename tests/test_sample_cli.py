@@ -137,7 +137,11 @@ def test_batch_of_prompts_in_process(converted, capsys, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--prompt", ""], "prompt 1 is empty"),
     (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
-    (["--prompt", "x", "--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
+    (["--prompt", "x", "--temperature", "-1"], "--temperature must be a finite number >= 0, got -1.0"),
+    (["--prompt", "x", "--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--prompt", "x", "--max-new-tokens", "1000000000"], "more than the model's max_seq_len"),
+    (["--prompt", "x\udcff"], "text is not valid Unicode: a lone surrogate"),
+    (["--prompt-file", "{not_utf8}"], r"prompt file .*not_utf8.txt is not UTF-8 text \(byte 0xff at offset 2\)"),
     (["--prompt", "x", "--top-p", "1.5"], r"--top-p must be in \(0, 1\], got 1.5"),
     (["--prompt", "word " * 600], "more than the model's max_seq_len"),
     (["--prompt", "x", "--tokenizer", REAL_TOKENIZER.replace("tokenizer.model.v1",
@@ -148,8 +152,10 @@ def test_batch_of_prompts_in_process(converted, capsys, tmp_path):
     (["--prompt", "x", "--system", "Be brief."], "--system needs --chat or --interactive"),
     (["--interactive", "--prompt", "x"], "--interactive reads the conversation from stdin"),
 ])
-def test_bad_input(converted, capsys, argv, message):
+def test_bad_input(converted, capsys, tmp_path, argv, message):
     _, checkpoint = converted
+    (tmp_path / "not_utf8.txt").write_bytes(b"ab\xff")
+    argv = [a.format(not_utf8=tmp_path / "not_utf8.txt") for a in argv]
     assert_one_line_error(*run(capsys, "--checkpoint", checkpoint, *argv)[::2], message)
 
 

@@ -243,13 +243,23 @@ def test_generate_decodes_over_views_of_stacked_params_on_cpu(windowed, monkeypa
 @pytest.mark.parametrize("prompts,new,options,message", [
     ([], 5, {}, "no prompts"), ([[1, 2], []], 5, {}, r"prompts\[1\] is empty"),
     ([[1] * 600], 5, {}, "more than the model's max_seq_len"), ([[1, 400]], 5, {}, "outside"),
-    ([[1, 2]], 0, {}, "max_new_tokens must be at least 1"), ([[1, 2]], 5, {"temperature": -1.0}, "temperature must be >= 0"),
-    ([[1, 2]], 5, {"top_k": 0}, "top_k must be at least 1"), ([[1, 2]], 5, {"top_k": 400}, r"top_k must be in \[1, 320\]"),
+    ([[1, 2]], 10**9, {}, "with max_new_tokens 1000000000 that is more than the model's max_seq_len"),
+    ([[1, 2]], 0, {}, "max_new_tokens must be a positive integer, got 0"),
+    ([[1, 2]], 3.0, {}, "max_new_tokens must be a positive integer, got 3.0"),
+    ([[1, 2]], 5, {"temperature": -1.0}, "temperature must be a finite number >= 0, got -1.0"),
+    ([[1, 2]], 5, {"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
+    ([[1, 2]], 5, {"temperature": float("inf")}, "temperature must be a finite number >= 0, got inf"),
+    ([[1, 2]], 5, {"top_k": 0}, "top_k must be an integer of at least 1, got 0"),
+    ([[1, 2]], 5, {"top_k": 2.5}, "top_k must be an integer of at least 1, got 2.5"),
+    ([[1, 2]], 5, {"top_k": 400}, r"top_k must be in \[1, 320\]"),
     ([[1, 2]], 5, {"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+    ([[1, 2]], 5, {"seed": 2**64}, r"seed must be an integer in \[0, 2\*\*63\)"),
+    ("12", 5, {}, "prompts must be a list of token-id lists, got str"),
+    (["ab"], 5, {}, r"prompts\[0\] must be a list of token ids, got str"),
 ])
 def test_bad_arguments(windowed, prompts, new, options, message):
     _, config, params = windowed
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises((ValueError, TypeError), match=message):
         generate(config, params, prompts, new, **options)
 
 
