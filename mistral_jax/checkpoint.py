@@ -1,16 +1,21 @@
 """Orbax save/restore of params, with config.json beside them.
 
-Layout of a checkpoint directory: config.json (HF format), params/ (orbax), and optionally
-its tokenizer file (tokenizer.model, tokenizer.model.v3, tekken.json, ...). A directory
-appears whole or not at all: it is written under a temporary name beside its destination and
-renamed at the end.
+Layout of a checkpoint directory: config.json (HF format), params/ (orbax), optionally its
+tokenizer file (tokenizer.model, tokenizer.model.v3, tekken.json, ...), and checksums.json
+over all of them (integrity.py), verified on every load. A directory appears whole or not
+at all: it is written under a temporary name beside its destination, locked while written,
+and renamed at the end. A run's train states (orbax's CheckpointManager) carry the same
+checksums, and a resume falls back past a damaged one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 
 import jax
@@ -18,9 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mistral_jax import integrity, locks
 from mistral_jax.config import MistralConfig
 from mistral_jax.distributed import barrier, is_primary
+from mistral_jax.integrity import DamagedCheckpoint
 
+logger = logging.getLogger("mistral_jax")
 PARAMS_DIR = "params"
 
 
@@ -39,35 +47,59 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
     """Yields a fresh directory beside `path` that replaces `path` if the block succeeds.
 
     On any failure (an exception, Ctrl-C) the temporary directory is removed and `path` is
-    left as it was. Every process of a multi-process run gets the same directory (for orbax
-    to write its shards into); process 0 creates and renames it.
+    left as it was. The temporary directory is locked while written: another process
+    writing `path` is refused, and one left by a killed writer (no lock) is emptied, saying
+    so. Every process of a multi-process run gets the same directory (for orbax to write its
+    shards into); process 0 creates, locks and renames it.
     """
     path = os.path.abspath(path)
     check_destination(path, overwrite)
     parent, name = os.path.split(path)
     tmp, old = os.path.join(parent, f".{name}.partial"), os.path.join(parent, f".{name}.old")
     primary = is_primary()
-    if primary:
-        os.makedirs(parent, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left behind by a run that was killed
-        os.makedirs(tmp)
-    barrier(f"created {tmp}")
-    try:
-        yield tmp
-        barrier(f"written {tmp}")
+    with contextlib.ExitStack() as held:
         if primary:
-            if os.path.lexists(path):
-                shutil.rmtree(old, ignore_errors=True)
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old)
-            else:
-                os.rename(tmp, path)
-        barrier(f"renamed {tmp}")
-    except BaseException:
-        if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            os.makedirs(tmp, exist_ok=True)
+            held.enter_context(locks.exclusive(tmp, f"{path} (being written: {tmp})"))
+            if os.listdir(tmp):
+                logger.warning(f"removing {tmp}, left by an interrupted write")
+                _empty(tmp)
+        barrier(f"created {tmp}")
+        try:
+            yield tmp
+            barrier(f"written {tmp}")
+            if primary:
+                if os.path.lexists(path):
+                    shutil.rmtree(old, ignore_errors=True)
+                    os.rename(path, old)
+                    os.rename(tmp, path)
+                    shutil.rmtree(old)
+                else:
+                    os.rename(tmp, path)
+            barrier(f"renamed {tmp}")
+        except BaseException:
+            if primary:
+                _remove_tree(tmp)
+            raise
+
+
+def _remove_tree(path: str, attempts: int = 50) -> None:
+    """rmtree that outlasts a failed write's stragglers: TensorStore's writes still in flight
+    when orbax raised can create files while the tree is removed ("directory not empty"),
+    which left a .partial behind once on a loaded machine."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.1)
+
+
+def _empty(directory: str) -> None:
+    for entry in os.scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path)
+        else:
+            os.remove(entry.path)
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -99,6 +131,7 @@ def save_checkpoint(path: str, config: MistralConfig, params, *, overwrite: bool
             config.replace(param_dtype=dtype).save_hf(tmp)
             for name, file in (extra_files or {}).items():
                 shutil.copyfile(file, os.path.join(tmp, name))
+            integrity.write_checksums(tmp)
 
 
 def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tuple[MistralConfig, dict]:
@@ -118,27 +151,63 @@ def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tupl
     params_dir = os.path.abspath(os.path.join(path, PARAMS_DIR))
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{path} has no {PARAMS_DIR}/ directory: not a mistral_jax checkpoint")
+    integrity.verify(path)
     checkpointer = _checkpointer()
-    stored = checkpointer.metadata(params_dir).item_metadata.tree
-    if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree_util.tree_map(lambda _: device, stored)
-    target = jax.tree_util.tree_map(
-        lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, np.dtype(dtype or meta.dtype), sharding=sharding),
-        stored, shardings)
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
+    with _reading(path):
+        stored = checkpointer.metadata(params_dir).item_metadata.tree
+        if shardings is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            shardings = jax.tree_util.tree_map(lambda _: device, stored)
+        target = jax.tree_util.tree_map(
+            lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, np.dtype(dtype or meta.dtype), sharding=sharding),
+            stored, shardings)
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
     dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
     return config.replace(param_dtype=dtype, dtype=dtype), params
 
 
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Orbax's and TensorStore's errors on a damaged checkpoint (a missing manifest, a
+    truncated file) name no file and span lines: one line naming the checkpoint instead."""
+    try:
+        yield
+    except (DamagedCheckpoint, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the library says, the checkpoint is unreadable
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DamagedCheckpoint(f"checkpoint {path} cannot be read ({type(e).__name__}: {first[:200]})") from e
+
+
 # ---- train state (resumable runs) -----------------------------------------------------------
+
+def saved_steps(directory: str) -> list[int]:
+    """The steps of directory's complete train states, oldest first (orbax names a state by
+    its step once it is whole; one being written has a temporary name)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory) if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
 
 def train_state_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     """Orbax manager of a run's train states, saved asynchronously, keeping the last `keep`
-    (when to save is the caller's: trainer.fit)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    (when to save is the caller's: trainer.fit). Each state gets its checksums before orbax
+    gives it its final name, so every complete state has them."""
+    directory = os.path.abspath(directory)
+
+    def write_checksums():  # on orbax's save thread, once the state's files are all written
+        if is_primary():
+            writing = glob.glob(os.path.join(glob.escape(directory), "*.orbax-checkpoint-tmp*"))
+            if len(writing) != 1:
+                raise RuntimeError(f"expected one train state being written in {directory}, found {writing}")
+            integrity.write_checksums(writing[0])
+
+    # A killed run's half-written state is removed on opening (the run holds --out's lock).
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=True, create=True, cleanup_tmp_directories=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=write_checksums))
+    return ocp.CheckpointManager(directory, options=options)
 
 
 def save_train_state(manager: ocp.CheckpointManager, state) -> bool:
@@ -147,6 +216,47 @@ def save_train_state(manager: ocp.CheckpointManager, state) -> bool:
 
 def restore_train_state(manager: ocp.CheckpointManager, abstract, step: int | None = None):
     """The state saved at step (default: the latest), read onto the shardings of `abstract`
-    (a pytree of jax.ShapeDtypeStruct)."""
+    (a pytree of jax.ShapeDtypeStruct), its checksums verified first; DamagedCheckpoint
+    names what is wrong."""
     step = manager.latest_step() if step is None else step
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    path = os.path.join(str(manager.directory), str(step))
+    integrity.verify(path)
+    with _reading(path):
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_intact_train_state(manager: ocp.CheckpointManager, abstract, step: int | None = None):
+    """(state, step) of the newest intact train state (or of `step`, which must be intact),
+    moving each damaged newer one aside into ../damaged_checkpoints and saying so; (None,
+    None) when the manager holds none."""
+    steps = saved_steps(str(manager.directory))
+    if step is not None:
+        if step not in steps:
+            raise ValueError(f"no checkpoint of step {step} in {manager.directory} (there are: "
+                             f"{', '.join(map(str, steps)) or 'none'})")
+        return restore_train_state(manager, abstract, step), step
+    for candidate in reversed(steps):
+        try:
+            return restore_train_state(manager, abstract, candidate), candidate
+        except DamagedCheckpoint as e:
+            aside = os.path.join(os.path.dirname(str(manager.directory)), "damaged_checkpoints", str(candidate))
+            barrier(f"found step {candidate} damaged")
+            if is_primary():
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(os.path.join(str(manager.directory), str(candidate)), aside)
+                logger.warning(f"checkpoint step {candidate} is damaged ({e}); moved it to {aside}")
+            barrier(f"moved step {candidate} aside")
+            manager.reload()
+    if steps:
+        raise DamagedCheckpoint(f"every checkpoint in {manager.directory} is damaged (moved to damaged_checkpoints/)")
+    return None, None
+
+
+def discard_train_states_after(manager: ocp.CheckpointManager, step: int) -> list[int]:
+    """Deletes the train states newer than step (a resume from an older one), returning their
+    steps; every process calls it (orbax syncs them)."""
+    later = [s for s in saved_steps(str(manager.directory)) if s > step]
+    for s in later:
+        manager.delete(s)
+    return later

@@ -4,15 +4,17 @@ after: the final model and a few samples."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+from collections.abc import Iterator
 
 import jax
 import numpy as np
 
-from mistral_jax import data, distributed
-from mistral_jax.checkpoint import load_checkpoint, save_checkpoint
+from mistral_jax import data, distributed, locks
+from mistral_jax.checkpoint import load_checkpoint, save_checkpoint, saved_steps
 from mistral_jax.config import DTYPES, REMAT_POLICIES, MistralConfig
 from mistral_jax.metrics import measure_peak_flops
 from mistral_jax.model import param_shardings
@@ -24,6 +26,7 @@ from mistral_jax.trainer import Hyperparameters
 
 CACHE_DIR = os.environ.get("MISTRAL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral_jax"))
 DEFAULT_CONFIG = "mistral-15m"  # what train.py trains without --config or --init-from
+LOCK_FILE = ".lock"  # in --out, held by the run's process 0 while it runs
 SAMPLE_PROMPTS = ("The", "A function", "In Python,", "When the", "This module")
 
 
@@ -42,7 +45,9 @@ class RunOptions:
                                          "checkpoint's, or trained on the data at first run)")
     vocab_size: int | None = option(None, "pieces of the tokenizer trained on the data (default: the config's); "
                                           "fewer where the data cannot fill them, and the model's vocabulary follows")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    resume: bool = option(False, "continue from the newest intact checkpoint in --out (from step 0 if it has "
+                                 "none)")
+    resume_from: int | None = option(None, "continue from this step's checkpoint in --out, discarding the later ones")
     overwrite: bool = option(False, "start afresh in an --out that holds a run")
     dtype: str = option("float32", "compute dtype; parameters and optimizer state stay float32",
                          choices=DTYPES[:2])
@@ -62,6 +67,10 @@ class RunOptions:
         if self.samples < 0:
             raise OptionError("samples", f"must be >= 0, got {self.samples}")
         require_positive(self, "sample_tokens")
+        if self.resume_from is not None and self.resume_from < 1:
+            raise OptionError("resume_from", f"must be a checkpoint's step (a positive integer), got {self.resume_from}")
+        if self.overwrite and (self.resume or self.resume_from is not None):
+            raise OptionError("overwrite", "starts afresh: give it without --resume or --resume-from")
         if self.vocab_size is not None and (self.tokenizer or self.init_from):
             raise OptionError("vocab_size", "applies to a tokenizer trained on the data, not to --tokenizer's or "
                                             "--init-from's")
@@ -77,33 +86,56 @@ class Run:
     peak_flops: float | None
 
 
-def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
-    """Joins the other processes (if options ask), checks the options against the devices and
-    --out, and gets the config, tokenizer, data and initial weights ready."""
+RUN_FILES = ("checkpoints", "damaged_checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png")
+
+
+@contextlib.contextmanager
+def training_run(options: RunOptions, hp: Hyperparameters) -> Iterator[Run]:
+    """The run, prepared (prepare_run), with --out locked for the block: a second run on the
+    same --out, a --resume or an --overwrite of a live run is refused at once."""
     if options.distributed or options.coordinator:
         distributed.initialize(options.coordinator, options.num_processes, options.process_id)
+    with contextlib.ExitStack() as held:
+        if distributed.is_primary():
+            os.makedirs(options.out, exist_ok=True)
+            held.enter_context(locks.exclusive(os.path.join(options.out, LOCK_FILE), options.out))
+        yield prepare_run(options, hp)
+
+
+def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
+    """Checks the options against the devices and --out, and gets the config, tokenizer,
+    data and initial weights ready. A run is in --out once it has a complete checkpoint; the
+    leftovers of one that failed earlier (metrics, an empty checkpoints/) are cleared."""
     mesh = make_mesh(options.mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if hp.batch_size % (hp.grad_accum * shards) or hp.batch_size % jax.process_count():
         raise OptionError("batch_size", f"{hp.batch_size} must divide into grad_accum {hp.grad_accum} micro-batches, "
                                         f"each split over data x fsdp x expert = {shards} devices")
     primary = distributed.is_primary()
-    os.makedirs(options.out, exist_ok=True)
-    has_run = os.path.isdir(os.path.join(options.out, "checkpoints"))
-    distributed.barrier("checked for a previous run")  # before any process writes into --out
-    if has_run and not (options.resume or options.overwrite):
-        raise ValueError(f"{options.out} holds a run: pass --resume to continue it or --overwrite to start afresh")
-    if options.overwrite and not options.resume and primary:  # afresh: the tokenizer too, as the data may differ
-        for name in ("checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png", *TOKENIZER_NAMES):
-            path = os.path.join(options.out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
-
     checkpoints = os.path.join(options.out, "checkpoints")
     if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
         raise ValueError(f"{checkpoints} is not a directory: the run keeps its checkpoints there")
+    has_run = bool(saved_steps(checkpoints))
+    distributed.barrier("checked for a previous run")  # before any process writes into --out
+    resuming = options.resume or options.resume_from is not None
+    if has_run and not (resuming or options.overwrite):
+        raise ValueError(f"{options.out} holds a run: pass --resume to continue it or --overwrite to start afresh")
+    if resuming and not has_run and primary:
+        print(f"{options.out} has no checkpoint to resume from: starting at step 0", flush=True)
+    if options.resume_from is not None and not has_run:
+        raise OptionError("resume_from", f"{options.resume_from}: {options.out} has no checkpoint")
+    if (options.overwrite or not has_run) and primary:  # afresh; with --overwrite the tokenizer too
+        names = RUN_FILES + (TOKENIZER_NAMES if options.overwrite else ())
+        leftovers = [name for name in names if os.path.lexists(os.path.join(options.out, name))]
+        if leftovers and not options.overwrite:
+            print(f"removing what an earlier run in {options.out} left without a complete checkpoint: "
+                  f"{', '.join(leftovers)}", flush=True)
+        for name in leftovers:
+            path = os.path.join(options.out, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
     params = None
     if options.init_from:

@@ -50,12 +50,30 @@ def measure_peak_flops(shapes=((1024, 1024, 1024), (2048, 2048, 2048)), timer=No
     return best
 
 
+def _read_records(path: str) -> list[dict]:
+    """metrics.jsonl's records; a line a killed process left half-written is not one."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
 def format_line(record: dict, total_steps: int, eta_seconds: float) -> str:
     """The progress line of a metrics record: step, loss, tokens/s, MFU, eval loss, ETA."""
     line = (f"step {record['step']:>{len(str(total_steps))}}/{total_steps} | loss {record['loss']:.3f} | "
             f"{record['tokens_per_s']:,.0f} tok/s")
     if "mfu" in record:
         line += f" | MFU {100 * record['mfu']:.0f}%"
+    if record.get("skipped_steps"):
+        line += f" | {record['skipped_steps']} non-finite steps skipped"
     if "eval_loss" in record:
         line += f" | eval {record['eval_loss']:.3f} (ppl {record['eval_ppl']:.1f})"
     return line + f" | ETA {int(eta_seconds // 60)}m{int(eta_seconds % 60):02d}s"
@@ -64,23 +82,35 @@ def format_line(record: dict, total_steps: int, eta_seconds: float) -> str:
 class MetricsWriter:
     """Writes each record to stdout (one line), out_dir/metrics.jsonl and out_dir/tensorboard.
 
-    Only process 0 writes: on a multi-host run every process computes the same metrics.
+    A run starting at start_step (a resume, or 0) keeps the records of the steps up to it and
+    drops the later ones, which a killed run wrote past its last checkpoint and this run will
+    write again (TensorBoard's purge_step hides them there). Only process 0 writes: on a
+    multi-host run every process computes the same metrics.
     """
 
-    def __init__(self, out_dir: str, enabled: bool = True):
+    def __init__(self, out_dir: str, enabled: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.records: list[dict] = []
         self._jsonl = self._tensorboard = None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
             self.out_dir = out_dir
-            self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
+            path = os.path.join(out_dir, "metrics.jsonl")
+            self.records = [r for r in _read_records(path) if r["step"] <= start_step]
+            with open(path + ".partial", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            os.replace(path + ".partial", path)
+            self._jsonl = open(path, "a")
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+                self._tensorboard = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 print("tensorboardX not installed: no TensorBoard events", file=sys.stderr)
+
+    def last(self, key: str, default=None):
+        """key's value in the latest record that has it (those kept from before start_step included)."""
+        return next((r[key] for r in reversed(self.records) if key in r), default)
 
     def write(self, record: dict, line: str) -> None:
         if not self.enabled:

@@ -8,6 +8,7 @@ host: the loop fetches metrics when it chooses to.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -58,12 +59,24 @@ class Hyperparameters:
     router_z_loss: float = option(0.0, "experts: weight of the router z-loss, the mean logsumexp(router logits)^2")
     loss_chunk: int = option(128, "sequence positions whose logits the loss holds at a time")
     seed: int = option(0, "seed of the initial weights and of the data order")
+    skip_nonfinite: int = option(0, "steps whose loss or gradient norm is NaN or infinite that are skipped (their "
+                                    "update not applied) before the run stops as diverged")
 
     def __post_init__(self):
         require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
-        for name in ("router_aux_loss", "router_z_loss"):
+        for name in ("warmup", "skip_nonfinite", "seed"):
+            if getattr(self, name) < 0:
+                raise OptionError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.clip < math.inf:  # NaN too
+            raise OptionError("clip", f"must be a positive number, got {self.clip!r}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise OptionError("final_lr_fraction", f"must be in [0, 1], got {self.final_lr_fraction!r}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise OptionError(name, f"must be in [0, 1), got {getattr(self, name)!r}")
+        for name in ("lr", "weight_decay", "z_loss", "router_aux_loss", "router_z_loss"):
             value = getattr(self, name)
-            if value is not None and not value >= 0:  # NaN too
+            if value is not None and not 0 <= value < math.inf:
                 raise OptionError(name, f"must be non-negative, got {value!r}")
 
 
@@ -196,6 +209,10 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
         params = optax.apply_updates(state.params, updates)
         metrics = {**{name: total / A for name, total in sums.items()}, "grad_norm": optax.tree.norm(grads),
                    "lr": learning_rate(hp)(state.step)}
+        if hp.skip_nonfinite:  # a non-finite step leaves params and Adam's state as they were
+            finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                                       (params, opt_state), (state.params, state.opt_state))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
@@ -215,24 +232,42 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient norm became NaN or infinite."""
 
 
-@jax.jit
-def _first_nonfinite(first: tuple[jax.Array, jax.Array], step: jax.Array, metrics: dict):
-    """((step, 0 for the loss / 1 for the gradient norm), its value) of the first step whose
-    loss or gradients were not finite; ((-1, -1), 0) while none was. Run after every step on
-    the device, so a bad step between host syncs is known before any later state is saved:
-    its update made the weights non-finite even when only its gradients were."""
-    where, value = first
+@flax.struct.dataclass
+class NonFinite:
+    """What the training loop knows of non-finite steps, kept on the device between host
+    syncs: how many there were, and (step, 0 for the loss / 1 for the gradient norm, value)
+    of the first one past those allowed to be skipped (step -1 while none)."""
+
+    count: jax.Array
+    fatal: jax.Array
+    value: jax.Array
+
+    @classmethod
+    def none(cls, count: int = 0) -> NonFinite:
+        return cls(jnp.int32(count), jnp.array([-1, -1], jnp.int32), jnp.float32(0))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _track_nonfinite(seen: NonFinite, step: jax.Array, metrics: dict, allowed: int) -> NonFinite:
+    """seen after a step. Run after every step on the device, so a bad step between host
+    syncs is known before any later state is saved: unless skipped, its update made the
+    weights non-finite even when only its gradients were."""
     values = jnp.stack([metrics["loss"], metrics["grad_norm"]]).astype(jnp.float32)
     bad = ~jnp.isfinite(values)
+    count = seen.count + bad.any()
     kind = jnp.argmax(bad)  # the loss when both
-    is_new = (where[0] < 0) & bad.any()
-    return (jnp.where(is_new, jnp.stack([step, kind]).astype(jnp.int32), where),
-            jnp.where(is_new, values[kind], value))
+    is_fatal = (seen.fatal[0] < 0) & (count > allowed)
+    return NonFinite(count, jnp.where(is_fatal, jnp.stack([step, kind]).astype(jnp.int32), seen.fatal),
+                     jnp.where(is_fatal, values[kind], seen.value))
 
 
 def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str, schedule: Schedule = Schedule(),
-        *, params=None, resume: bool = False, peak_flops: float | None = None) -> tuple[TrainState, bool]:
-    """Trains from step 0, or from the latest checkpoint in out_dir/checkpoints when resume.
+        *, params=None, resume: bool = False, resume_from: int | None = None,
+        peak_flops: float | None = None) -> tuple[TrainState, bool]:
+    """Trains from step 0, or, when resume, from the newest intact checkpoint in
+    out_dir/checkpoints (a damaged one is moved aside, saying so) or from resume_from's
+    (the later ones discarded). metrics.jsonl and TensorBoard keep the records up to the
+    step the run starts from.
 
     Args:
       batches: data.TokenBatches (or anything with its batch(step, ...) and validation(...)).
@@ -242,17 +277,24 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     a checkpoint saved.
     """
     tx = make_optimizer(hp)
-    manager = checkpoint.train_state_manager(os.path.join(out_dir, "checkpoints"), schedule.keep)
-    if resume and manager.latest_step() is not None:  # read straight onto the shardings; nothing initialised
-        state = checkpoint.restore_train_state(manager, abstract_state(config, tx, mesh))
-    else:
+    checkpoints = os.path.join(out_dir, "checkpoints")
+    manager = checkpoint.train_state_manager(checkpoints, schedule.keep)
+    state = None
+    if resume or resume_from is not None:  # read straight onto the shardings; nothing initialised
+        state, step = checkpoint.restore_intact_train_state(manager, abstract_state(config, tx, mesh), resume_from)
+        discarded = checkpoint.discard_train_states_after(manager, step) if resume_from is not None else []
+        if state is not None and is_primary():
+            print(f"resuming from step {step}" + (f", discarding the checkpoints of steps "
+                                                  f"{', '.join(map(str, discarded))}" if discarded else ""), flush=True)
+    if state is None:
         state = init_state(config, tx, mesh, hp.seed, params)
     shardings = state_shardings(state)
     train_step = make_train_step(config, tx, hp, mesh, shardings)
     eval_step = make_eval_step(config, mesh, shardings.params, hp.loss_chunk)
     process, processes = jax.process_index(), jax.process_count()
     global_batch = lambda local: jax.make_array_from_process_local_data(batch_sharding(mesh), local)  # noqa: E731
-    writer = MetricsWriter(out_dir, enabled=is_primary())
+    first = int(state.step)
+    writer = MetricsWriter(out_dir, enabled=is_primary(), start_step=first)
     tokens_per_step = hp.batch_size * hp.seq_len
     flops_per_step = flops_per_token(config, hp.seq_len) * tokens_per_step
 
@@ -265,24 +307,26 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     stop = []
     handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    first = int(state.step)
     last_time, last_step = time.perf_counter(), first
-    nonfinite = (jnp.array([-1, -1], jnp.int32), jnp.float32(0))
+    nonfinite = NonFinite.none(writer.last("skipped_steps", 0))  # counted over the whole run, resumes included
     try:
         for step in range(first, hp.steps):
             state, metrics = train_step(state, global_batch(batches.batch(step, process, processes)))
             done = step + 1
-            nonfinite = _first_nonfinite(nonfinite, state.step, metrics)  # on the device: no sync
+            nonfinite = _track_nonfinite(nonfinite, state.step, metrics, hp.skip_nonfinite)  # on the device: no sync
             log = done % schedule.log_every == 0 or done == hp.steps or stop
             evaluate = done % schedule.eval_every == 0 or done == hp.steps
             save = done % schedule.save_every == 0 or done == hp.steps or stop
             if not (log or evaluate or save):
                 continue
-            metrics, ((bad_step, what), value) = jax.device_get((metrics, nonfinite))  # the loop's one host sync
+            metrics, seen = jax.device_get((metrics, nonfinite))  # the loop's one host sync
+            bad_step, what = seen.fatal
             if bad_step >= 0:
                 good = manager.latest_step()
-                raise TrainingDiverged(f"{('loss', 'gradient norm')[what]} became {value} at step {bad_step}; " + (
-                    f"the last good checkpoint is step {good} in {os.path.join(out_dir, 'checkpoints')}"
+                skipped = f" (after skipping {hp.skip_nonfinite})" if hp.skip_nonfinite else ""
+                raise TrainingDiverged(f"{('loss', 'gradient norm')[what]} became {seen.value} at step {bad_step}"
+                                       f"{skipped}; " + (
+                    f"the last good checkpoint is step {good} in {checkpoints} (--resume-from {good})"
                     if good is not None else "no checkpoint had been saved"))
             now = time.perf_counter()
             seconds_per_step = (now - last_time) / (done - last_step)
@@ -294,6 +338,8 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
             for name in ("aux_loss", "router_z_loss"):
                 if name in metrics:
                     record[name] = float(metrics[name])
+            if hp.skip_nonfinite:
+                record["skipped_steps"] = int(seen.count)
             if peak_flops:
                 record["mfu"] = flops_per_step / seconds_per_step / peak_flops
             if evaluate:

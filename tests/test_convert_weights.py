@@ -155,7 +155,7 @@ def test_existing_destination(ref_windowed, tmp_path, capsys):
     assert_one_line_error(*run(capsys, ref_windowed.dir, dst)[::2], "exists and is not empty.*--overwrite")
     assert (dst / "keep.txt").read_text() == "mine"
     status, _, _ = run(capsys, ref_windowed.dir, dst, "--overwrite")
-    assert status == 0 and sorted(os.listdir(dst)) == ["config.json", "params"]
+    assert status == 0 and sorted(os.listdir(dst)) == ["checksums.json", "config.json", "params"]
     assert run(capsys, ref_windowed.dir, tmp_path / "empty_ok")[0] == 0
 
 

@@ -159,6 +159,13 @@ def test_bad_input(converted, capsys, tmp_path, argv, message):
     assert_one_line_error(*run(capsys, "--checkpoint", checkpoint, *argv)[::2], message)
 
 
+def test_no_rate_from_a_time_too_short_to_measure():
+    """What is left of the prefill's time after subtracting compiling can be ~0: no rate then
+    (it printed "prefill 6 tokens, 6000000000 tok/s")."""
+    assert sample._rate(6, 1e-9) == sample._rate(6, 0.0) == sample._rate(0, 1.0) == ""
+    assert sample._rate(6, 0.5) == ", 12.0 tok/s"
+
+
 def test_missing_checkpoint(capsys, tmp_path):
     assert_one_line_error(*run(capsys, "--checkpoint", tmp_path / "absent", "--prompt", "x")[::2],
                           "checkpoint .*absent not found")
