@@ -1,15 +1,19 @@
 """Exclusive locks (flock) held for as long as a process writes somewhere: a run's --out
 directory, a checkpoint's temporary directory. The kernel drops a lock when its process
 ends however it ends (kill -9 included), so a lock is never stale; one held means a live
-writer."""
+writer. On a filesystem without locks (GCS FUSE) a warning says so and nothing is held."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 from collections.abc import Iterator
+
+
+logger = logging.getLogger("mistral_jax")
 
 
 class InUseError(RuntimeError):
@@ -29,6 +33,10 @@ def exclusive(path: str, what: str) -> Iterator[None]:
         except BlockingIOError:
             holder = "" if is_dir else os.pread(fd, 200, 0).decode(errors="replace").strip()
             raise InUseError(f"{what} is in use by another process{f' ({holder})' if holder else ''}") from None
+        except OSError as e:  # a filesystem without locks (GCS FUSE): run, but say what is not guarded
+            logger.warning(f"cannot lock {path} ({e.strerror}): nothing keeps another process from writing {what}")
+            yield
+            return
         if not is_dir:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)

@@ -103,6 +103,20 @@ def test_a_checkpoint_being_written_is_not_taken_over(tmp_path, caplog):
     load_checkpoint(str(tmp_path / "model"))
 
 
+def test_a_filesystem_without_locks_is_said_not_fatal(tmp_path, monkeypatch, caplog):
+    """GCS FUSE has no flock: the run goes on, warned that nothing guards its --out."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with locks.exclusive(str(tmp_path / ".lock"), str(tmp_path)):
+        pass
+    assert f"nothing keeps another process from writing {tmp_path}" in caplog.text
+
+
 # ---- early failures ----------------------------------------------------------------------
 
 def test_a_run_that_failed_before_its_first_checkpoint_leaves_out_usable(tmp_path, run_train):
