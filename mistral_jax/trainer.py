@@ -64,9 +64,11 @@ class Hyperparameters:
 
     def __post_init__(self):
         require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
-        for name in ("warmup", "skip_nonfinite", "seed"):
+        for name in ("warmup", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise OptionError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:  # what jax.random.key takes
+            raise OptionError("seed", f"must be in [0, 2**63), got {self.seed}")
         if not 0 < self.clip < math.inf:  # NaN too
             raise OptionError("clip", f"must be a positive number, got {self.clip!r}")
         if not 0 <= self.final_lr_fraction <= 1:

@@ -306,6 +306,7 @@ def test_skip_nonfinite_leaves_the_state_as_it_was(tokens, tmp_path):  # noqa: F
     (["--samples", "-1"], "--samples must be >= 0, got -1"),
     (["--sample-tokens", "0"], "--sample-tokens must be a positive integer, got 0"),
     (["--skip-nonfinite", "-1"], "--skip-nonfinite must be >= 0, got -1"),
+    (["--seed", str(2**64)], r"--seed must be in \[0, 2\*\*63\)"),
     (["--resume-from", "0"], "--resume-from must be a checkpoint's step"),
     (["--resume-from", "3"], "--resume-from 3: .* has no checkpoint"),
     (["--resume", "--overwrite"], "--overwrite starts afresh: give it without --resume"),
