@@ -83,15 +83,20 @@ def atomic_directory(path: str, overwrite: bool = False) -> Iterator[str]:
             raise
 
 
-def _remove_tree(path: str, attempts: int = 50) -> None:
-    """rmtree that outlasts a failed write's stragglers: TensorStore's writes still in flight
-    when orbax raised can create files while the tree is removed ("directory not empty"),
-    which left a .partial behind once on a loaded machine."""
-    for _ in range(attempts):
-        shutil.rmtree(path, ignore_errors=True)
-        if not os.path.lexists(path):
+def _remove_tree(path: str, settle: float = 1.0, limit: float = 30.0) -> None:
+    """Removes path until it has stayed gone for `settle` seconds: TensorStore's writes still
+    in flight when a failed orbax save raised recreate their directories after an rmtree (a
+    loaded CI run found .partial/params.orbax-checkpoint-tmp/ocdbt.process_0/d/ back, empty)."""
+    deadline, gone_since = time.monotonic() + limit, None
+    while time.monotonic() < deadline:
+        if os.path.lexists(path):
+            shutil.rmtree(path, ignore_errors=True)
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since >= settle:
             return
-        time.sleep(0.1)
+        time.sleep(0.02)
 
 
 def _empty(directory: str) -> None:

@@ -117,6 +117,25 @@ def test_a_filesystem_without_locks_is_said_not_fatal(tmp_path, monkeypatch, cap
     assert f"nothing keeps another process from writing {tmp_path}" in caplog.text
 
 
+def test_a_failed_writes_stragglers_do_not_leave_a_partial(tmp_path, monkeypatch):
+    """TensorStore writes still in flight when a save failed recreated their directories
+    after the .partial was removed (a loaded CI run): the removal outlasts them."""
+    remove = shutil.rmtree
+
+    def remove_then_a_straggler_writes(path, **kwargs):
+        remove(path, **kwargs)
+        if not stragglers:
+            stragglers.append(path)
+            os.makedirs(os.path.join(path, "params.orbax-checkpoint-tmp", "ocdbt.process_0", "d"))
+
+    stragglers = []
+    monkeypatch.setattr(shutil, "rmtree", remove_then_a_straggler_writes)
+    with pytest.raises(OSError, match="No space left"):
+        with checkpoint.atomic_directory(str(tmp_path / "out")):
+            raise OSError(28, "No space left on device")
+    assert stragglers and os.listdir(tmp_path) == []
+
+
 # ---- early failures ----------------------------------------------------------------------
 
 def test_a_run_that_failed_before_its_first_checkpoint_leaves_out_usable(tmp_path, run_train):
