@@ -50,25 +50,26 @@ def mutated(valid: dict):
                          lambda changed: {**{k: v for k, v in valid.items() if k not in drop_change[0]}, **changed}))
 
 
-def parses_or_says_why(parse, d):
+def parses_or_says_why(parse, write, d):
+    """parse(d) is a config that write() gives back as it is, or a one-line ConfigError."""
     try:
         config = parse(d)
     except ConfigError as e:
         assert str(e) and "\n" not in str(e)
     else:
-        assert isinstance(config, MistralConfig)
+        assert parse(write(config)) == config
 
 
 @examples(400)
 @given(mutated(HF))
 def test_hf_config_json_parses_or_is_a_config_error(d):
-    parses_or_says_why(MistralConfig.from_hf_dict, d)
+    parses_or_says_why(MistralConfig.from_hf_dict, MistralConfig.to_hf_dict, d)
 
 
 @examples(400)
 @given(mutated(NATIVE))
 def test_params_json_parses_or_is_a_config_error(d):
-    parses_or_says_why(MistralConfig.from_params_dict, d)
+    parses_or_says_why(MistralConfig.from_params_dict, MistralConfig.to_params_dict, d)
 
 
 @examples(150)
