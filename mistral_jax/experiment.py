@@ -162,6 +162,10 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
     elif tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, the model's vocabulary is {config.vocab_size}")
     config = config.replace(dtype=options.dtype, param_dtype="float32", remat=options.remat)
+    longest_prompt = max(len(tokenizer.encode(p)) for p in SAMPLE_PROMPTS[:options.samples] or [""])
+    if options.samples and longest_prompt + options.sample_tokens > config.max_seq_len:  # said now, not after training
+        raise OptionError("sample_tokens", f"{options.sample_tokens} after a {longest_prompt}-token prompt is more "
+                                           f"than the model's max_seq_len {config.max_seq_len}")
     tokens = data.tokenize(list(options.data), tokenizer, os.path.join(CACHE_DIR, "tokens"))
     if primary:
         config.save_hf(options.out)

@@ -324,6 +324,8 @@ def test_skip_nonfinite_leaves_the_state_as_it_was(tokens, tmp_path):  # noqa: F
     (["--eval-batches", "0"], "--eval-batches must be a positive integer, got 0"),
     (["--samples", "-1"], "--samples must be >= 0, got -1"),
     (["--sample-tokens", "0"], "--sample-tokens must be a positive integer, got 0"),
+    (["--samples", "1", "--sample-tokens", "64"], r"--sample-tokens 64 after a \d+-token prompt is more than the "
+                                                   "model's max_seq_len 64"),
     (["--skip-nonfinite", "-1"], "--skip-nonfinite must be >= 0, got -1"),
     (["--seed", str(2**64)], r"--seed must be in \[0, 2\*\*63\)"),
     (["--resume-from", "0"], "--resume-from must be a checkpoint's step"),
