@@ -53,6 +53,12 @@ def wait_for(condition, what, timeout=300):
         time.sleep(0.2)
 
 
+def logged_steps(out) -> list[int]:
+    """The steps of metrics.jsonl's complete lines (a live or killed writer may leave half of one)."""
+    with open(out / "metrics.jsonl") as f:
+        return [json.loads(line)["step"] for line in f if line.endswith("\n")]
+
+
 # ---- one run per --out -------------------------------------------------------------------
 
 def test_a_live_run_holds_its_out_until_it_dies(tmp_path, run_train):
@@ -60,24 +66,26 @@ def test_a_live_run_holds_its_out_until_it_dies(tmp_path, run_train):
     refused at once (they used to run twice, join it, or delete its files); kill -9 frees
     --out, and the resume's metrics hold each step once (the killed run's records past its
     last checkpoint were written twice)."""
-    out = tmp_path / "run"
-    live = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config", run_train.config,
-                             "--out", out, *map(str, TRAIN), "--steps", "100000", "--save-every", "5",
-                             "--log-every", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    out, log = tmp_path / "run", tmp_path / "live.stderr"
+    with open(log, "w") as stderr_file:  # a file, not a pipe nobody reads while it runs
+        live = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), "--config", run_train.config,
+                                 "--out", out, *map(str, TRAIN), "--steps", "100000", "--save-every", "5",
+                                 "--log-every", "1"], stdout=subprocess.DEVNULL, stderr=stderr_file,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    saved = lambda: checkpoint.saved_steps(str(out / "checkpoints"))  # noqa: E731
     try:
-        wait_for(lambda: checkpoint.saved_steps(str(out / "checkpoints")) or live.poll() is not None, "a checkpoint")
-        assert live.poll() is None, live.stderr.read().decode()
+        wait_for(lambda: saved() or live.poll() is not None, "a checkpoint")
+        assert live.poll() is None, log.read_text()
         for flags in ((), ("--resume",), ("--overwrite",), ("--resume-from", 5)):
             status, stdout, stderr = run_train(out, "--steps", 2, *flags)
             assert_one_line_error(status, stderr, rf"{out} is in use by another process \(pid {live.pid} on ")
             assert "step" not in stdout
-        assert checkpoint.saved_steps(str(out / "checkpoints"))  # --overwrite deleted nothing
+        assert saved()  # --overwrite deleted nothing
+        wait_for(lambda: max(logged_steps(out), default=0) > max(saved()) + 1, "steps logged past the last checkpoint")
     finally:
         live.send_signal(signal.SIGKILL)
         live.wait(timeout=60)
-    last = max(checkpoint.saved_steps(str(out / "checkpoints")))
-    logged = max(losses(out))
+    last, logged = max(saved()), max(logged_steps(out))
     status, stdout, stderr = run_train(out, "--resume", "--steps", last + 3, "--log-every", 1)
     assert status == 0, stderr
     assert f"resuming from step {last}" in stdout
