@@ -101,10 +101,15 @@ def _remove_tree(path: str, settle: float = 1.0, limit: float = 30.0) -> None:
 
 def _empty(directory: str) -> None:
     for entry in os.scandir(directory):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.remove(entry.path)
+        remove(entry.path)
+
+
+def remove(path: str) -> None:
+    """Deletes a file, link or directory tree at path."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 def _checkpointer() -> ocp.Checkpointer:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from mistral_jax import data, distributed, locks
-from mistral_jax.checkpoint import load_checkpoint, save_checkpoint, saved_steps
+from mistral_jax.checkpoint import load_checkpoint, remove, save_checkpoint, saved_steps
 from mistral_jax.config import DTYPES, REMAT_POLICIES, MistralConfig
 from mistral_jax.metrics import measure_peak_flops
 from mistral_jax.model import param_shardings
@@ -131,11 +131,7 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
             print(f"removing what an earlier run in {options.out} left without a complete checkpoint: "
                   f"{', '.join(leftovers)}", flush=True)
         for name in leftovers:
-            path = os.path.join(options.out, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
+            remove(os.path.join(options.out, name))
 
     params = None
     if options.init_from:

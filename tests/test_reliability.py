@@ -28,7 +28,7 @@ from mistral_jax.integrity import DamagedCheckpoint
 from mistral_jax.tensor_files import SafetensorsFile, TensorFileError
 from mistral_jax.model import init_params
 from mistral_jax.sharding import make_mesh
-from test_train import TINY, hp, losses, tiny_config_file, tokenizer_path, tokens  # noqa: F401, F811 - fixtures
+from test_train import TINY, StopAt, hp, losses, tiny_config_file, tokenizer_path, tokens  # noqa: F401, F811
 
 TRAIN = ("--batch-size", 8, "--seq-len", 32, "--samples", 0)
 
@@ -229,7 +229,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tokens, tmp_path, uninterru
     before, to the same losses as a run never interrupted (it used to resume from it, or fail
     in orbax's words)."""
     batches = data.TokenBatches(tokens, 32, 8)
-    trainer.fit(TINY, hp(steps=16), StopAfter(batches, 12), make_mesh(""), str(tmp_path), SCHEDULE)
+    trainer.fit(TINY, hp(steps=16), StopAt(batches, 11), make_mesh(""), str(tmp_path), SCHEDULE)
     assert checkpoint.saved_steps(str(tmp_path / "checkpoints")) == [4, 8, 12]
     DAMAGE["random bytes of the same size"](_largest_data_file(tmp_path / "checkpoints" / "12"))
     state, _ = trainer.fit(TINY, hp(steps=16), batches, make_mesh(""), str(tmp_path), SCHEDULE, resume=True)
@@ -256,21 +256,6 @@ def test_a_resume_with_no_steps_left_still_plots(tokens, tmp_path):  # noqa: F81
     os.remove(tmp_path / "loss.png")
     trainer.fit(TINY, hp(steps=4), batches, make_mesh(""), str(tmp_path), SCHEDULE, resume=True)
     assert (tmp_path / "loss.png").exists() and sorted(losses(tmp_path)) == [1, 2, 3, 4]
-
-
-class StopAfter:
-    """Batches that stop the run (SIGTERM) once `step` steps are done."""
-
-    def __init__(self, batches, step):
-        self.batches, self.step = batches, step
-
-    def batch(self, step, *args):
-        if step == self.step - 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return self.batches.batch(step, *args)
-
-    def validation(self, *args):
-        return self.batches.validation(*args)
 
 
 # ---- non-finite steps --------------------------------------------------------------------
