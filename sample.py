@@ -4,6 +4,7 @@
                    [--max-new-tokens 64] [--temperature 0.7 --top-k 50 --top-p 0.9] [--seed 0]
   python sample.py --checkpoint DIR --chat --system "Answer briefly." --prompt "What is RoPE?"
   python sample.py --checkpoint DIR --interactive         # a conversation: one reply per line entered
+  python sample.py --checkpoint BASE --adapter RUN/adapter --prompt "..."   # a LoRA adapter on its base
 
 Prompts are encoded with BOS first, as Mistral models were trained; with --chat (and
 --interactive) each is a user turn in the chat format of the checkpoint's tokenizer, as its
@@ -26,6 +27,8 @@ class SampleOptions:
 
     checkpoint: str = option(help="directory written by convert_weights.py or train.py")
     tokenizer: str | None = option(None, "tokenizer file (default: the checkpoint's tokenizer.model*, tekken.json)")
+    adapter: str | None = option(None, "a LoRA adapter in HF PEFT's format (train.py's adapter/), merged into the "
+                                       "checkpoint's weights as they are loaded")
     prompt: tuple[str, ...] = option((), "a prompt; repeat for a batch", repeat=True)
     prompt_file: tuple[str, ...] = option((), "a file whose text is one prompt; repeatable", repeat=True)
     chat: bool = option(False, "each prompt is a user turn of its own conversation, in the tokenizer's chat format")
@@ -111,6 +114,7 @@ def _rate(tokens: int, seconds: float) -> str:
 def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
     from mistral_jax.checkpoint import load_checkpoint
+    from mistral_jax.lora import load_peft, merge
     from mistral_jax.sampling import Sampler
     from mistral_jax.tokenizer import Tokenizer, find_tokenizer
 
@@ -126,6 +130,9 @@ def main():
     if tokenizer_path is None and os.path.isdir(options.checkpoint):
         raise ValueError(f"{options.checkpoint} has no tokenizer file; pass --tokenizer")
     config, params = load_checkpoint(options.checkpoint, options.dtype)
+    if options.adapter:
+        spec, adapters = load_peft(options.adapter, config)
+        params = merge(params, adapters, spec)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

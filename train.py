@@ -3,12 +3,15 @@
   python train.py                       # the 15M-parameter default on Python's own docs, ~5 min on a laptop
   python train.py --data 'corpus/*.txt' --config mistral-15m --steps 2000 --mesh data=2,fsdp=4
   python train.py --init-from out/mistral-7b --data notes.jsonl --dtype bfloat16 --remat dots
+  python train.py --init-from out/mistral-7b --data notes.jsonl --lora-rank 16 --lr 2e-4 --dtype bfloat16
   python train.py --out runs/default --resume        # continue exactly where a run stopped
   python train.py --out runs/default --resume-from 300 --lr 1e-3   # back to step 300's checkpoint
 
 Writes to --out: model/ (the final params, loadable by sample.py and convert_weights.py
 --to-hf), checkpoints/ (resumable train states), tokenizer.model, config.json,
 metrics.jsonl, tensorboard/ and loss.png; .lock while it runs (one run per --out at a time).
+With --lora-rank only the adapters are trained (the base frozen, in --base-dtype): model/
+holds the base with them merged in, adapter/ the adapters as HF PEFT saves them.
 """
 
 import sys
@@ -40,9 +43,9 @@ def main():
         if interrupted:
             print(f"interrupted: saved a checkpoint at step {int(state.step)}; continue with --resume", file=sys.stderr)
             return 130
-        save_final_model(options.out, run, state.params)
+        params = save_final_model(options.out, run, state.params)
         if options.samples:
-            print_samples(run, state.params, options.samples, options.sample_tokens, hp.seed)
+            print_samples(run, params, options.samples, options.sample_tokens, hp.seed)
     return 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from mistral_jax import data, distributed, locks
+from mistral_jax import data, distributed, locks, lora
 from mistral_jax.checkpoint import load_checkpoint, remove, save_checkpoint, saved_steps
 from mistral_jax.config import DTYPES, REMAT_POLICIES, MistralConfig
 from mistral_jax.metrics import measure_peak_flops
@@ -27,6 +28,7 @@ from mistral_jax.trainer import Hyperparameters
 CACHE_DIR = os.environ.get("MISTRAL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral_jax"))
 DEFAULT_CONFIG = "mistral-15m"  # what train.py trains without --config or --init-from
 LOCK_FILE = ".lock"  # in --out, held by the run's process 0 while it runs
+LORA_FILE = "lora.json"  # in --out: the LoRA adapters a run trains, so a resume trains the same ones
 SAMPLE_PROMPTS = ("The", "A function", "In Python,", "When the", "This module")
 
 
@@ -51,6 +53,8 @@ class RunOptions:
     overwrite: bool = option(False, "start afresh in an --out that holds a run")
     dtype: str = option("float32", "compute dtype; parameters and optimizer state stay float32",
                          choices=DTYPES[:2])
+    base_dtype: str | None = option(None, "LoRA: storage dtype of the frozen --init-from weights (default: "
+                                          "bfloat16)", choices=DTYPES[:2])
     remat: str = option("none", "what each block saves for the backward pass", choices=tuple(REMAT_POLICIES))
     mesh: str = option("", 'e.g. "data=2,fsdp=2,tensor=2"; -1 = the rest (default: all on fsdp)')
     peak_flops: float | None = option(None, "peak FLOP/s of a device, for MFU (on CPU: of a process, whose "
@@ -82,11 +86,14 @@ class Run:
     mesh: jax.sharding.Mesh
     tokenizer: Tokenizer
     tokens: np.ndarray
-    params: dict | None  # initial weights of --init-from
+    params: dict | None  # initial weights of --init-from; with LoRA, the frozen base
     peak_flops: float | None
+    lora: lora.LoRA | None = None  # the adapters trained (hp.lora_spec)
+    base_dir: str | None = None  # --init-from
 
 
-RUN_FILES = ("checkpoints", "damaged_checkpoints", "model", "metrics.jsonl", "tensorboard", "loss.png")
+RUN_FILES = ("checkpoints", "damaged_checkpoints", "model", "adapter", LORA_FILE, "metrics.jsonl", "tensorboard",
+             "loss.png")
 
 
 @contextlib.contextmanager
@@ -112,6 +119,11 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
         raise OptionError("batch_size", f"{hp.batch_size} must divide into grad_accum {hp.grad_accum} micro-batches, "
                                         f"each split over data x fsdp x expert = {shards} devices")
     primary = distributed.is_primary()
+    spec = hp.lora_spec
+    if spec is not None and not options.init_from:
+        raise OptionError("lora_rank", "needs --init-from: adapters are trained on a model's weights")
+    if options.base_dtype is not None and spec is None:
+        raise OptionError("base_dtype", "is the frozen base's dtype of LoRA: give it with --lora-rank")
     checkpoints = os.path.join(options.out, "checkpoints")
     if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
         raise ValueError(f"{checkpoints} is not a directory: the run keeps its checkpoints there")
@@ -120,6 +132,8 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
     resuming = options.resume or options.resume_from is not None
     if has_run and not (resuming or options.overwrite):
         raise ValueError(f"{options.out} holds a run: pass --resume to continue it or --overwrite to start afresh")
+    if has_run and resuming:
+        _check_same_training(options.out, spec)
     if resuming and not has_run and primary:
         print(f"{options.out} has no checkpoint to resume from: starting at step 0", flush=True)
     if options.resume_from is not None and not has_run:
@@ -140,8 +154,11 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
         base = MistralConfig.from_dir(options.init_from)
         if options.config and _shape(MistralConfig.resolve(options.config)) != _shape(base):
             raise ValueError(f"--init-from {options.init_from} has a different shape than --config {options.config}")
+        if spec is not None:
+            spec.check(base)
         # Read straight onto the mesh: no device (or host) ever holds the whole model.
-        config, params = load_checkpoint(options.init_from, "float32", shardings=param_shardings(base, mesh))
+        config, params = load_checkpoint(options.init_from, (options.base_dtype or "bfloat16") if spec else "float32",
+                                         shardings=param_shardings(base, mesh))
         source = options.tokenizer or find_tokenizer(options.init_from)
         if source is None:
             raise ValueError(f"{options.init_from} has no tokenizer file; pass --tokenizer")
@@ -165,11 +182,39 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
     tokens = data.tokenize(list(options.data), tokenizer, os.path.join(CACHE_DIR, "tokens"))
     if primary:
         config.save_hf(options.out)
+        if spec is not None:
+            with open(os.path.join(options.out, LORA_FILE), "w") as f:
+                json.dump(_lora_record(spec), f)
     # MFU is over the whole job. A process's CPU devices share its cores, which one device's
     # matmul already uses all of: counting each fake device as a machine would understate it.
     units = jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
     peak = (options.peak_flops or measure_peak_flops()) * units
-    return Run(config, mesh, tokenizer, tokens, params, peak)
+    return Run(config, mesh, tokenizer, tokens, params, peak, spec, options.init_from)
+
+
+def _lora_record(spec: lora.LoRA | None) -> dict | None:
+    return None if spec is None else {"rank": spec.rank, "alpha": spec.rank if spec.alpha is None else spec.alpha,
+                                      "targets": list(spec.targets)}
+
+
+def _describe(record: dict | None) -> str:
+    if record is None:
+        return "every weight"
+    return f"LoRA adapters (--lora-rank {record['rank']} --lora-alpha {record['alpha']:g} " \
+           f"--lora-targets {','.join(record['targets'])})"
+
+
+def _check_same_training(out: str, spec: lora.LoRA | None) -> None:
+    """Refuses to resume a run with other trained params than it has: its checkpoints hold
+    those (their Adam state too)."""
+    file = os.path.join(out, LORA_FILE)
+    recorded = None
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            recorded = json.load(f)
+    if recorded != _lora_record(spec):
+        raise ValueError(f"the run in {out} trains {_describe(recorded)}, these flags {_describe(_lora_record(spec))}: "
+                         "resume it with its own")
 
 
 def _run_tokenizer(options: RunOptions, source: str | None, vocab_size: int) -> str:
@@ -201,14 +246,23 @@ def _copy_if_other(source: str, destination: str) -> None:
         shutil.copyfile(source, destination)
 
 
-def save_final_model(out_dir: str, run: Run, params) -> str:
-    """out_dir/model: what sample.py and convert_weights.py --to-hf read."""
+def save_final_model(out_dir: str, run: Run, trained) -> dict:
+    """out_dir/model: what sample.py and convert_weights.py --to-hf read: the trained params,
+    or with LoRA the base with the adapters merged in; and with LoRA out_dir/adapter, the
+    adapters as HF PEFT saves them. Returns the model's params."""
+    params = trained if run.lora is None else lora.merge(run.params, trained, run.lora, "float32")
     path = os.path.join(out_dir, "model")
     save_checkpoint(path, run.config.replace(dtype="float32"), params, overwrite=True,
                     extra_files={os.path.basename(run.tokenizer.path): run.tokenizer.path})
     if distributed.is_primary():
         print(f"saved {path}", flush=True)
-    return path
+    if run.lora is not None:
+        adapter = os.path.join(out_dir, "adapter")
+        lora.save_peft(adapter, run.config, trained, run.lora, base_model=os.path.abspath(run.base_dir),
+                       overwrite=True)
+        if distributed.is_primary():
+            print(f"saved {adapter} (HF PEFT: PeftModel.from_pretrained on the base exported with --to-hf)", flush=True)
+    return params
 
 
 def print_samples(run: Run, params, n: int, max_new_tokens: int, seed: int) -> None:

@@ -19,7 +19,7 @@ from mistral_jax.sharding import constrain
 
 
 def cross_entropy(hidden: jax.Array, output: jax.Array, targets: jax.Array, z_loss: float = 0.0,
-                  chunk: int = 128) -> tuple[jax.Array, jax.Array]:
+                  chunk: int = 128, output_trained: bool = True) -> tuple[jax.Array, jax.Array]:
     """Mean over [B, T] of -log softmax(hidden @ output)[target] + z_loss * log(Z)^2.
 
     Args:
@@ -28,34 +28,40 @@ def cross_entropy(hidden: jax.Array, output: jax.Array, targets: jax.Array, z_lo
       targets: int [B, T].
       z_loss: weight of log(Z)^2, a static float.
       chunk: sequence positions projected at a time (a static int); T need not divide.
+      output_trained: whether output gets a gradient (static); False for a frozen output (LoRA),
+        whose gradient the forward pass then does not compute (its cotangent is zero).
     Returns:
       (loss, ce): ce is the cross-entropy alone, a diagnostic that carries no gradient.
     """
-    loss, ce = _fused(hidden, output, targets, float(z_loss), int(chunk))
+    loss, ce = _fused(hidden, output, targets, float(z_loss), int(chunk), bool(output_trained))
     return loss, jax.lax.stop_gradient(ce)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(hidden, output, targets, z_loss, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(hidden, output, targets, z_loss, chunk, output_trained):
     return _scan(hidden, output, targets, z_loss, chunk, grads=False)[0]
 
 
-def _fused_fwd(hidden, output, targets, z_loss, chunk):
-    losses, d_hidden, d_output = _scan(hidden, output, targets, z_loss, chunk, grads=True)
-    return losses, (d_hidden, d_output)
+def _fused_fwd(hidden, output, targets, z_loss, chunk, output_trained):
+    losses, d_hidden, d_output = _scan(hidden, output, targets, z_loss, chunk, grads=True,
+                                       output_grad=output_trained)
+    return losses, (d_hidden, d_output if output_trained else output)  # output: held anyway
 
 
-def _fused_bwd(z_loss, chunk, residuals, cotangents):
+def _fused_bwd(z_loss, chunk, output_trained, residuals, cotangents):
     d_hidden, d_output = residuals
     g_loss, _ = cotangents  # ce's gradient is stopped by cross_entropy, the only caller
+    if not output_trained:  # frozen: a zero cotangent, which nothing reads
+        d_output = jnp.zeros_like(d_output)
     return (g_loss * d_hidden).astype(d_hidden.dtype), (g_loss * d_output).astype(d_output.dtype), None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _scan(hidden, output, targets, z_loss, chunk, grads):
-    """((loss, ce), d loss/d hidden, d loss/d output), the gradients only if grads."""
+def _scan(hidden, output, targets, z_loss, chunk, grads, output_grad=True):
+    """((loss, ce), d loss/d hidden, d loss/d output), the gradients only if grads (that of
+    output only if output_grad too: None otherwise)."""
     B, T, D = hidden.shape
     n = -(-T // chunk)
 
@@ -82,17 +88,19 @@ def _scan(hidden, output, targets, z_loss, chunk, grads):
         d_logits = exp * (w * (1 + 2 * z_loss * log_z) / total)[..., None] - jnp.where(is_target, w[..., None], 0.0)
         d_logits = d_logits.astype(output.dtype)
         d_h = jnp.einsum("BTV,DV->BTD", d_logits, output, preferred_element_type=jnp.float32)
-        d_output = d_output + jnp.einsum("BTD,BTV->DV", h, d_logits, preferred_element_type=jnp.float32)
-        return constrain(d_output, ("embed", "vocab")), (sums, d_h.astype(hidden.dtype))
+        if output_grad:
+            d_output = constrain(d_output + jnp.einsum("BTD,BTV->DV", h, d_logits, preferred_element_type=jnp.float32),
+                                 ("embed", "vocab"))
+        return d_output, (sums, d_h.astype(hidden.dtype))
 
     xs = split(hidden), split(targets), weights
     if not grads:
         _, (ce, z) = jax.lax.scan(body, None, xs)
         return _total(ce, z, z_loss), None, None
-    d_output = constrain(jnp.zeros(output.shape, jnp.float32), ("embed", "vocab"))
+    d_output = constrain(jnp.zeros(output.shape, jnp.float32), ("embed", "vocab")) if output_grad else None
     d_output, ((ce, z), d_hidden) = jax.lax.scan(body, d_output, xs)
     d_hidden = d_hidden.swapaxes(0, 1).reshape(B, n * chunk, D)[:, :T]
-    return _total(ce, z, z_loss), d_hidden, d_output.astype(output.dtype)
+    return _total(ce, z, z_loss), d_hidden, None if d_output is None else d_output.astype(output.dtype)
 
 
 def _total(ce, z, z_loss):

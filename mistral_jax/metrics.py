@@ -14,17 +14,24 @@ import jax.numpy as jnp
 from mistral_jax.config import MistralConfig
 
 
-def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True) -> float:
+def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True, lora_params: int | None = None
+                    ) -> float:
     """Model FLOPs per token: 2 per matmul weight it is multiplied by (the embedding is a
     lookup; with experts, only its k experts' and the router's) plus attention
     as computed under the causal mask and the window (QK^T and PV over the keys each query
-    sees, averaged over positions); x3 for forward + backward."""
+    sees, averaged over positions); x3 for forward + backward. Training LoRA adapters of
+    lora_params parameters, the frozen weights get no gradient of their own (x2: forward and
+    the inputs' gradient), the adapters x3."""
     matmul_params = config.active_params - config.vocab_size * config.dim - (2 * config.n_layers + 1) * config.dim
     def mean_keys(window):
         return sum(min(i + 1, window or seq_len) for i in range(seq_len)) / seq_len
     keys = sum(mean_keys(w) * config.windows.count(w) for w in config.window_kinds)  # over the layers
     attention = 2 * 2 * config.n_heads * config.head_dim * keys
-    return (3 if training else 1) * (2 * matmul_params + attention)
+    if not training:
+        return 2 * matmul_params + attention
+    if lora_params is None:
+        return 3 * (2 * matmul_params + attention)
+    return 2 * 2 * matmul_params + 3 * (attention + 2 * lora_params)
 
 
 def measure_peak_flops(shapes=((1024, 1024, 1024), (2048, 2048, 2048)), timer=None) -> float:

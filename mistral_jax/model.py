@@ -39,6 +39,20 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
     return value.astype(c.dtype)
 
 
+def _project(module: nn.Module, name: str, spec: str, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
+    """einsum(spec, x, w), plus the low-rank path (x·a)·b where the "lora" collection holds an
+    adapter {"a", "b"} of w (lora.py): a spans w's contracted dimensions, b its output ones."""
+    y = jnp.einsum(spec, x, w)
+    if not module.has_variable("lora", name):
+        return y
+    adapter = module.get_variable("lora", name)
+    (x_dims, w_dims), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    contracted = "".join(c for c in w_dims if c in x_dims)
+    rows, produced = "".join(c for c in x_dims if c not in w_dims), "".join(c for c in w_dims if c not in x_dims)
+    low = jnp.einsum(f"{x_dims},{contracted}r->{rows}r", x, adapter["a"].astype(x.dtype))
+    return y + jnp.einsum(f"{rows}r,r{produced}->{out}", low, adapter["b"].astype(x.dtype))
+
+
 def _fan_in(in_axis, out_axis, batch_axis=()) -> nn.initializers.Initializer:
     return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis,
                                             batch_axis=batch_axis)
@@ -78,9 +92,9 @@ class Attention(nn.Module):
         wo = _param(self, "wo", (H, d, D), ("heads", "head_dim", "embed"), _fan_in((0, 1), 2))
         B, T, _ = x.shape
         tokens = x.reshape(B * T, D)  # see FeedForward
-        q = apply_rope(jnp.einsum("ND,DHd->NHd", tokens, wq).reshape(B, T, H, d), positions, c.rope_theta)
-        k = apply_rope(jnp.einsum("ND,DKd->NKd", tokens, wk).reshape(B, T, K, d), positions, c.rope_theta)
-        v = jnp.einsum("ND,DKd->NKd", tokens, wv).reshape(B, T, K, d)
+        q = apply_rope(_project(self, "wq", "ND,DHd->NHd", tokens, wq).reshape(B, T, H, d), positions, c.rope_theta)
+        k = apply_rope(_project(self, "wk", "ND,DKd->NKd", tokens, wk).reshape(B, T, K, d), positions, c.rope_theta)
+        v = _project(self, "wv", "ND,DKd->NKd", tokens, wv).reshape(B, T, K, d)
         if cache is None:
             out = causal_attention(q, k, v, self.window, c.attention, c.attention_block)
         else:
@@ -91,7 +105,7 @@ class Attention(nn.Module):
             else:  # prefill chunk: read cache ∪ chunk, since early queries need slots later tokens overwrite
                 out = masked_attention(q, jnp.concatenate([k_cache, k], axis=1),
                                        jnp.concatenate([v_cache, v], axis=1), mask)
-        return jnp.einsum("NHd,HdD->ND", out.reshape(B * T, H, d), wo).reshape(B, T, D), cache
+        return _project(self, "wo", "NHd,HdD->ND", out.reshape(B * T, H, d), wo).reshape(B, T, D), cache
 
 
 class FeedForward(nn.Module):
@@ -108,8 +122,9 @@ class FeedForward(nn.Module):
         # On [B*T, D], not [B, T, D]: each weight gradient then contracts one dimension, not
         # two, which XLA:CPU runs far slower (BENCHMARKS.md, "projections on [B, T, D]").
         tokens = x.reshape(-1, c.dim)
-        gate = jax.nn.silu(jnp.einsum("ND,DF->NF", tokens, w1))
-        return jnp.einsum("NF,FD->ND", gate * jnp.einsum("ND,DF->NF", tokens, w3), w2).reshape(x.shape)
+        gate = jax.nn.silu(_project(self, "w1", "ND,DF->NF", tokens, w1))
+        return _project(self, "w2", "NF,FD->ND", gate * _project(self, "w3", "ND,DF->NF", tokens, w3),
+                        w2).reshape(x.shape)
 
 
 class Experts(nn.Module):
@@ -166,6 +181,8 @@ class Mistral(nn.Module):
     False, a block per layer over unstack_layers' params. The cache follows the same layout
     (KVCache.init). With experts, the routers' moe.RouterStats, summed over the layers, are
     sown in the "router" collection (apply with mutable=["router"] to have them).
+    With a "lora" collection (lora.variables: adapters stacked [L, ...] under "layers"), each
+    adapted projection adds its low-rank path (_project).
 
     lm_head: if False, the call returns the final normed states [B, T, D] instead of logits,
     for a caller that applies the `output` projection itself (loss.cross_entropy).
@@ -195,13 +212,18 @@ class Mistral(nn.Module):
             masks = tuple(attention_mask(positions, keys, w) for keys, w in zip(key_positions, c.window_kinds))
 
         stats = None
+        # LoRA adapters of the layers (lora.variables), stacked [L, ...] like the weights.
+        adapters = self.get_variable("lora", "layers") if self.has_variable("lora", "layers") else None
         if c.scan_layers:
             layers = self.param("layers", _init_layers, c)
             if cache is None:
-                x, stats = _scan_over_layers(c, layers, x, positions)
+                x, stats = _scan_over_layers(c, layers, adapters, x, positions)
             else:
-                x, kv = _scan_over_groups(c, layers, x, positions, (cache.k, cache.v), slots, masks)
+                x, kv = _scan_over_groups(c, layers, adapters, x, positions, (cache.k, cache.v), slots, masks)
         else:
+            if adapters is not None:
+                raise ValueError("LoRA adapters stacked over the layers need config.scan_layers; merge them into "
+                                 "the params first (lora.merge)")
             kv = None if cache is None else tuple(tuple(list(stack) for stack in per_kind)
                                                   for per_kind in (cache.k, cache.v))
             seen = [0] * len(c.window_kinds)
@@ -250,9 +272,10 @@ def _init_layers(key: jax.Array, config: MistralConfig):
                                   is_leaf=lambda v: isinstance(v, nn.Partitioned))
 
 
-def _scan_over_layers(config: MistralConfig, layers, x, positions):
-    """x through the layers stacked [L, ...] in `layers` without a cache (training, full
-    sequences) -> (x, the routers' stats summed over the layers, None without experts).
+def _scan_over_layers(config: MistralConfig, layers, adapters, x, positions):
+    """x through the layers stacked [L, ...] in `layers` (and their LoRA adapters, or None)
+    without a cache (training, full sequences) -> (x, the routers' stats summed over the
+    layers, None without experts).
 
     A scan over the L layers, each choosing its kind's block by `lax.switch` (one kind: a
     plain call), the routers' stats summed in its carry. The scan's inputs are the stacked
@@ -262,22 +285,24 @@ def _scan_over_layers(config: MistralConfig, layers, x, positions):
     kinds = [functools.partial(_apply_block, config, w) for w in config.window_kinds]
     kind_of_layer = jnp.array(config.layer_kinds, jnp.int32)
 
-    def block(weights, x, kind):
-        x, _, stats = jax.lax.switch(kind, kinds, weights, x, positions, None, None, None)
+    def block(weights, adapter, x, kind):
+        x, _, stats = jax.lax.switch(kind, kinds, weights, x, positions, None, None, None, adapter)
         return x, stats
 
     def layer(carry, xs):
-        x, stats = block(xs[0], carry[0], xs[1])
+        weights, adapter, kind = xs
+        x, stats = block(weights, adapter, carry[0], kind)
         return (x, None if stats is None else jax.tree_util.tree_map(jnp.add, carry[1], stats)), None
 
     block = _remat(config, block)
     stats = moe.RouterStats.zeros(config.n_experts) if config.n_experts else None
-    return jax.lax.scan(layer, (x, stats), (layers, kind_of_layer))[0]
+    return jax.lax.scan(layer, (x, stats), (layers, adapters, kind_of_layer))[0]
 
 
-def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, masks):
-    """x through the layers stacked [L, ...] in `layers` with kv, per kind of layer its
-    caches (k, v) stacked as KVCache.init lays them out -> (x, the updated kv).
+def _scan_over_groups(config: MistralConfig, layers, adapters, x, positions, kv, slots, masks):
+    """x through the layers stacked [L, ...] in `layers` (and their LoRA adapters, or None)
+    with kv, per kind of layer its caches (k, v) stacked as KVCache.init lays them out ->
+    (x, the updated kv).
 
     A scan over the G groups of P = len(config.layer_pattern) layers, each position of
     the group a block of its own window over its kind's cache, whose sizes
@@ -290,28 +315,31 @@ def _scan_over_groups(config: MistralConfig, layers, x, positions, kv, slots, ma
     index_in_kind = [kinds[:j].count(kind) for j, kind in enumerate(kinds)]  # within the group
 
     def group(x, xs):
-        weights, caches = xs
+        weights, adapter, caches = xs
         caches = [[list(stack) for stack in per_kind] for per_kind in caches]
         for j, window in enumerate(pattern):
             kind, n = kinds[j], index_in_kind[j]
-            layer = jax.tree_util.tree_map(lambda w: w[j], weights)
+            layer, layer_adapter = jax.tree_util.tree_map(lambda w: w[j], (weights, adapter))
             x, (caches[0][kind][n], caches[1][kind][n]), _ = _apply_block(
                 config, window, layer, x, positions, (caches[0][kind][n], caches[1][kind][n]), slots[kind],
-                masks[kind])
+                masks[kind], layer_adapter)
         return x, tuple(tuple(jnp.stack(stack) for stack in per_kind) for per_kind in caches)
 
     if not config.grouped_layers:  # stored [L, ...]: grouping it cost the cpu-8 7B prefill 5.28 -> 6.91 GiB
         def layer(x, xs):
-            weights, (k, v) = xs
-            x, cache, _ = _apply_block(config, pattern[0], weights, x, positions, (k[0], v[0]), slots[0], masks[0])
+            weights, adapter, (k, v) = xs
+            x, cache, _ = _apply_block(config, pattern[0], weights, x, positions, (k[0], v[0]), slots[0], masks[0],
+                                       adapter)
             return x, ((cache[0],), (cache[1],))
-        return jax.lax.scan(layer, x, (layers, kv))
-    grouped = jax.tree_util.tree_map(lambda w: w.reshape(G, P, *w.shape[1:]), layers)
-    return jax.lax.scan(group, x, (grouped, kv))
+        return jax.lax.scan(layer, x, (layers, adapters, kv))
+    grouped, adapters = jax.tree_util.tree_map(lambda w: w.reshape(G, P, *w.shape[1:]), (layers, adapters))
+    return jax.lax.scan(group, x, (grouped, adapters, kv))
 
 
-def _apply_block(config: MistralConfig, window: int | None, weights, x, positions, cache, slots, mask):
-    return Block(config, window).apply({"params": weights}, x, positions, cache, slots, mask)
+def _apply_block(config: MistralConfig, window: int | None, weights, x, positions, cache, slots, mask,
+                 adapter=None):
+    variables = {"params": weights} if adapter is None else {"params": weights, "lora": adapter}
+    return Block(config, window).apply(variables, x, positions, cache, slots, mask)
 
 
 def abstract_params(config: MistralConfig):

@@ -15,24 +15,28 @@ import signal
 import time
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mistral_jax import checkpoint
+from mistral_jax import checkpoint, lora
 from mistral_jax.config import MistralConfig
 from mistral_jax.distributed import is_primary
 from mistral_jax.loss import cross_entropy
 from mistral_jax.metrics import MetricsWriter, flops_per_token, format_line
-from mistral_jax.model import Mistral, init_params, param_shardings
+from mistral_jax.model import Mistral, abstract_params, init_params, param_shardings
 from mistral_jax.options import OptionError, option, require_positive
-from mistral_jax.sharding import batch_sharding, under_mesh
+from mistral_jax.sharding import batch_sharding, logical_shardings, under_mesh
 
 
 @flax.struct.dataclass
 class TrainState:
+    """What a step updates: the step count, the trained params (the model's, or with LoRA its
+    adapters, the base frozen outside the state) and their optimizer state."""
+
     step: jax.Array
     params: Any
     opt_state: Any
@@ -61,6 +65,11 @@ class Hyperparameters:
     seed: int = option(0, "seed of the initial weights and of the data order")
     skip_nonfinite: int = option(0, "steps whose loss or gradient norm is NaN or infinite that are skipped (their "
                                     "update not applied) before the run stops as diverged")
+    lora_rank: int | None = option(None, "LoRA: train adapters of this rank on the frozen --init-from model "
+                                         "(default: train every weight)")
+    lora_alpha: float | None = option(None, "LoRA: the adapters' scale is alpha / rank (default: the rank, a scale of 1)")
+    lora_targets: str | None = option(None, "LoRA: the projections adapted, comma-separated, of wq,wk,wv,wo,w1,w2,w3 "
+                                            f"(default: {','.join(lora.DEFAULT_TARGETS)})")
 
     def __post_init__(self):
         require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
@@ -80,6 +89,19 @@ class Hyperparameters:
             value = getattr(self, name)
             if value is not None and not 0 <= value < math.inf:
                 raise OptionError(name, f"must be non-negative, got {value!r}")
+        if self.lora_rank is None:
+            for name in ("lora_alpha", "lora_targets"):
+                if getattr(self, name) is not None:
+                    raise OptionError(name, "needs --lora-rank")
+        _ = self.lora_spec  # a bad rank, alpha or target is refused now
+
+    @property
+    def lora_spec(self) -> lora.LoRA | None:
+        """The LoRA adapters trained, or None: every weight is."""
+        if self.lora_rank is None:
+            return None
+        targets = lora.DEFAULT_TARGETS if self.lora_targets is None else lora.LoRA.parse_targets(self.lora_targets)
+        return lora.LoRA(self.lora_rank, self.lora_alpha, targets)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,14 +151,17 @@ def make_optimizer(hp: Hyperparameters) -> optax.GradientTransformation:
 
 
 def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chunk: int = 128,
-            router_aux_loss: float = 0.0, router_z_loss: float = 0.0):
+            router_aux_loss: float = 0.0, router_z_loss: float = 0.0, adapters=None, spec: lora.LoRA | None = None):
     """Mean next-token cross-entropy of batch [B, T+1] (plus z-loss; with experts, plus the
     router's load-balancing and z-losses at these weights) -> (loss, metrics): the
     cross-entropy `ce` and, with experts, `aux_loss` and `router_z_loss`, without gradient.
-    The output projection is fused into the loss (loss.cross_entropy)."""
+    The output projection is fused into the loss (loss.cross_entropy). With LoRA adapters
+    (and their spec), the model is params adapted by them."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    hidden, sown = Mistral(config, lm_head=False).apply({"params": params}, inputs, mutable=["router"])
-    loss, ce = cross_entropy(hidden, params["output"].astype(config.dtype), targets, z_loss, chunk)
+    hidden, sown = Mistral(config, lm_head=False).apply(lora.variables(params, adapters, spec), inputs,
+                                                        mutable=["router"])
+    loss, ce = cross_entropy(hidden, params["output"].astype(config.dtype), targets, z_loss, chunk,
+                             output_trained=adapters is None)
     metrics = {"ce": ce}
     if config.n_experts:
         (stats,) = sown["router"]["stats"]
@@ -152,14 +177,22 @@ def router_weights(config: MistralConfig, hp: Hyperparameters) -> tuple[float, f
     return (aux, hp.router_z_loss) if config.n_experts else (0.0, 0.0)
 
 
-def abstract_state(config: MistralConfig, tx: optax.GradientTransformation, mesh) -> TrainState:
-    """The train state's shapes, dtypes and shardings, with nothing allocated: params per the
-    rules table, Adam's moments as their params, scalars (the step, Adam's count) replicated."""
+def abstract_params_on(config: MistralConfig, mesh, spec: lora.LoRA | None = None, dtype: str | None = None):
+    """The trained params' shapes, dtypes (config.param_dtype, or dtype) and shardings per the
+    rules table: the model's, or with spec its LoRA adapters (float32)."""
+    boxed = abstract_params(config) if spec is None else lora.abstract_adapters(config, spec)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype or x.dtype), sharding=s),
+                                  nn.unbox(boxed), logical_shardings(boxed, mesh))
+
+
+def abstract_state(config: MistralConfig, tx: optax.GradientTransformation, mesh,
+                   spec: lora.LoRA | None = None) -> TrainState:
+    """The train state's shapes, dtypes and shardings, with nothing allocated: params (or LoRA
+    adapters) per the rules table, Adam's moments as they are, scalars (the step, Adam's
+    count) replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    params_sharding = param_shardings(config, mesh)
-    params = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                    jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)),
-                                    params_sharding)
+    params = abstract_params_on(config, mesh, spec)
+    params_sharding = jax.tree_util.tree_map(lambda x: x.sharding, params)
     opt_state = optax.tree_map_params(
         tx, lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(tx.init, params),
         params_sharding, transform_non_params=lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated))
@@ -168,10 +201,14 @@ def abstract_state(config: MistralConfig, tx: optax.GradientTransformation, mesh
 
 
 def init_state(config: MistralConfig, tx: optax.GradientTransformation, mesh, seed: int = 0,
-               params=None) -> TrainState:
-    """A train state born sharded over mesh: fresh params from seed, or the given ones placed."""
-    shardings = state_shardings(abstract_state(config, tx, mesh))
-    if params is None:
+               params=None, spec: lora.LoRA | None = None) -> TrainState:
+    """A train state born sharded over mesh: fresh params (with spec, fresh LoRA adapters)
+    from seed, or the given ones placed."""
+    shardings = state_shardings(abstract_state(config, tx, mesh, spec))
+    if spec is not None:
+        params = jax.jit(lora.init_adapters, static_argnums=(0, 1), out_shardings=shardings.params)(
+            config, spec, jax.random.key(seed))
+    elif params is None:
         params = jax.jit(init_params, static_argnums=0, out_shardings=shardings.params)(config, jax.random.key(seed))
     else:
         params = jax.tree_util.tree_map(lambda x, s: jax.device_put(jnp.asarray(x, config.param_dtype), s),
@@ -186,21 +223,27 @@ def state_shardings(state: TrainState):
 
 
 def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp: Hyperparameters, mesh,
-                    shardings):
-    """jitted (state, batch [B, T+1]) -> (state, metrics), the state donated."""
+                    shardings, base_shardings=None):
+    """jitted (state, batch [B, T+1]) -> (state, metrics), the state donated; with LoRA
+    (hp.lora_spec), (state, batch, base) where base is the frozen params, placed as
+    base_shardings says, which the step reads and never differentiates."""
+    spec = hp.lora_spec
+
+    def objective(trained, base, micro_batch):
+        params, adapters = (trained, None) if spec is None else (base, trained)
+        return loss_fn(params, config, micro_batch, hp.z_loss, hp.loss_chunk, *router_weights(config, hp),
+                       adapters=adapters, spec=spec)
 
     @under_mesh(mesh)
-    def train_step(state: TrainState, batch: jax.Array):
+    def train_step(state: TrainState, batch: jax.Array, base=None):
         B = batch.shape[0]
-        router = router_weights(config, hp)
         A = hp.grad_accum
         # Row r goes to micro-batch r % A, so each device's rows stay on that device.
         micro = batch.reshape(B // A, A, -1).swapaxes(0, 1)
-        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
 
         def accumulate(carry, micro_batch):
-            (micro_loss, micro_metrics), micro_grads = grad_fn(state.params, config, micro_batch, hp.z_loss,
-                                                               hp.loss_chunk, *router)
+            (micro_loss, micro_metrics), micro_grads = grad_fn(state.params, base, micro_batch)
             return jax.tree_util.tree_map(jnp.add, carry, (micro_grads, {"loss": micro_loss, **micro_metrics})), None
 
         names = ("loss", "ce") + (("aux_loss", "router_z_loss") if config.n_experts else ())
@@ -217,17 +260,24 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
                                                        (params, opt_state), (state.params, state.opt_state))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
-                   donate_argnums=0)
+    if spec is None:
+        return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
+                       donate_argnums=0)
+    return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh), base_shardings),
+                   out_shardings=(shardings, None), donate_argnums=0)
 
 
-def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int = 128):
-    """jitted (params, batch) -> mean cross-entropy."""
+def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int = 128,
+                   spec: lora.LoRA | None = None, base_sharding=None):
+    """jitted (params, batch) -> mean cross-entropy; with LoRA (spec), (adapters, batch, base)."""
     @under_mesh(mesh)
-    def eval_step(params, batch):
-        return loss_fn(params, config, batch, 0.0, loss_chunk)[1]["ce"]
+    def eval_step(trained, batch, base=None):
+        params, adapters = (trained, None) if spec is None else (base, trained)
+        return loss_fn(params, config, batch, 0.0, loss_chunk, adapters=adapters, spec=spec)[1]["ce"]
 
-    return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)))
+    if spec is None:
+        return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)))
+    return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh), base_sharding))
 
 
 class TrainingDiverged(RuntimeError):
@@ -273,36 +323,46 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
 
     Args:
       batches: data.TokenBatches (or anything with its batch(step, ...) and validation(...)).
-      params: initial weights (e.g. converted ones); default: fresh from hp.seed.
+      params: initial weights (e.g. converted ones); default: fresh from hp.seed. With LoRA
+        (hp.lora_spec), the frozen base the adapters are trained on (required); the state
+        then holds the adapters.
       peak_flops: the machine's peak FLOP/s, for MFU in the metrics; None leaves MFU out.
     Returns (state, interrupted): SIGTERM or SIGINT stops the run after the current step with
     a checkpoint saved.
     """
     tx = make_optimizer(hp)
+    spec = hp.lora_spec
+    if spec is not None and params is None:
+        raise ValueError("LoRA adapters are trained on a base model: pass its params")
+    base_shardings = None if spec is None else param_shardings(config, mesh)
+    # The frozen base, where the rules table puts it (a no-op for params read onto the mesh).
+    base_args = () if spec is None else (jax.tree_util.tree_map(jax.device_put, params, base_shardings),)
     checkpoints = os.path.join(out_dir, "checkpoints")
     manager = checkpoint.train_state_manager(checkpoints, schedule.keep)
     state = None
     if resume or resume_from is not None:  # read straight onto the shardings; nothing initialised
-        state, step = checkpoint.restore_intact_train_state(manager, abstract_state(config, tx, mesh), resume_from)
+        state, step = checkpoint.restore_intact_train_state(manager, abstract_state(config, tx, mesh, spec),
+                                                            resume_from)
         discarded = checkpoint.discard_train_states_after(manager, step) if resume_from is not None else []
         if state is not None and is_primary():
             print(f"resuming from step {step}" + (f", discarding the checkpoints of steps "
                                                   f"{', '.join(map(str, discarded))}" if discarded else ""), flush=True)
     if state is None:
-        state = init_state(config, tx, mesh, hp.seed, params)
+        state = init_state(config, tx, mesh, hp.seed, None if spec else params, spec)
     shardings = state_shardings(state)
-    train_step = make_train_step(config, tx, hp, mesh, shardings)
-    eval_step = make_eval_step(config, mesh, shardings.params, hp.loss_chunk)
+    train_step = make_train_step(config, tx, hp, mesh, shardings, base_shardings)
+    eval_step = make_eval_step(config, mesh, shardings.params, hp.loss_chunk, spec, base_shardings)
     process, processes = jax.process_index(), jax.process_count()
     global_batch = lambda local: jax.make_array_from_process_local_data(batch_sharding(mesh), local)  # noqa: E731
     first = int(state.step)
     writer = MetricsWriter(out_dir, enabled=is_primary(), start_step=first)
     tokens_per_step = hp.batch_size * hp.seq_len
-    flops_per_step = flops_per_token(config, hp.seq_len) * tokens_per_step
+    flops_per_step = flops_per_token(config, hp.seq_len, lora_params=None if spec is None else sum(
+        x.size for x in jax.tree_util.tree_leaves(state.params))) * tokens_per_step
 
     example = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh))
     compile_start = time.perf_counter()
-    train_step = train_step.lower(state, example).compile()
+    train_step = train_step.lower(state, example, *base_args).compile()
     if is_primary():
         print(f"compiled the train step in {time.perf_counter() - compile_start:.1f} s", flush=True)
 
@@ -313,7 +373,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     nonfinite = NonFinite.none(writer.last("skipped_steps", 0))  # counted over the whole run, resumes included
     try:
         for step in range(first, hp.steps):
-            state, metrics = train_step(state, global_batch(batches.batch(step, process, processes)))
+            state, metrics = train_step(state, global_batch(batches.batch(step, process, processes)), *base_args)
             done = step + 1
             nonfinite = _track_nonfinite(nonfinite, state.step, metrics, hp.skip_nonfinite)  # on the device: no sync
             log = done % schedule.log_every == 0 or done == hp.steps or stop
@@ -345,7 +405,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
             if peak_flops:
                 record["mfu"] = flops_per_step / seconds_per_step / peak_flops
             if evaluate:
-                losses = jax.device_get([eval_step(state.params, global_batch(b))  # one host sync
+                losses = jax.device_get([eval_step(state.params, global_batch(b), *base_args)  # one host sync
                                          for b in batches.validation(schedule.eval_batches, process, processes)])
                 record["eval_loss"] = float(sum(losses) / len(losses))
                 record["eval_ppl"] = math.exp(record["eval_loss"])
