@@ -40,8 +40,10 @@ TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1
 DEFAULT_TARGETS = ("wq", "wk", "wv", "wo")
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model.model.layers."
-# Our target -> PEFT's module name (the last part of HF's, which target_modules lists).
+# Our target -> HF's name of its module within a layer ("self_attn.q_proj"), whose last part
+# is what PEFT's target_modules lists.
 PEFT_NAMES = {target: LAYER_TENSORS[(module, target)][1] for target, (module, _) in TARGETS.items()}
+_TARGET_OF_MODULE = {name.split(".")[-1]: target for target, name in PEFT_NAMES.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +170,7 @@ def save_peft(path: str, config: MistralConfig, adapters: dict, spec: LoRA, base
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": spec.rank, "lora_alpha": spec.rank if spec.alpha is None else spec.alpha, "lora_dropout": 0.0,
-        "target_modules": sorted(PEFT_NAMES[t].split(".")[-1] for t in spec.targets),
+        "target_modules": sorted(module for module, target in _TARGET_OF_MODULE.items() if target in spec.targets),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
@@ -208,12 +210,12 @@ def load_peft(path: str, config: MistralConfig) -> tuple[LoRA, dict]:
         if value != plain and not (plain == {} and value is None):
             raise AdapterError(f"{config_file} sets {key} = {peft[key]!r}: only plain LoRA adapters are supported")
     modules = peft.get("target_modules")
-    ours = {name.split(".")[-1]: target for target, name in PEFT_NAMES.items()}
-    if not isinstance(modules, list) or any(m not in ours for m in modules):
-        raise AdapterError(f"{config_file}: target_modules {modules!r} must be among {', '.join(ours)}")
+    if not isinstance(modules, list) or any(m not in _TARGET_OF_MODULE for m in modules):
+        raise AdapterError(f"{config_file}: target_modules {modules!r} must be a list of "
+                           f"{', '.join(_TARGET_OF_MODULE)}")
+    chosen = {_TARGET_OF_MODULE[m] for m in modules}
     try:
-        spec = LoRA(peft.get("r"), peft.get("lora_alpha"), tuple(t for t in TARGETS if PEFT_NAMES[t].split(".")[-1]
-                                                                  in modules))
+        spec = LoRA(peft.get("r"), peft.get("lora_alpha"), tuple(t for t in TARGETS if t in chosen))
         spec.check(config)
     except OptionError as e:
         raise AdapterError(f"{config_file}: {e.problem if e.field != 'lora_rank' else 'r ' + e.problem}") from None

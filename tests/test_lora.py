@@ -4,6 +4,7 @@ adapter/ loaded by HF PEFT onto the --to-hf base, resume, bad flags."""
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -13,6 +14,7 @@ import transformers
 import sample
 from conftest import assert_one_line_error, build_reference, forward, run_script
 from mistral_jax import Mistral, data, lora, metrics, trainer
+from mistral_jax.cache import KVCache
 from mistral_jax.checkpoint import load_checkpoint, save_checkpoint
 from mistral_jax.convert import convert_pytorch_checkpoint, export_hf_checkpoint
 from mistral_jax.model import init_params
@@ -46,15 +48,33 @@ def test_fresh_adapters_leave_the_model_unchanged_bit_for_bit(window):
                                   forward(config, params, ids))
 
 
-def test_merged_weights_compute_the_adapted_model():
-    config = TINY
+MODELS = {  # each kind of layer stack, with the targets it takes
+    "dense": (TINY, tuple(lora.TARGETS)),
+    "per-layer windows": (TINY.replace(sliding_window=(None, 16)), tuple(lora.TARGETS)),
+    "experts": (TINY.replace(n_experts=4, n_experts_per_tok=2), lora.DEFAULT_TARGETS),
+}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_merged_weights_and_the_cache_compute_the_adapted_model(model):
+    """The adapted model's logits: those of its merged weights, and those of prefilling the
+    rolling cache chunk by chunk (the sequence 2.5 windows long) with the adapters unmerged."""
+    config, targets = MODELS[model]
     params = init_params(config, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (2, 40), 0, config.vocab_size)
-    spec = lora.LoRA(4, 8.0, tuple(lora.TARGETS))
+    spec = lora.LoRA(4, 8.0, targets)
     adapters = random_adapters(config, spec, 3)
     logits = adapted(config, params, adapters, spec, ids)
     assert np.abs(logits - forward(config, params, ids)).max() > 1.0  # the adapters matter
     np.testing.assert_allclose(forward(config, lora.merge(params, adapters, spec), ids), logits, atol=1e-4)
+
+    cache, chunks = KVCache.init(config, 2, 40), []
+    for start in range(0, 40, 8):
+        positions = jnp.broadcast_to(jnp.arange(start, start + 8, dtype=jnp.int32), (2, 8))
+        chunk, cache = Mistral(config).apply(lora.variables(params, adapters, spec), ids[:, start:start + 8],
+                                             positions, cache)
+        chunks.append(chunk)
+    np.testing.assert_allclose(np.concatenate(chunks, axis=1), logits, atol=1e-4)
 
 
 def test_only_the_adapters_are_differentiated():
