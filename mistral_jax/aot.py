@@ -8,6 +8,7 @@ which no compiler is available here), and reads per-device memory from XLA's
 `memory_analysis()`.
 
   python -m mistral_jax.aot --target v5e-16 --mesh fsdp=16 --program train --batch 16 --seq 4096
+  python -m mistral_jax.aot --target v4-8 --mesh fsdp=4 --program train --lora-rank 16 --largest-batch
 
 (`python -m bench.plans --write` compiles every row of docs/SCALING.md and rewrites it.)
 """
@@ -31,6 +32,7 @@ from mistral_jax.model import init_params, param_shardings
 from mistral_jax.sharding import batch_sharding, make_mesh
 
 GiB = 2**30
+ALL_PROJECTIONS = "wq,wk,wv,wo,w1,w2,w3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,7 @@ class Target:
 
 TARGETS = {
     "v5e-16": Target("tpu", "v5e:4x4", "default", 16, 16),
+    "v5e-8": Target("tpu", "v5e:2x4", "default", 16, 8),
     "v4-8": Target("tpu", "v4:2x2x1", "megacore", 32, 4),
     "v5p-8": Target("tpu", "v5:2x2x1", "megacore", 95, 4),
     "v5p-32": Target("tpu", "v5:2x2x4", "megacore", 95, 16),
@@ -103,17 +106,22 @@ def _bytes_per_device(tree) -> int:
                for x in jax.tree_util.tree_leaves(tree))
 
 
-def compile_train_step(config: MistralConfig, hp: trainer.Hyperparameters, mesh) -> Report:
-    """The train step as train.py builds it: f32 master params and AdamW state, `config`'s
+def compile_train_step(config: MistralConfig, hp: trainer.Hyperparameters, mesh, base_dtype: str = "bfloat16"
+                       ) -> Report:
+    """The train step as train.py builds it: f32 master params and AdamW state (with LoRA,
+    hp.lora_spec, those of the adapters, and the frozen base in base_dtype), `config`'s
     compute dtype and remat, a global batch [batch_size, seq_len + 1]."""
     tx = trainer.make_optimizer(hp)
-    state = trainer.abstract_state(config, tx, mesh)
-    step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state))
+    spec = hp.lora_spec
+    state = trainer.abstract_state(config, tx, mesh, spec)
+    base = () if spec is None else (trainer.abstract_params_on(config, mesh, dtype=base_dtype),)
+    step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state),
+                                   *(trainer.state_shardings(b) for b in base))
     batch = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh))
     start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    return _report("train", compiled, time.perf_counter() - start, params=_bytes_per_device(state.params),
-                   optimizer=_bytes_per_device(state.opt_state))
+    compiled = step.lower(state, batch, *base).compile()
+    return _report("train" if spec is None else f"train LoRA r{spec.rank}", compiled, time.perf_counter() - start,
+                   params=_bytes_per_device((state.params, base)), optimizer=_bytes_per_device(state.opt_state))
 
 
 def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, new_tokens: int) -> list[Report]:
@@ -153,6 +161,7 @@ class Plan:
     batch: int
     seq: int  # train: tokens per sequence; generate: context = prompt + new tokens, half each
     preset: str = "mistral-7b-v0.1"
+    lora_rank: int | None = None  # train LoRA adapters of this rank on all seven projections, the base frozen in bf16
 
 
 def config_for(plan: Plan) -> MistralConfig:
@@ -171,13 +180,16 @@ def run(plan: Plan) -> list[Report]:
     config = config_for(plan)
     try:
         if plan.program == "train":
-            return [compile_train_step(config, trainer.Hyperparameters(batch_size=plan.batch, seq_len=plan.seq), mesh)]
+            adapters = {} if plan.lora_rank is None else dict(lora_rank=plan.lora_rank, lora_targets=ALL_PROJECTIONS)
+            hp = trainer.Hyperparameters(batch_size=plan.batch, seq_len=plan.seq, **adapters)
+            return [compile_train_step(config, hp, mesh)]
         return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         reason = str(e).split("RESOURCE_EXHAUSTED: ")[-1].split("\n")[0]
-        return [Report(plan.program, 0, 0, 0, 0, 0.0, error=reason)]
+        program = plan.program if plan.lora_rank is None else f"{plan.program} LoRA r{plan.lora_rank}"
+        return [Report(program, 0, 0, 0, 0, 0.0, error=reason)]
 
 
 def fits(plan: Plan, report: Report) -> str:
@@ -186,6 +198,40 @@ def fits(plan: Plan, report: Report) -> str:
     if report.error or report.total > capacity:
         return "no"
     return "yes" if report.total <= 0.95 * capacity else "tight"
+
+
+def largest_batch(plan: Plan, limit: int = 4096) -> tuple[Plan | None, Plan | None]:
+    """(the plan at the largest global batch that fits with room to spare, fits() "yes"; the
+    plan at the next batch, which does not), the batch a multiple of the devices it is split
+    over; None for no fitting batch (the first) or none refused up to limit (the second).
+
+    Memory grows linearly in the batch, so two compiles (1 and 2 units) predict the boundary;
+    compiling on either side of it confirms it, walking a unit at a time where the prediction
+    was off."""
+    mesh = make_mesh(plan.mesh, target_devices(plan.target))
+    unit = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    sized = lambda units: dataclasses.replace(plan, batch=units * unit)  # noqa: E731
+    totals: dict[int, int | None] = {}
+
+    def fit(units: int) -> bool:
+        if units not in totals:
+            report = run(sized(units))[0]
+            print(format_row(sized(units), report), flush=True)
+            totals[units] = None if fits(sized(units), report) != "yes" else report.total
+        return totals[units] is not None
+
+    if not fit(1):
+        return None, sized(1)
+    if not fit(2):
+        return sized(1), sized(2)
+    per_unit = totals[2] - totals[1]
+    room = 0.95 * TARGETS[plan.target].hbm_gib * GiB - totals[1]
+    units = max(2, min(limit // unit, 1 + int(room // per_unit)) if per_unit > 0 else limit // unit)
+    while units * unit < limit and fit(units):
+        units += 1
+    while not fit(units):
+        units -= 1
+    return sized(units), sized(units + 1) if (units + 1) * unit <= limit else None
 
 
 HEADER = ("| model | target | mesh | program | batch x context | params | optimizer | temporaries | total | device "
@@ -232,10 +278,20 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096, help="train: sequence length; generate: prompt + new tokens")
     p.add_argument("--preset", default="mistral-7b-v0.1")
+    p.add_argument("--lora-rank", type=int, help=f"train: LoRA adapters of this rank on {ALL_PROJECTIONS}, the base "
+                                                 "frozen in bf16")
+    p.add_argument("--largest-batch", action="store_true",
+                   help="search for the largest batch that fits (compiling at each batch tried; --batch ignored)")
     args = p.parse_args(argv)
     compile_only_environment()
     print(HEADER)
-    compile_rows([Plan(args.target, args.mesh, args.program, args.batch, args.seq, args.preset)])
+    plan = Plan(args.target, args.mesh, args.program, args.batch, args.seq, args.preset, args.lora_rank)
+    if not args.largest_batch:
+        compile_rows([plan])
+        return
+    good, bad = largest_batch(plan)
+    print(f"largest batch that fits: {good.batch if good else 'none'}"
+          + (f" (not {bad.batch})" if good and bad else ""), flush=True)
 
 
 if __name__ == "__main__":
