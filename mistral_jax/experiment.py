@@ -200,8 +200,8 @@ def _lora_record(spec: lora.LoRA | None) -> dict | None:
 def _describe(record: dict | None) -> str:
     if record is None:
         return "every weight"
-    return f"LoRA adapters (--lora-rank {record['rank']} --lora-alpha {record['alpha']:g} " \
-           f"--lora-targets {','.join(record['targets'])})"
+    return (f"LoRA adapters (--lora-rank {record['rank']} --lora-alpha {record['alpha']:g} "
+            f"--lora-targets {','.join(record['targets'])})")
 
 
 def _check_same_training(out: str, spec: lora.LoRA | None) -> None:

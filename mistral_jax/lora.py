@@ -65,8 +65,8 @@ class LoRA:
             raise OptionError("lora_targets", f"must be distinct names among {', '.join(TARGETS)}, got "
                                               f"{','.join(self.targets) or 'none'}")
 
-    @classmethod
-    def parse_targets(cls, text: str) -> tuple[str, ...]:
+    @staticmethod
+    def parse_targets(text: str) -> tuple[str, ...]:
         """"wq,wk,wv,wo" -> ("wq", "wk", "wv", "wo")."""
         return tuple(t.strip() for t in text.split(",") if t.strip())
 

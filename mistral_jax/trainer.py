@@ -178,8 +178,8 @@ def router_weights(config: MistralConfig, hp: Hyperparameters) -> tuple[float, f
 
 
 def abstract_params_on(config: MistralConfig, mesh, spec: lora.LoRA | None = None, dtype: str | None = None):
-    """The trained params' shapes, dtypes (config.param_dtype, or dtype) and shardings per the
-    rules table: the model's, or with spec its LoRA adapters (float32)."""
+    """The model's params (with spec, its LoRA adapters: float32) as abstract arrays placed
+    over mesh per the rules table: shapes, dtypes (config.param_dtype, or dtype), shardings."""
     boxed = abstract_params(config) if spec is None else lora.abstract_adapters(config, spec)
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype or x.dtype), sharding=s),
                                   nn.unbox(boxed), logical_shardings(boxed, mesh))
@@ -260,11 +260,8 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
                                                        (params, opt_state), (state.params, state.opt_state))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    if spec is None:
-        return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, None),
-                       donate_argnums=0)
-    return jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh), base_shardings),
-                   out_shardings=(shardings, None), donate_argnums=0)
+    in_shardings = (shardings, batch_sharding(mesh)) + (() if spec is None else (base_shardings,))
+    return jax.jit(train_step, in_shardings=in_shardings, out_shardings=(shardings, None), donate_argnums=0)
 
 
 def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int = 128,
@@ -275,9 +272,8 @@ def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int 
         params, adapters = (trained, None) if spec is None else (base, trained)
         return loss_fn(params, config, batch, 0.0, loss_chunk, adapters=adapters, spec=spec)[1]["ce"]
 
-    if spec is None:
-        return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)))
-    return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh), base_sharding))
+    return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)) + (
+        () if spec is None else (base_sharding,)))
 
 
 class TrainingDiverged(RuntimeError):
