@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, random_hf_model, timed
+from bench.common import CONFIGS, hf_train_step, random_hf_model, timed
 
 PROMPT, NEW = 32, 64
 
@@ -92,20 +92,7 @@ def _hf(model, config, reps: int) -> dict:
     times["forward"] = timed(forward, reps=reps)
 
     batch = torch.from_numpy(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257))).long()
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    moe = dict(output_router_logits=True) if config.n_experts else {}
-
-    def step():
-        out = model(batch[:, :-1], use_cache=False, **moe)
-        logits = out.logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        if config.n_experts:
-            loss = loss + config.router_aux_loss_coef * out.aux_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    step = hf_train_step(model.train(), batch, config.router_aux_loss_coef if config.n_experts else 0.0)
     times["train step"] = timed(step, reps=reps)
     model.eval()
 

@@ -12,18 +12,16 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, random_hf_model, timed
+from bench.common import CONFIGS, hf_train_step, random_hf_model, timed
 
-RANK, TARGETS = 16, "wq,wk,wv,wo,w1,w2,w3"
-HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GiB = 2**30
+RANK = 16
 
 
 def run(bandwidth: float, peak_flops: float, names=("small",), reps: int = 3, side: str = "ours") -> list[dict]:
     del bandwidth
     import torch
 
-    from mistral_jax import metrics
+    from mistral_jax import aot, metrics
 
     torch.set_num_threads(os.cpu_count())
     rows = []
@@ -42,7 +40,7 @@ def run(bandwidth: float, peak_flops: float, names=("small",), reps: int = 3, si
                 row["limit"] = flops / times[kind] / peak_flops
             if kind == "lora":
                 row["note"] = f"{who}: {times['lora'] / times['full']:.2f}x the time of its full step" + (
-                    f", {memory['lora'] / GiB:.2f} vs {memory['full'] / GiB:.2f} GiB planned by XLA"
+                    f", {memory['lora'] / aot.GiB:.2f} vs {memory['full'] / aot.GiB:.2f} GiB planned by XLA"
                     if memory else "")
             rows.append(row)
     return rows
@@ -52,7 +50,7 @@ def _ours(config, params, batch, reps: int):
     import jax
     import jax.numpy as jnp
 
-    from mistral_jax import trainer
+    from mistral_jax import aot, lora, trainer
     from mistral_jax.sharding import make_mesh
 
     mesh = make_mesh("", jax.devices()[:1])
@@ -60,7 +58,7 @@ def _ours(config, params, batch, reps: int):
     times, memory = {}, {}
     n_adapter = None
     for kind in ("lora", "full"):  # full last: its step donates the params it is given
-        adapters = {} if kind == "full" else dict(lora_rank=RANK, lora_targets=TARGETS)
+        adapters = {} if kind == "full" else dict(lora_rank=RANK, lora_targets=",".join(lora.TARGETS))
         hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10, **adapters)
         tx = trainer.make_optimizer(hp)
         spec = hp.lora_spec
@@ -69,8 +67,7 @@ def _ours(config, params, batch, reps: int):
         step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]),
                                        *(trainer.state_shardings(b) for b in base)).lower(
             state[0], batch, *base).compile()
-        m = step.memory_analysis()
-        memory[kind] = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+        memory[kind] = aot.memory_report(kind, step).total
         if spec is not None:
             n_adapter = sum(x.size for x in jax.tree_util.tree_leaves(state[0].params))
 
@@ -85,27 +82,13 @@ def _hf(model, batch, reps: int):
     import peft
     import torch
 
+    from mistral_jax import lora
+
     model.config._attn_implementation = "sdpa"
     batch = torch.from_numpy(batch).long()
-    times = {}
-
-    def step_of(model):
-        trained = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-        def step():
-            logits = model(batch[:, :-1], use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trained, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step, sum(p.numel() for p in trained)
-
-    step, _ = step_of(model.train())
-    times["full"] = timed(step, reps=reps)
+    times = {"full": timed(hf_train_step(model.train(), batch), reps=reps)}
+    modules = [name.split(".")[-1] for name in lora.PEFT_NAMES.values()]
     adapted = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0,
-                                                         target_modules=HF_TARGETS)).train()
-    step, n_adapter = step_of(adapted)
-    times["lora"] = timed(step, reps=reps)
-    return times, {}, n_adapter
+                                                         target_modules=modules)).train()
+    times["lora"] = timed(hf_train_step(adapted, batch), reps=reps)
+    return times, {}, sum(p.numel() for p in adapted.parameters() if p.requires_grad)

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, random_hf_model, timed
+from bench.common import CONFIGS, hf_train_step, random_hf_model, timed
 
 
 def _hf_with_attention(hf, attention: str):
@@ -80,17 +80,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
             torch_batch = torch.from_numpy(batch).long()
             for attention in ("eager", "sdpa"):
                 model = _hf_with_attention(hf, attention).train()
-                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-                def hf_step(model=model, optimizer=optimizer):
-                    logits = model(torch_batch[:, :-1], use_cache=False).logits
-                    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                             torch_batch[:, 1:].reshape(-1))
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                hf_times[attention] = timed(hf_step, reps=reps)
+                hf_times[attention] = timed(hf_train_step(model, torch_batch), reps=reps)
             best = min(hf_times, key=hf_times.get)
             share = 100 * flops / hf_times[best] / peak_flops
             row.update(torch=n_tokens / hf_times[best],

@@ -25,14 +25,13 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mistral_jax import sampling, trainer
+from mistral_jax import lora, sampling, trainer
 from mistral_jax.cli import run as run_cli
 from mistral_jax.config import MistralConfig
 from mistral_jax.model import init_params, param_shardings
 from mistral_jax.sharding import batch_sharding, make_mesh
 
 GiB = 2**30
-ALL_PROJECTIONS = "wq,wk,wv,wo,w1,w2,w3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +92,8 @@ class Report:
         return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
-def _report(program: str, compiled, compile_s: float, **parts) -> Report:
+def memory_report(program: str, compiled, compile_s: float = 0.0, **parts) -> Report:
+    """What XLA plans per device for a compiled program (and the Pallas kernels in it)."""
     m = compiled.memory_analysis()
     kernels = tuple(sorted(set(re.findall(r"\bsplash_mqa_\w+", compiled.as_text()))))
     return Report(program, m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
@@ -120,8 +120,13 @@ def compile_train_step(config: MistralConfig, hp: trainer.Hyperparameters, mesh,
     batch = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh))
     start = time.perf_counter()
     compiled = step.lower(state, batch, *base).compile()
-    return _report("train" if spec is None else f"train LoRA r{spec.rank}", compiled, time.perf_counter() - start,
-                   params=_bytes_per_device((state.params, base)), optimizer=_bytes_per_device(state.opt_state))
+    return memory_report(train_program(hp.lora_rank), compiled, time.perf_counter() - start,
+                         params=_bytes_per_device((state.params, base)), optimizer=_bytes_per_device(state.opt_state))
+
+
+def train_program(lora_rank: int | None) -> str:
+    """The program column of a train step's row."""
+    return "train" if lora_rank is None else f"train LoRA r{lora_rank}"
 
 
 def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, new_tokens: int) -> list[Report]:
@@ -141,13 +146,13 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
     start = time.perf_counter()
     prefill = sampling.start.lower(params, config, prompts, lengths, key, chunk=chunk, max_tokens=new_tokens,
                                    mesh=mesh, **options).compile()
-    reports = [_report("prefill", prefill, time.perf_counter() - start, params=_bytes_per_device(params))]
+    reports = [memory_report("prefill", prefill, time.perf_counter() - start, params=_bytes_per_device(params))]
     state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    prefill.out_info, prefill.output_shardings)
     start = time.perf_counter()
     until_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
     decode = sampling.decode.lower(params, config, state, until_step, **options).compile()
-    reports.append(_report("decode", decode, time.perf_counter() - start, params=_bytes_per_device(params)))
+    reports.append(memory_report("decode", decode, time.perf_counter() - start, params=_bytes_per_device(params)))
     return reports
 
 
@@ -161,7 +166,8 @@ class Plan:
     batch: int
     seq: int  # train: tokens per sequence; generate: context = prompt + new tokens, half each
     preset: str = "mistral-7b-v0.1"
-    lora_rank: int | None = None  # train LoRA adapters of this rank on all seven projections, the base frozen in bf16
+    lora_rank: int | None = None  # train LoRA adapters of this rank on all seven projections (lora.TARGETS), the base
+    # frozen in bf16
 
 
 def config_for(plan: Plan) -> MistralConfig:
@@ -180,7 +186,8 @@ def run(plan: Plan) -> list[Report]:
     config = config_for(plan)
     try:
         if plan.program == "train":
-            adapters = {} if plan.lora_rank is None else dict(lora_rank=plan.lora_rank, lora_targets=ALL_PROJECTIONS)
+            adapters = {} if plan.lora_rank is None else dict(lora_rank=plan.lora_rank,
+                                                               lora_targets=",".join(lora.TARGETS))
             hp = trainer.Hyperparameters(batch_size=plan.batch, seq_len=plan.seq, **adapters)
             return [compile_train_step(config, hp, mesh)]
         return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2)
@@ -188,7 +195,7 @@ def run(plan: Plan) -> list[Report]:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         reason = str(e).split("RESOURCE_EXHAUSTED: ")[-1].split("\n")[0]
-        program = plan.program if plan.lora_rank is None else f"{plan.program} LoRA r{plan.lora_rank}"
+        program = train_program(plan.lora_rank) if plan.program == "train" else plan.program
         return [Report(program, 0, 0, 0, 0, 0.0, error=reason)]
 
 
@@ -210,8 +217,10 @@ def largest_batch(plan: Plan, limit: int = 4096) -> tuple[Plan | None, Plan | No
     was off."""
     mesh = make_mesh(plan.mesh, target_devices(plan.target))
     unit = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-    sized = lambda units: dataclasses.replace(plan, batch=units * unit)  # noqa: E731
     totals: dict[int, int | None] = {}
+
+    def sized(units: int) -> Plan:
+        return dataclasses.replace(plan, batch=units * unit)
 
     def fit(units: int) -> bool:
         if units not in totals:
@@ -278,7 +287,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096, help="train: sequence length; generate: prompt + new tokens")
     p.add_argument("--preset", default="mistral-7b-v0.1")
-    p.add_argument("--lora-rank", type=int, help=f"train: LoRA adapters of this rank on {ALL_PROJECTIONS}, the base "
+    p.add_argument("--lora-rank", type=int, help=f"train: LoRA adapters of this rank on {','.join(lora.TARGETS)}, the base "
                                                  "frozen in bf16")
     p.add_argument("--largest-batch", action="store_true",
                    help="search for the largest batch that fits (compiling at each batch tried; --batch ignored)")
