@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from mistral_jax import cli
+from mistral_jax.runtime import cli
 
 
 def parse_args():
@@ -39,8 +39,8 @@ def main():
     args = parse_args()
     from tqdm import tqdm
 
-    from mistral_jax.checkpoint import load_checkpoint
-    from mistral_jax.convert import convert_pytorch_checkpoint, export_hf_checkpoint
+    from mistral_jax.checkpoints.convert import convert_pytorch_checkpoint, export_hf_checkpoint
+    from mistral_jax.checkpoints.store import load_checkpoint
 
     start = time.perf_counter()
     progress = tqdm(desc="tensors", unit=" tensors", file=sys.stderr, leave=False)
@@ -59,7 +59,7 @@ def main():
           f"{cli.human_bytes(cli.directory_size(args.dst))}, {time.perf_counter() - start:.1f} s")
 
     if args.verify:
-        from mistral_jax.verify import compare_with_pytorch
+        from mistral_jax.checkpoints.verify import compare_with_pytorch
 
         config, params = load_checkpoint(args.dst)
         result = compare_with_pytorch(args.src, config, params, args.verify_tokens)

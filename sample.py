@@ -17,8 +17,8 @@ import os
 import sys
 import time
 
-from mistral_jax import cli, platforms
-from mistral_jax.options import OptionError, option, require_positive
+from mistral_jax.runtime import cli, platforms
+from mistral_jax.runtime.options import option, OptionError, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +74,8 @@ def complete(config, params, tokenizer, prompts: list[list[int]], options: Sampl
              clock: cli.CompileClock) -> list[str]:
     """The completion of each prompt (token ids), until eos or max_new_tokens; with one prompt
     it is also written to stdout as it comes. Timings go to stderr."""
-    from mistral_jax.sampling import generate_stream, until_eos
-    from mistral_jax.tokenizer import StreamDecoder
+    from mistral_jax.inference.sampling import generate_stream, until_eos
+    from mistral_jax.text.tokenizer import StreamDecoder
 
     stream = len(prompts) == 1
     generated = [[] for _ in prompts]
@@ -113,10 +113,10 @@ def _rate(tokens: int, seconds: float) -> str:
 
 def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
-    from mistral_jax.checkpoint import load_checkpoint
-    from mistral_jax.lora import load_peft, merge
-    from mistral_jax.sampling import Sampler
-    from mistral_jax.tokenizer import Tokenizer, find_tokenizer
+    from mistral_jax.checkpoints.store import load_checkpoint
+    from mistral_jax.inference.sampling import Sampler
+    from mistral_jax.text.tokenizer import find_tokenizer, Tokenizer
+    from mistral_jax.training.lora import load_peft, merge
 
     p = cli.parser(__doc__)
     cli.add_options(p, SampleOptions)

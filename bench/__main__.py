@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from bench import common, decode, experts, lora, report, scaling, train
-from mistral_jax.platforms import huge_page_tunables, restart_with_huge_pages
+from mistral_jax.runtime.platforms import huge_page_tunables, restart_with_huge_pages
 
 SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run, "experts": experts.run, "lora": lora.run}
 

@@ -11,7 +11,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mistral_jax.config import MistralConfig  # noqa: E402
+from mistral_jax.model.config import MistralConfig, MoE  # noqa: E402
 
 CONFIGS = {
     "tiny": MistralConfig(dim=256, n_layers=8, head_dim=32, hidden_dim=768, n_heads=8, n_kv_heads=2,
@@ -22,7 +22,7 @@ CONFIGS = {
 }
 # Mixtral-shaped: small's dims with 8 experts, top-2 (bench/experts.py); and the dense model
 # with as many parameters active per token (F = 2 x 2048; less the router's D x E).
-CONFIGS["small-moe"] = CONFIGS["small"].replace(n_experts=8, n_experts_per_tok=2, router_aux_loss_coef=0.02)
+CONFIGS["small-moe"] = CONFIGS["small"].replace(moe=MoE(8, 2, router_aux_loss_coef=0.02))
 CONFIGS["small-active"] = CONFIGS["small"].replace(hidden_dim=2 * CONFIGS["small"].hidden_dim)
 
 
@@ -63,7 +63,7 @@ def timed(fn, reps: int = 5, warmup: int = 1, max_foreign: float = 0.05, max_tri
 def matmul_peak_flops() -> float:
     """Sustained float32 GEMM FLOP/s: best of a few square and rectangular shapes (XLA), each
     the median of 5 undisturbed runs."""
-    from mistral_jax.metrics import measure_peak_flops
+    from mistral_jax.training.metrics import measure_peak_flops
 
     return measure_peak_flops(((2048, 2048, 2048), (4096, 1024, 4096), (1024, 4096, 1024)),
                               timer=lambda fn: timed(fn, reps=5))
@@ -115,10 +115,10 @@ def random_hf_model(config: MistralConfig, seed: int = 0):
     import torch
     import transformers
 
-    from mistral_jax.convert import load_pytorch
+    from mistral_jax.checkpoints.convert import load_pytorch
 
     torch.manual_seed(seed)
-    kind = "Mixtral" if config.n_experts else "Mistral"
+    kind = "Mixtral" if config.moe else "Mistral"
     hf_config = getattr(transformers, f"{kind}Config")(**config.to_hf_dict())
     model = getattr(transformers, f"{kind}ForCausalLM")(hf_config).eval()
     with tempfile.TemporaryDirectory() as tmp:

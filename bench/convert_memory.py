@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mistral_jax.cli import directory_size, human_bytes  # noqa: E402
-from mistral_jax.config import MistralConfig  # noqa: E402
-from mistral_jax.convert import tensor_names, torch_shape  # noqa: E402
+from mistral_jax.checkpoints.convert import tensor_names, torch_shape  # noqa: E402
+from mistral_jax.model.config import MistralConfig  # noqa: E402
+from mistral_jax.runtime.cli import directory_size, human_bytes  # noqa: E402
 
 
 def write_checkpoint(out_dir: str, config: MistralConfig, layout: str) -> None:

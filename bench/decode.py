@@ -31,7 +31,7 @@ def decode_step_seconds(config, params, prompts: np.ndarray, new: int, reps: int
     import jax
     import jax.numpy as jnp
 
-    from mistral_jax import sampling
+    from mistral_jax.inference import sampling
 
     options = dict(sampler=sampling.Sampler(), eos_id=-1)
     config, params = sampling.decoding_layout(config, params)
@@ -64,7 +64,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
     """One side's rows: ours (tok/s, roofline fraction, step time) or torch's (tok/s, best cache)."""
     import torch
 
-    from mistral_jax.sampling import generate, generate_stream
+    from mistral_jax.inference.sampling import generate, generate_stream
 
     torch.set_num_threads(os.cpu_count())
     rows = []

@@ -1,4 +1,4 @@
-"""Decode steps of the benchmark configs in each way platforms.py could run them on CPU: the
+"""Decode steps of the benchmark configs in each way runtime/platforms.py could run them on CPU: the
 evidence for its choices (BENCHMARKS.md, "Decode on CPU: layouts and YNNPACK").
 
   python -m bench.decode_variants [--configs tiny small default] [--reps 3]
@@ -20,8 +20,9 @@ import numpy as np
 from bench.common import CONFIGS
 from bench.decode import NEW, PROMPT, decode_step_seconds
 from bench.report import machine_description, versions
-from mistral_jax import platforms, sampling
-from mistral_jax.model import init_params
+from mistral_jax.inference import sampling
+from mistral_jax.model.transformer import init_params
+from mistral_jax.runtime import platforms
 
 DECODE_WITHOUT_YNN = jax.jit(sampling.decode.__wrapped__, static_argnames=("config", "sampler", "eos_id"),
                              donate_argnames=("state",),
@@ -59,7 +60,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from mistral_jax.cli import run
+    from mistral_jax.runtime.cli import run
 
     platforms.restart_with_huge_pages()
     run(main)

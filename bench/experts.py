@@ -24,7 +24,7 @@ def run(bandwidth: float, peak_flops: float, names=("small-moe",), reps: int = 3
     torch.set_num_threads(os.cpu_count())
     rows = []
     for name in names:
-        if not CONFIGS[name].n_experts:
+        if not CONFIGS[name].moe:
             raise ValueError(f"the experts suite runs configs with experts (small-moe), not {name}")
         moe_seconds = {}
         for model_name in (name, "small-active"):
@@ -51,17 +51,17 @@ def _ours(config, params, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mistral_jax import trainer
-    from mistral_jax.model import Mistral
-    from mistral_jax.sampling import generate
-    from mistral_jax.sharding import make_mesh
+    from mistral_jax.inference.sampling import generate
+    from mistral_jax.model.transformer import Mistral
+    from mistral_jax.runtime.sharding import make_mesh
+    from mistral_jax.training import trainer
 
     times = {}
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 512)).astype(np.int32)
     forward = jax.jit(lambda p, t: Mistral(config).apply({"params": p}, t))
     times["forward"] = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
 
-    if config.n_experts:
+    if config.moe:
         prompt = [np.random.default_rng(2).integers(3, config.vocab_size, PROMPT).tolist()]
         times["decode"] = timed(lambda: generate(config, params, prompt, NEW, eos_id=None), reps=reps)
 
@@ -92,11 +92,11 @@ def _hf(model, config, reps: int) -> dict:
     times["forward"] = timed(forward, reps=reps)
 
     batch = torch.from_numpy(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257))).long()
-    step = hf_train_step(model.train(), batch, config.router_aux_loss_coef if config.n_experts else 0.0)
+    step = hf_train_step(model.train(), batch, config.moe.router_aux_loss_coef if config.moe else 0.0)
     times["train step"] = timed(step, reps=reps)
     model.eval()
 
-    if config.n_experts:
+    if config.moe:
         prompt = torch.tensor([np.random.default_rng(2).integers(3, config.vocab_size, PROMPT).tolist()])
 
         def decode():

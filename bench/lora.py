@@ -21,7 +21,8 @@ def run(bandwidth: float, peak_flops: float, names=("small",), reps: int = 3, si
     del bandwidth
     import torch
 
-    from mistral_jax import aot, metrics
+    from mistral_jax.plans import aot
+    from mistral_jax.training import metrics
 
     torch.set_num_threads(os.cpu_count())
     rows = []
@@ -50,8 +51,9 @@ def _ours(config, params, batch, reps: int):
     import jax
     import jax.numpy as jnp
 
-    from mistral_jax import aot, lora, trainer
-    from mistral_jax.sharding import make_mesh
+    from mistral_jax.plans import aot
+    from mistral_jax.runtime.sharding import make_mesh
+    from mistral_jax.training import lora, trainer
 
     mesh = make_mesh("", jax.devices()[:1])
     batch = jnp.asarray(batch)
@@ -82,7 +84,7 @@ def _hf(model, batch, reps: int):
     import peft
     import torch
 
-    from mistral_jax import lora
+    from mistral_jax.training import lora
 
     model.config._attn_implementation = "sdpa"
     batch = torch.from_numpy(batch).long()

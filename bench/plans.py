@@ -1,6 +1,6 @@
 """Every row of docs/SCALING.md: the train step and generate of Mistral 7B, Ministral 8B,
 Mistral Nemo 12B and Mixtral 8x7B, and 7B's LoRA fine-tune, compiled ahead of time for TPU
-slices and the 8-device CPU stand-in (mistral_jax.aot), per-device memory from XLA.
+slices and the 8-device CPU stand-in (mistral_jax.plans.aot), per-device memory from XLA.
 
   python -m bench.plans                      # compiles and prints every row
   python -m bench.plans --write              # ... and rewrites the tables in docs/SCALING.md
@@ -13,8 +13,8 @@ import argparse
 import os
 
 from bench.report import rewrite_section
-from mistral_jax import aot
-from mistral_jax.cli import run
+from mistral_jax.plans import aot
+from mistral_jax.runtime.cli import run
 
 SCALING = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "SCALING.md")
 
@@ -52,7 +52,7 @@ EXPERT_PLANS = [
 ]
 # Mistral 7B fine-tuned with rank-16 LoRA adapters on all seven projections, the base frozen
 # in bf16: at each target the largest global batch of 4096-token sequences that fits with 5%
-# to spare and the next one, which does not (`python -m mistral_jax.aot ... --lora-rank 16
+# to spare and the next one, which does not (`python -m mistral_jax.plans.aot ... --lora-rank 16
 # --largest-batch` found them).
 LORA_PLANS = [aot.Plan("v5e-8", "fsdp=8", "train", 8, 4096)] + [  # the full fine-tune beside them (v4-8, v5e-16: above)
     aot.Plan(target, mesh, "train", batch, 4096, lora_rank=16)

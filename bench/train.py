@@ -25,9 +25,9 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
     import jax.numpy as jnp
     import torch
 
-    from mistral_jax import metrics, trainer
-    from mistral_jax.model import Mistral
-    from mistral_jax.sharding import make_mesh
+    from mistral_jax.model.transformer import Mistral
+    from mistral_jax.runtime.sharding import make_mesh
+    from mistral_jax.training import metrics, trainer
 
     torch.set_num_threads(os.cpu_count())
     rows = []

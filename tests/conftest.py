@@ -119,7 +119,7 @@ REAL_TOKENIZER = os.path.join(BUNDLED, "tokenizer.model.v1")
 def run_script(capsys, script, *argv):
     """A CLI script's main() in this process, as `python script.py argv...` runs it:
     (exit status, stdout, stderr)."""
-    from mistral_jax import cli
+    from mistral_jax.runtime import cli
 
     def exit_here(status):  # cli.run ends a failed process whose library threads linger; not pytest's
         raise SystemExit(status)

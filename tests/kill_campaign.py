@@ -19,7 +19,7 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mistral_jax.config import MistralConfig  # noqa: E402
+from mistral_jax.model.config import MistralConfig  # noqa: E402
 
 STEPS = 60
 

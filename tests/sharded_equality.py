@@ -13,11 +13,12 @@ import sys
 import jax
 import numpy as np
 
-from mistral_jax import lora, platforms, trainer
-from mistral_jax.config import MistralConfig
-from mistral_jax.model import Mistral, unstack_layers
-from mistral_jax.sampling import Sampler, generate, start
-from mistral_jax.sharding import batch_sharding, make_mesh, under_mesh
+from mistral_jax.inference.sampling import generate, Sampler, start
+from mistral_jax.model.config import MistralConfig, MoE
+from mistral_jax.model.transformer import Mistral, unstack_layers
+from mistral_jax.runtime import platforms
+from mistral_jax.runtime.sharding import batch_sharding, make_mesh, under_mesh
+from mistral_jax.training import lora, trainer
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 assert jax.device_count() == 8, jax.devices()
@@ -28,7 +29,7 @@ CONFIG = MistralConfig(dim=64, n_layers=4, head_dim=16, hidden_dim=128, n_heads=
                        sliding_window=(None, 8), max_seq_len=128)
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4")
 if EXPERTS:  # 8 experts, top-2, the load-balancing and z-losses in the step
-    CONFIG = CONFIG.replace(n_layers=2, n_experts=8, n_experts_per_tok=2, router_aux_loss_coef=0.02)
+    CONFIG = CONFIG.replace(n_layers=2, moe=MoE(8, 2, router_aux_loss_coef=0.02))
     MESHES = ("expert=8", "fsdp=2,expert=4", "data=2,expert=2,tensor=2", "fsdp=8")
 HP = trainer.Hyperparameters(steps=10, batch_size=8, seq_len=24, lr=1e-2, warmup=1, router_z_loss=1e-3)
 rng = np.random.default_rng(0)

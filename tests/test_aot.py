@@ -14,7 +14,7 @@ from conftest import REPO
 GiB = 2**30
 CHECK = """
 import dataclasses, json, sys
-from mistral_jax import aot
+from mistral_jax.plans import aot
 plan = aot.Plan(*json.loads(sys.argv[1]))
 (report,) = aot.run(plan)
 print(json.dumps({**dataclasses.asdict(report), "total": report.total,

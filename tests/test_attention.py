@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mistral_jax.attention import attention_mask, blocked_attention, causal_attention, masked_attention
+from mistral_jax.model.attention import attention_mask, blocked_attention, causal_attention, masked_attention
 
 
 def test_window_mask_exact():

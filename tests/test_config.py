@@ -5,7 +5,7 @@ import json
 import pytest
 import transformers
 
-from mistral_jax.config import ConfigError, MistralConfig
+from mistral_jax.model.config import ConfigError, MistralConfig
 
 # Verbatim from the official releases (mistral-inference params.json, HF config.json).
 PARAMS_V01 = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mistral_jax.convert import CheckpointError, load_pytorch
-from mistral_jax.tensor_files import SafetensorsFile
+from mistral_jax.checkpoints.convert import CheckpointError, load_pytorch
+from mistral_jax.checkpoints.tensor_files import SafetensorsFile
 
 
 def copy_reference(ref, tmp_path):
@@ -33,7 +33,7 @@ def test_safetensors_reader_matches_safetensors(ref_windowed, tmp_path):
 
 def test_safetensors_load_without_torch(ref_windowed):
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from mistral_jax.convert import load_pytorch\n"
+            "from mistral_jax.checkpoints.convert import load_pytorch\n"
             f"config, params = load_pytorch({ref_windowed.dir!r})\n"
             "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
             "print(params['output'].shape)")

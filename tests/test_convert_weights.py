@@ -1,4 +1,4 @@
-"""convert_weights.py and checkpoint.py, with HF transformers as the oracle."""
+"""convert_weights.py and checkpoints/store.py, with HF transformers as the oracle."""
 
 import copy
 import json
@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights
 from conftest import REAL_TOKENIZER, REPO, assert_one_line_error, forward, run_script
-from mistral_jax.checkpoint import atomic_directory, load_checkpoint, save_checkpoint
-from mistral_jax.convert import load_pytorch, save_hf
-from mistral_jax.verify import compare_with_pytorch
+from mistral_jax.checkpoints.convert import load_pytorch, save_hf
+from mistral_jax.checkpoints.store import atomic_directory, load_checkpoint, save_checkpoint
+from mistral_jax.checkpoints.verify import compare_with_pytorch
 from test_parity import write_native
 
 def run(capsys, *argv):
@@ -102,8 +102,8 @@ def test_checkpoint_restores_onto_shardings_of_8_devices(ref_windowed, tmp_path)
     code = f"""
 import jax, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from mistral_jax.checkpoint import load_checkpoint
-from mistral_jax.convert import load_pytorch
+from mistral_jax.checkpoints.convert import load_pytorch
+from mistral_jax.checkpoints.store import load_checkpoint
 mesh = Mesh(np.array(jax.devices()).reshape(8), ("fsdp",))
 _, expected = load_pytorch({ref_windowed.dir!r})
 sharding = jax.tree_util.tree_map(lambda x: NamedSharding(mesh, P(*[None] * (x.ndim - 1), "fsdp")), expected)

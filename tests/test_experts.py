@@ -5,6 +5,7 @@ loss; greedy generation and the cache; conversion both ways and --verify; plante
 the presets' shapes; training (accumulation, resume, train.py)."""
 
 import copy
+import dataclasses
 import json
 
 import jax
@@ -16,12 +17,13 @@ import transformers
 from safetensors.torch import load_file
 
 from conftest import MIXTRAL, WINDOW, build_reference, forward
-from mistral_jax import data, moe, trainer
-from mistral_jax.config import MistralConfig
-from mistral_jax.convert import load_pytorch
-from mistral_jax.model import Mistral
-from mistral_jax.sampling import generate
-from mistral_jax.sharding import make_mesh
+from mistral_jax.checkpoints.convert import load_pytorch
+from mistral_jax.inference.sampling import generate
+from mistral_jax.model import moe
+from mistral_jax.model.config import MistralConfig, MoE
+from mistral_jax.model.transformer import Mistral
+from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.training import data, trainer
 from test_parity import TOL, max_diff, write_native
 from test_sampling import decoding, hf_greedy, in_layout, logits_by_chunks, prompts_of  # noqa: F401 (a fixture)
 from test_family import assert_hf_round_trip
@@ -38,7 +40,7 @@ def mixtral(ref_mixtral):
 
 def test_config_and_params_hold_the_experts(mixtral):
     _, config, params = mixtral
-    assert (config.n_experts, config.n_experts_per_tok, config.router_aux_loss_coef) == (4, 2, 0.001)
+    assert config.moe == MoE(4, 2, router_aux_loss_coef=0.001)
     assert config.sliding_window == WINDOW
     ffn = params["layers"]["feed_forward"]
     assert ffn["gate"].shape == (2, 64, 4) and ffn["w1"].shape == ffn["w3"].shape == (2, 4, 64, 96)
@@ -61,7 +63,7 @@ def test_logits_equal_hf_across_seeds_and_k(tmp_path, seed, experts, k, window):
     ref = build_reference(tmp_path, seed=seed, window=window, kind="Mixtral", seq_len=3 * WINDOW + 4,
                           num_local_experts=experts, num_experts_per_tok=k, **MIXTRAL)
     config, params = load_pytorch(ref.dir)
-    assert (config.n_experts, config.n_experts_per_tok, config.sliding_window) == (experts, k, window)
+    assert (config.moe.n_experts, config.moe.n_experts_per_tok, config.sliding_window) == (experts, k, window)
     assert max_diff(config, params, ref) < TOL
 
 
@@ -72,7 +74,7 @@ def test_native_layout(mixtral, tmp_path):
     assert {"layers.1.feed_forward.gate.weight", "layers.1.feed_forward.experts.3.w2.weight"} <= names
     assert json.loads((tmp_path / "params.json").read_text())["moe"] == {"num_experts": 4, "num_experts_per_tok": 2}
     native_config, native = load_pytorch(str(tmp_path))
-    assert native_config == config.replace(max_seq_len=native_config.max_seq_len, router_aux_loss_coef=0.0)
+    assert native_config == config.replace(max_seq_len=native_config.max_seq_len, moe=MoE(4, 2))
     for a, b in zip(jax.tree_util.tree_leaves(native), jax.tree_util.tree_leaves(params)):
         np.testing.assert_array_equal(a, b)
     assert max_diff(native_config, native, ref) < TOL
@@ -81,7 +83,7 @@ def test_native_layout(mixtral, tmp_path):
 def test_oracle_catches_planted_bugs(mixtral, monkeypatch):
     """Top-1 for top-2, and weights not renormalised over the k, each fail by far."""
     ref, config, params = mixtral
-    assert max_diff(config.replace(n_experts_per_tok=1), params, ref) > 100 * TOL
+    assert max_diff(config.replace(moe=MoE(4, 1)), params, ref) > 100 * TOL
     route = moe.route
 
     def unnormalised(x, gate, k):
@@ -197,12 +199,13 @@ def test_preset_shapes_equal_transformers_models(name):
     assert round(config.num_params / 1e9, digits) == total and round(config.active_params / 1e9, digits) == active
     assert MistralConfig.from_hf_dict(hf) == config
     native = MistralConfig.from_params_dict(config.to_params_dict())
-    assert native == config.replace(max_seq_len=native.max_seq_len, router_aux_loss_coef=0.0)
+    assert native == config.replace(max_seq_len=native.max_seq_len,
+                                   moe=dataclasses.replace(config.moe, router_aux_loss_coef=0.0))
 
 
 # ---- training ---------------------------------------------------------------------------------
 
-TINY_MOE = TINY.replace(n_experts=4, n_experts_per_tok=2, router_aux_loss_coef=0.02)
+TINY_MOE = TINY.replace(moe=MoE(4, 2, router_aux_loss_coef=0.02))
 
 
 def test_grad_accumulation_averages_the_micro_batches(tokens):
@@ -262,4 +265,4 @@ def test_train_py_trains_and_exports_a_mixtral(tmp_path, capsys, monkeypatch):
         assert r["aux_loss"] > 0 and r["router_z_loss"] > 0
         assert abs(r["loss"] - (r["ce"] + 0.05 * r["aux_loss"] + 1e-3 * r["router_z_loss"])) < 1e-5 * r["loss"]
     config = assert_exported_model_equals_hf(out / "model", tmp_path / "hf", transformers.MixtralForCausalLM)
-    assert (config.n_experts, config.n_experts_per_tok) == (4, 2)
+    assert (config.moe.n_experts, config.moe.n_experts_per_tok) == (4, 2)

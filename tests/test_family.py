@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights
 from conftest import WEIGHT_STD, WINDOW, forward, run_script
-from mistral_jax.cache import KVCache
-from mistral_jax.config import MistralConfig
-from mistral_jax.convert import CheckpointError, load_pytorch, save_hf
-from mistral_jax.model import Mistral
-from mistral_jax.sampling import Sampler, generate, start
+from mistral_jax.checkpoints.convert import CheckpointError, load_pytorch, save_hf
+from mistral_jax.inference.sampling import generate, Sampler, start
+from mistral_jax.model.cache import KVCache
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import Mistral
 from test_parity import TOL, max_diff, write_native
 from test_sampling import decoding, hf_greedy, in_layout, logits_by_chunks, prompts_of  # noqa: F401 (a fixture)
 

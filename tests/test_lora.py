@@ -13,12 +13,14 @@ import transformers
 
 import sample
 from conftest import assert_one_line_error, build_reference, forward, run_script
-from mistral_jax import Mistral, data, lora, metrics, trainer
-from mistral_jax.cache import KVCache
-from mistral_jax.checkpoint import load_checkpoint, save_checkpoint
-from mistral_jax.convert import convert_pytorch_checkpoint, export_hf_checkpoint
-from mistral_jax.model import init_params
-from mistral_jax.sharding import make_mesh
+from mistral_jax import Mistral
+from mistral_jax.checkpoints.convert import convert_pytorch_checkpoint, export_hf_checkpoint
+from mistral_jax.checkpoints.store import load_checkpoint, save_checkpoint
+from mistral_jax.model.cache import KVCache
+from mistral_jax.model.config import MoE
+from mistral_jax.model.transformer import init_params
+from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.training import data, lora, metrics, trainer
 from test_train import (TINY, StopAt, dot_flops, hp, losses, run_train, tokenizer_path,  # noqa: F401 (fixtures)
                         tokens, write_small_corpus)
 
@@ -51,7 +53,7 @@ def test_fresh_adapters_leave_the_model_unchanged_bit_for_bit(window):
 MODELS = {  # each kind of layer stack, with the targets it takes
     "dense": (TINY, tuple(lora.TARGETS)),
     "per-layer windows": (TINY.replace(sliding_window=(None, 16)), tuple(lora.TARGETS)),
-    "experts": (TINY.replace(n_experts=4, n_experts_per_tok=2), lora.DEFAULT_TARGETS),
+    "experts": (TINY.replace(moe=MoE(4, 2)), lora.DEFAULT_TARGETS),
 }
 
 
@@ -219,7 +221,7 @@ def test_bad_lora_flags(tiny_checkpoint, tmp_path, capsys, monkeypatch, argv, me
 
 
 def test_experts_take_adapters_on_their_attention_only():
-    moe = TINY.replace(n_experts=4, n_experts_per_tok=2)
+    moe = TINY.replace(moe=MoE(4, 2))
     assert set(lora.abstract_adapters(moe, lora.LoRA(4, targets=("wq", "wo")))) == {"attention"}
     with pytest.raises(ValueError, match="w1,w3: a model with experts has no dense feed-forward"):
         lora.abstract_adapters(moe, lora.LoRA(4, targets=("wq", "w1", "w3")))

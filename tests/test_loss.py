@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from mistral_jax import trainer
-from mistral_jax.convert import load_pytorch
+from mistral_jax.checkpoints.convert import load_pytorch
+from mistral_jax.training import trainer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 
 from conftest import forward
 from mistral_jax import Mistral, MistralConfig
-from mistral_jax.convert import load_pytorch
+from mistral_jax.checkpoints.convert import load_pytorch
 
 
 def test_bfloat16_is_as_accurate_as_pytorch_bfloat16(ref_windowed):

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from mistral_jax.config import MistralConfig
+from mistral_jax.model.config import MistralConfig
 
 TINY = MistralConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=512,
                      sliding_window=16, max_seq_len=64)

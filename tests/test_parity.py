@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import WINDOW, forward
-from mistral_jax.convert import load_pytorch
-from mistral_jax.model import unstack_layers
+from mistral_jax.checkpoints.convert import load_pytorch
+from mistral_jax.model.transformer import unstack_layers
 from test_sampling import assert_views_of_stacked
 
 TOL = 1e-4  # float32 max abs logit difference
@@ -143,8 +143,6 @@ def test_native_and_hf_give_identical_params(ref_windowed, tmp_path):
 
 
 def _leaves(tree):
-    import jax
-
     return sorted(((jax.tree_util.keystr(p), np.asarray(x)) for p, x in
                    jax.tree_util.tree_flatten_with_path(tree)[0]), key=lambda t: t[0])
 

@@ -13,10 +13,10 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from conftest import BUNDLED
 from test_tokenizer import FILES
-from mistral_jax.config import ConfigError, MistralConfig
-from mistral_jax.model import init_params
-from mistral_jax.sampling import generate
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.inference.sampling import generate
+from mistral_jax.model.config import ConfigError, MistralConfig, MoE
+from mistral_jax.model.transformer import init_params
+from mistral_jax.text.tokenizer import Tokenizer
 
 
 
@@ -31,7 +31,7 @@ def examples(n: int):
 HF = MistralConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
                    vocab_size=256, sliding_window=(None, 8)).to_hf_dict()
 NATIVE = MistralConfig(dim=64, n_layers=2, head_dim=16, hidden_dim=128, n_heads=4, n_kv_heads=2,
-                       vocab_size=256, n_experts=4, n_experts_per_tok=2).to_params_dict()
+                       vocab_size=256, moe=MoE(4, 2)).to_params_dict()
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
                     max_leaves=8)

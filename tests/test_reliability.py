@@ -22,12 +22,14 @@ import convert_weights
 import sample
 import train
 from conftest import REAL_TOKENIZER, REPO, assert_one_line_error, run_script
-from mistral_jax import checkpoint, data, locks, trainer
-from mistral_jax.checkpoint import load_checkpoint, save_checkpoint
-from mistral_jax.integrity import DamagedCheckpoint
-from mistral_jax.tensor_files import SafetensorsFile, TensorFileError
-from mistral_jax.model import init_params
-from mistral_jax.sharding import make_mesh
+from mistral_jax.checkpoints import store
+from mistral_jax.checkpoints.integrity import DamagedCheckpoint
+from mistral_jax.checkpoints.store import load_checkpoint, save_checkpoint
+from mistral_jax.checkpoints.tensor_files import SafetensorsFile, TensorFileError
+from mistral_jax.model.transformer import init_params
+from mistral_jax.runtime import locks
+from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.training import data, trainer
 from test_train import TINY, StopAt, hp, losses, tiny_config_file, tokenizer_path, tokens  # noqa: F401, F811
 
 TRAIN = ("--batch-size", 8, "--seq-len", 32, "--samples", 0)
@@ -72,7 +74,7 @@ def test_a_live_run_holds_its_out_until_it_dies(tmp_path, run_train):
                                  "--out", out, *map(str, TRAIN), "--steps", "100000", "--save-every", "5",
                                  "--log-every", "1"], stdout=subprocess.DEVNULL, stderr=stderr_file,
                                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    saved = lambda: checkpoint.saved_steps(str(out / "checkpoints"))  # noqa: E731
+    saved = lambda: store.saved_steps(str(out / "checkpoints"))  # noqa: E731
     try:
         wait_for(lambda: saved() or live.poll() is not None, "a checkpoint")
         assert live.poll() is None, log.read_text()
@@ -139,7 +141,7 @@ def test_a_failed_writes_stragglers_do_not_leave_a_partial(tmp_path, monkeypatch
     stragglers = []
     monkeypatch.setattr(shutil, "rmtree", remove_then_a_straggler_writes)
     with pytest.raises(OSError, match="No space left"):
-        with checkpoint.atomic_directory(str(tmp_path / "out")):
+        with store.atomic_directory(str(tmp_path / "out")):
             raise OSError(28, "No space left on device")
     assert stragglers and os.listdir(tmp_path) == []
 
@@ -230,7 +232,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint(tokens, tmp_path, uninterru
     in orbax's words)."""
     batches = data.TokenBatches(tokens, 32, 8)
     trainer.fit(TINY, hp(steps=16), StopAt(batches, 11), make_mesh(""), str(tmp_path), SCHEDULE)
-    assert checkpoint.saved_steps(str(tmp_path / "checkpoints")) == [4, 8, 12]
+    assert store.saved_steps(str(tmp_path / "checkpoints")) == [4, 8, 12]
     DAMAGE["random bytes of the same size"](_largest_data_file(tmp_path / "checkpoints" / "12"))
     state, _ = trainer.fit(TINY, hp(steps=16), batches, make_mesh(""), str(tmp_path), SCHEDULE, resume=True)
     assert "checkpoint step 12 is damaged" in caplog.text and "checksum mismatch" in caplog.text
@@ -247,7 +249,7 @@ def test_resume_from_an_older_step(tokens, tmp_path, uninterrupted, capsys):  # 
     trainer.fit(TINY, hp(steps=16), batches, make_mesh(""), str(tmp_path), SCHEDULE, resume_from=8)
     assert "resuming from step 8, discarding the checkpoints of steps 12, 16" in capsys.readouterr().out
     assert losses(tmp_path) == uninterrupted
-    assert checkpoint.saved_steps(str(tmp_path / "checkpoints")) == [8, 12, 16]
+    assert store.saved_steps(str(tmp_path / "checkpoints")) == [8, 12, 16]
 
 
 def test_a_resume_with_no_steps_left_still_plots(tokens, tmp_path):  # noqa: F811
@@ -285,9 +287,9 @@ def test_skip_nonfinite_leaves_the_state_as_it_was(tokens, tmp_path):  # noqa: F
         records = {r["step"]: r for r in map(json.loads, f)}
     assert [records[s]["skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 1, 1, 2, 2, 2]
     assert not np.isfinite(records[3]["loss"]) and np.isfinite(records[8]["loss"])
-    manager = checkpoint.train_state_manager(str(tmp_path / "checkpoints"), 10)
+    manager = store.train_state_manager(str(tmp_path / "checkpoints"), 10)
     abstract = trainer.abstract_state(TINY, trainer.make_optimizer(hp(steps=8)), make_mesh(""))
-    saved = {s: jax.device_get(checkpoint.restore_train_state(manager, abstract, s)) for s in (2, 3, 4)}
+    saved = {s: jax.device_get(store.restore_train_state(manager, abstract, s)) for s in (2, 3, 4)}
     manager.close()
     for before, after in zip(jax.tree_util.tree_leaves((saved[2].params, saved[2].opt_state)),
                              jax.tree_util.tree_leaves((saved[3].params, saved[3].opt_state))):

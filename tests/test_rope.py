@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from transformers.models.mistral import modeling_mistral
 
-from mistral_jax.convert import interleaved_to_rotate_half
-from mistral_jax.rope import apply_rope
+from mistral_jax.checkpoints.convert import interleaved_to_rotate_half
+from mistral_jax.model.rope import apply_rope
 
 B, T, N, d = 2, 11, 3, 8
 

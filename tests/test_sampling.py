@@ -10,12 +10,12 @@ import torch
 from transformers.generation import logits_process
 
 from conftest import WINDOW, forward
-from mistral_jax import platforms
-from mistral_jax.cache import KVCache
-from mistral_jax.options import OptionError
-from mistral_jax.convert import load_pytorch
-from mistral_jax.model import Mistral, unstack_layers
-from mistral_jax.sampling import Sampler, decode, decoding_layout, filter_logits, generate, sample_logits, start
+from mistral_jax.checkpoints.convert import load_pytorch
+from mistral_jax.inference.sampling import decode, decoding_layout, filter_logits, generate, sample_logits, Sampler, start
+from mistral_jax.model.cache import KVCache
+from mistral_jax.model.transformer import Mistral, unstack_layers
+from mistral_jax.runtime import platforms
+from mistral_jax.runtime.options import OptionError
 
 NEW = 3 * WINDOW + 7  # generation wraps the cache several times
 
@@ -127,8 +127,8 @@ def test_logits_at_projects_only_the_asked_positions(windowed):
 
 
 def test_cache_worked_example():
-    """The example in cache.py's docstring: window 3, prompts of lengths [5, 2], chunks of 3."""
-    from mistral_jax.config import MistralConfig
+    """The example in model/cache.py's docstring: window 3, prompts of lengths [5, 2], chunks of 3."""
+    from mistral_jax.model.config import MistralConfig
 
     config = MistralConfig(dim=8, n_layers=1, head_dim=4, hidden_dim=8, n_heads=2, n_kv_heads=1,
                            vocab_size=10, sliding_window=3)
@@ -147,7 +147,7 @@ def test_cache_worked_example():
 def test_prefill_chunk_size_does_not_change_tokens(windowed):
     _, config, params = windowed
     prompts = prompts_of([50, 7], config.vocab_size, seed=2)
-    from mistral_jax.sampling import generate_stream
+    from mistral_jax.inference.sampling import generate_stream
 
     def run(chunk):
         pieces = generate_stream(config, params, prompts, 20, eos_id=None, prefill_chunk=chunk)
@@ -158,7 +158,7 @@ def test_prefill_chunk_size_does_not_change_tokens(windowed):
 
 def test_streamed_steps_equal_one_call(windowed):
     _, config, params = windowed
-    from mistral_jax.sampling import generate_stream
+    from mistral_jax.inference.sampling import generate_stream
 
     prompts = prompts_of([10, 4], config.vocab_size, seed=3)
     pieces = list(generate_stream(config, params, prompts, 25, sampler=Sampler(temperature=0.8), seed=5, eos_id=None,
@@ -221,7 +221,7 @@ def test_generate_decodes_over_views_of_stacked_params_on_cpu(windowed, monkeypa
     """What generate decodes with on CPU: a block per layer over views of the stacked params
     as loaded, each layer's weights in the stacked array's memory (nothing copied per call)."""
     _, config, params = windowed
-    import mistral_jax.sampling as sampling
+    from mistral_jax.inference import sampling
 
     compiled = []  # the configs generate's compiled loops were traced for
     decode_fn = sampling.decode

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import REPO
-from mistral_jax.sharding import parse_mesh_spec, spec_for
+from mistral_jax.runtime.sharding import parse_mesh_spec, spec_for
 
 
 def test_mesh_specs():

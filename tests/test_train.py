@@ -19,12 +19,13 @@ import transformers
 import sample
 import train
 from conftest import REPO, assert_one_line_error, build_reference, forward, run_script
-from mistral_jax import checkpoint, data, metrics, trainer
-from mistral_jax.checkpoint import load_checkpoint
-from mistral_jax.config import MistralConfig
-from mistral_jax.model import init_params
-from mistral_jax.sharding import make_mesh
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.checkpoints import store
+from mistral_jax.checkpoints.store import load_checkpoint
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import init_params
+from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.text.tokenizer import Tokenizer
+from mistral_jax.training import data, metrics, trainer
 
 TINY = MistralConfig(dim=32, n_layers=2, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, vocab_size=512,
                      sliding_window=16, max_seq_len=64)
@@ -172,9 +173,9 @@ def test_divergence_stops_with_a_finite_last_good_checkpoint(tokens, tmp_path, l
                     trainer.Schedule(log_every=log_every, save_every=1))
     bad, good = map(int, re.search(diverged, str(e.value)).groups()[2:])
     assert good < bad
-    manager = checkpoint.train_state_manager(str(tmp_path / "checkpoints"), 3)
+    manager = store.train_state_manager(str(tmp_path / "checkpoints"), 3)
     assert manager.latest_step() == good
-    state = checkpoint.restore_train_state(manager, trainer.abstract_state(
+    state = store.restore_train_state(manager, trainer.abstract_state(
         TINY, trainer.make_optimizer(hp(steps=30, lr=1e4)), make_mesh("")))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
 

@@ -1,7 +1,7 @@
 """Rotary position embeddings, in the rotate-half layout.
 
 Layout: within each head, feature i is paired with feature i + d/2 (HF transformers' layout).
-Mistral-native checkpoints pair (2i, 2i+1) instead; `convert.py` permutes their wq/wk rows once
+Mistral-native checkpoints pair (2i, 2i+1) instead; `checkpoints/convert.py` permutes their wq/wk rows once
 so that the model never needs to know which layout a checkpoint came from.
 """
 

@@ -27,8 +27,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.platforms import expert_kernel
-from mistral_jax.sharding import spec_for
+from mistral_jax.runtime.platforms import expert_kernel
+from mistral_jax.runtime.sharding import spec_for
 
 TILE = 128  # rows of a tile of the scan kernel (fewer when there are fewer assignments)
 

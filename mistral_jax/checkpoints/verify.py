@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.config import MistralConfig
-from mistral_jax.convert import find_checkpoint, interleaved_to_rotate_half, read_config, source_names, tensor_names
-from mistral_jax.tensor_files import read_tensor_file, to_numpy
-from mistral_jax.model import Mistral
+from mistral_jax.checkpoints.convert import find_checkpoint, interleaved_to_rotate_half, read_config, source_names, tensor_names
+from mistral_jax.checkpoints.tensor_files import read_tensor_file, to_numpy
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import Mistral
 
 
 @dataclasses.dataclass
@@ -61,7 +61,7 @@ def pytorch_model(src: str, config: MistralConfig):
                     w = interleaved_to_rotate_half(w, n_heads)
             rounded = np.asarray(w).astype(jnp.dtype(config.param_dtype)).astype(np.float32)
             state[name] = torch.from_numpy(rounded)
-    if config.n_experts:
+    if config.moe:
         state = _fused_experts(state, config)
     model.load_state_dict(state, strict=True, assign=True)
     # The rotary frequencies are a computed buffer, not a checkpoint tensor: build them for real.
@@ -79,7 +79,7 @@ def _fused_experts(state: dict, config: MistralConfig) -> dict:
         old = f"model.layers.{i}.block_sparse_moe."
         new = f"model.layers.{i}.mlp."
         experts = [{w: state.pop(f"{old}experts.{e}.{w}.weight") for w in ("w1", "w2", "w3")}
-                   for e in range(config.n_experts)]
+                   for e in range(config.moe.n_experts)]
         state[new + "gate.weight"] = state.pop(old + "gate.weight")
         state[new + "experts.gate_up_proj"] = torch.stack([torch.cat([x["w1"], x["w3"]]) for x in experts])
         state[new + "experts.down_proj"] = torch.stack([x["w2"] for x in experts])

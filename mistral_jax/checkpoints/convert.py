@@ -1,7 +1,7 @@
 """PyTorch checkpoints (HF transformers and Mistral-native layouts) <-> Flax params, streamed.
 
 Conversion is a rename, a transpose/reshape per tensor, and one permutation: Mistral-native
-wq/wk rows rotate interleaved pairs (2i, 2i+1) while the model (rope.py) rotates halves
+wq/wk rows rotate interleaved pairs (2i, 2i+1) while the model (model/rope.py) rotates halves
 (i, i + d/2), as HF's rows already do. Tensors are read lazily (safetensors through a
 memory map per tensor, PyTorch pickles through torch's mmap) and produced one stacked
 parameter at a time, so the peak is one copy of the output plus one source tensor.
@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from mistral_jax.checkpoint import atomic_directory, check_destination, load_checkpoint, save_checkpoint
-from mistral_jax.config import MistralConfig
-from mistral_jax.tensor_files import TensorFileError, aligned_empty, read_tensor_file, to_numpy, write_safetensors
-from mistral_jax.tokenizer import Tokenizer, checkpoint_name, find_tokenizer
+from mistral_jax.checkpoints.store import atomic_directory, check_destination, load_checkpoint, save_checkpoint
+from mistral_jax.checkpoints.tensor_files import aligned_empty, read_tensor_file, TensorFileError, to_numpy, write_safetensors
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.text.tokenizer import checkpoint_name, find_tokenizer, Tokenizer
 
 logger = logging.getLogger("mistral_jax")
 
@@ -75,7 +75,7 @@ _VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\.|"
 
 def layer_tensors(c: MistralConfig) -> dict[tuple, tuple[str, str]]:
     """LAYER_TENSORS, with EXPERT_TENSORS as the feed-forward of a model with experts."""
-    if not c.n_experts:
+    if not c.moe:
         return LAYER_TENSORS
     return {**{path: names for path, names in LAYER_TENSORS.items() if path[0] != "feed_forward"},
             **EXPERT_TENSORS}
@@ -83,14 +83,14 @@ def layer_tensors(c: MistralConfig) -> dict[tuple, tuple[str, str]]:
 
 def torch_shape(leaf: str, c: MistralConfig) -> tuple[int, ...]:
     """Shape of a tensor in PyTorch layout ([out, in] for linear weights; one expert's)."""
-    D, F, V, d = c.dim, c.hidden_dim, c.vocab_size, c.head_dim
+    D, F, V, d, E = c.dim, c.hidden_dim, c.vocab_size, c.head_dim, c.moe.n_experts if c.moe else 0
     return {"wq": (c.n_heads * d, D), "wk": (c.n_kv_heads * d, D), "wv": (c.n_kv_heads * d, D),
             "wo": (D, c.n_heads * d), "w1": (F, D), "w3": (F, D), "w2": (D, F), "weight": (D,),
-            "gate": (c.n_experts, D), "tok_embeddings": (V, D), "output": (V, D)}[leaf]
+            "gate": (E, D), "tok_embeddings": (V, D), "output": (V, D)}[leaf]
 
 
 def torch_to_flax(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
-    """PyTorch layout -> the model's kernel layout (see model.py)."""
+    """PyTorch layout -> the model's kernel layout (see model/transformer.py)."""
     D, d = c.dim, c.head_dim
     if leaf in ("wq", "wk", "wv"):
         return w.reshape(-1, d, D).transpose(2, 0, 1)  # [N*d, D] -> [D, N, d]
@@ -190,7 +190,7 @@ def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] = (
             name = f"{prefix}.{i}.{layer_names[pick]}.weight"
             if "{e}" not in name:
                 names[("layers",) + path, (i,)] = name
-            for e in range(c.n_experts if "{e}" in name else 0):
+            for e in range(c.moe.n_experts if "{e}" in name else 0):
                 names[("layers",) + path, (i, e)] = name.format(e=e)
     if layout == "hf" and hf_prefixes != ("model.", ""):
         body, head = hf_prefixes
@@ -256,7 +256,7 @@ def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], c
     for path in TOP_TENSORS:
         yield path, load((path, ()))
     for path, layer_names in layer_tensors(config).items():
-        stack = (config.n_layers, config.n_experts) if "{e}" in layer_names[0] else (config.n_layers,)
+        stack = (config.n_layers, config.moe.n_experts) if "{e}" in layer_names[0] else (config.n_layers,)
         one = torch_to_flax(path[-1], np.empty(torch_shape(path[-1], config), np.int8), config).shape
         stacked = aligned_empty(stack + one, np_dtype)
         for index in np.ndindex(stack):
@@ -323,7 +323,7 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
     as transformers' MistralForCausalLM (Ministral..., Mixtral...) .from_pretrained reads
     them. Returns the files written."""
     if not config.hf_expressible:
-        if config.n_experts and config.grouped_layers:
+        if config.moe and config.grouped_layers:
             raise CheckpointError("experts with per-layer windows: transformers' MixtralConfig has one "
                                   "sliding_window for every layer, so no HF model holds this one")
         raise CheckpointError(f"windows {sorted({w for w in config.windows if w})} in one model: transformers' "

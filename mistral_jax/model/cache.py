@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from mistral_jax.config import MistralConfig
-from mistral_jax.sharding import sharding_for
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.runtime.sharding import sharding_for
 
-# Logical axes of k and v, see sharding.py: [L, B, C, K, d], or [G, n, B, C, K, d] by groups.
+# Logical axes of k and v, see runtime/sharding.py: [L, B, C, K, d], or [G, n, B, C, K, d] by groups.
 KV_AXES = (None, "layers", "batch", "length", "kv_heads", "head_dim")
 
 

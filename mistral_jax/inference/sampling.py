@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mistral_jax import platforms
-from mistral_jax.cache import KVCache
-from mistral_jax.config import MistralConfig
-from mistral_jax.distributed import fetch
-from mistral_jax.model import Mistral, unstack_layers
-from mistral_jax.options import OptionError, option
+from mistral_jax.model.cache import KVCache
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import Mistral, unstack_layers
+from mistral_jax.runtime import platforms
+from mistral_jax.runtime.distributed import fetch
+from mistral_jax.runtime.options import option, OptionError
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (at most the window)
 

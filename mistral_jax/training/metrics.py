@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.config import MistralConfig
+from mistral_jax.model.config import MistralConfig
 
 
 def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True, lora_params: int | None = None

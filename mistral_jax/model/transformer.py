@@ -6,7 +6,7 @@ d head dim, F hidden dim, V vocab, L layers, E experts.
 Parameter names are Mistral-native (tok_embeddings, layers/attention/wq, feed_forward/w1,
 attention_norm, ffn_norm, norm, output; with experts feed_forward/gate and
 feed_forward/w1 [E, D, F], the experts stacked); kernels are stored input-major ([D, H, d] for wq),
-and each carries logical axis names for sharding.py. Every parameter under `layers` has a
+and each carries logical axis names for runtime/sharding.py. Every parameter under `layers` has a
 leading L axis, scanned over, so each kind of layer (config.window_kinds) compiles once:
 the layout of checkpoints and training. With config.scan_layers False the stack is a block
 per layer over `layers_0` ... `layers_{L-1}` (unstack_layers), which decodes faster on CPU
@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mistral_jax import moe
-from mistral_jax.attention import attention_mask, causal_attention, masked_attention
-from mistral_jax.cache import KVCache, rolling_update, write_slots
-from mistral_jax.config import REMAT_POLICIES, MistralConfig
-from mistral_jax.rope import apply_rope
-from mistral_jax.sharding import constrain, logical_shardings
+from mistral_jax.model import moe
+from mistral_jax.model.attention import attention_mask, causal_attention, masked_attention
+from mistral_jax.model.cache import KVCache, rolling_update, write_slots
+from mistral_jax.model.config import MistralConfig, REMAT_POLICIES
+from mistral_jax.model.rope import apply_rope
+from mistral_jax.runtime.sharding import constrain, logical_shardings
 
 ACTIVATIONS = ("batch", "length", None)  # [B, T, D] between blocks: split by rows, whole in D
 
@@ -41,7 +41,7 @@ def _param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str
 
 def _project(module: nn.Module, name: str, spec: str, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """einsum(spec, x, w), plus the low-rank path (x·a)·b where the "lora" collection holds an
-    adapter {"a", "b"} of w (lora.py): a spans w's contracted dimensions, b its output ones."""
+    adapter {"a", "b"} of w (training/lora.py): a spans w's contracted dimensions, b its output ones."""
     y = jnp.einsum(spec, x, w)
     if not module.has_variable("lora", name):
         return y
@@ -129,7 +129,7 @@ class FeedForward(nn.Module):
 
 class Experts(nn.Module):
     """Mixtral's feed-forward: a router `gate` [D, E] and E SwiGLU experts stacked [E, ...],
-    each token through config.n_experts_per_tok of them (moe.py). x [B, T, D] -> (y, the
+    each token through config.moe.n_experts_per_tok of them (moe.py). x [B, T, D] -> (y, the
     routing's moe.RouterStats)."""
 
     config: MistralConfig
@@ -137,12 +137,12 @@ class Experts(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray):
         c = self.config
-        E, D, F = c.n_experts, c.dim, c.hidden_dim
+        E, D, F = c.moe.n_experts, c.dim, c.hidden_dim
         gate = _param(self, "gate", (D, E), ("embed", None), _fan_in(0, 1))
         w1 = _param(self, "w1", (E, D, F), ("expert", "embed", "mlp"), _fan_in(1, 2, 0))
         w3 = _param(self, "w3", (E, D, F), ("expert", "embed", "mlp"), _fan_in(1, 2, 0))
         w2 = _param(self, "w2", (E, F, D), ("expert", "mlp", "embed"), _fan_in(1, 2, 0))
-        y, stats = moe.feed_forward(x.reshape(-1, D), gate, w1, w3, w2, c.n_experts_per_tok, c.expert_kernel)
+        y, stats = moe.feed_forward(x.reshape(-1, D), gate, w1, w3, w2, c.moe.n_experts_per_tok, c.expert_kernel)
         return y.reshape(x.shape), stats
 
 
@@ -160,7 +160,7 @@ class Block(nn.Module):
             RMSNorm(c, name="attention_norm")(x), positions, cache, slots, mask)
         h = x + attended
         normed = RMSNorm(c, name="ffn_norm")(h)
-        if c.n_experts:
+        if c.moe:
             mixed, stats = Experts(c, name="feed_forward")(normed)
         else:
             mixed, stats = FeedForward(c, name="feed_forward")(normed), None
@@ -295,7 +295,7 @@ def _scan_over_layers(config: MistralConfig, layers, adapters, x, positions):
         return (x, None if stats is None else jax.tree_util.tree_map(jnp.add, carry[1], stats)), None
 
     block = _remat(config, block)
-    stats = moe.RouterStats.zeros(config.n_experts) if config.n_experts else None
+    stats = moe.RouterStats.zeros(config.moe.n_experts) if config.moe else None
     return jax.lax.scan(layer, (x, stats), (layers, adapters, kind_of_layer))[0]
 
 

@@ -23,10 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mistral_jax import integrity, locks
-from mistral_jax.config import MistralConfig
-from mistral_jax.distributed import barrier, is_primary
-from mistral_jax.integrity import DamagedCheckpoint
+from mistral_jax.checkpoints import integrity
+from mistral_jax.checkpoints.integrity import DamagedCheckpoint
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.runtime import locks
+from mistral_jax.runtime.distributed import barrier, is_primary
 
 logger = logging.getLogger("mistral_jax")
 PARAMS_DIR = "params"

@@ -7,8 +7,8 @@ topologies (`pip install "jax[tpu]"`; no TPU needed) or of this machine's CPU de
 which no compiler is available here), and reads per-device memory from XLA's
 `memory_analysis()`.
 
-  python -m mistral_jax.aot --target v5e-16 --mesh fsdp=16 --program train --batch 16 --seq 4096
-  python -m mistral_jax.aot --target v4-8 --mesh fsdp=4 --program train --lora-rank 16 --largest-batch
+  python -m mistral_jax.plans.aot --target v5e-16 --mesh fsdp=16 --program train --batch 16 --seq 4096
+  python -m mistral_jax.plans.aot --target v4-8 --mesh fsdp=4 --program train --lora-rank 16 --largest-batch
 
 (`python -m bench.plans --write` compiles every row of docs/SCALING.md and rewrites it.)
 """
@@ -25,11 +25,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mistral_jax import lora, sampling, trainer
-from mistral_jax.cli import run as run_cli
-from mistral_jax.config import MistralConfig
-from mistral_jax.model import init_params, param_shardings
-from mistral_jax.sharding import batch_sharding, make_mesh
+from mistral_jax.inference import sampling
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import init_params, param_shardings
+from mistral_jax.runtime.cli import run as run_cli
+from mistral_jax.runtime.sharding import batch_sharding, make_mesh
+from mistral_jax.training import lora, trainer
 
 GiB = 2**30
 

@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.platforms import attention_kernel
-from mistral_jax.splash import splash_attention
+from mistral_jax.model.splash import splash_attention
+from mistral_jax.runtime.platforms import attention_kernel
 
 _MASKED = float(np.finfo(np.float32).min)
 

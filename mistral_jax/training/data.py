@@ -24,8 +24,8 @@ import numpy as np
 import pydoc_data.topics
 import sentencepiece
 
-from mistral_jax.options import OptionError
-from mistral_jax.tokenizer import Tokenizer
+from mistral_jax.runtime.options import OptionError
+from mistral_jax.text.tokenizer import Tokenizer
 
 BUILTIN = "builtin"  # English every Python install has: its documentation and its library's docstrings
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".jsonl")

@@ -14,7 +14,7 @@ import types
 import typing
 from collections.abc import Callable
 
-from mistral_jax.options import OptionError
+from mistral_jax.runtime.options import OptionError
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):

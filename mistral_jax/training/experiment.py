@@ -14,16 +14,17 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
-from mistral_jax import data, distributed, locks, lora
-from mistral_jax.checkpoint import load_checkpoint, remove, save_checkpoint, saved_steps
-from mistral_jax.config import DTYPES, REMAT_POLICIES, MistralConfig
-from mistral_jax.metrics import measure_peak_flops
-from mistral_jax.model import param_shardings
-from mistral_jax.options import OptionError, option, require_positive
-from mistral_jax.sampling import generate
-from mistral_jax.sharding import make_mesh
-from mistral_jax.tokenizer import TOKENIZER_NAMES, Tokenizer, checkpoint_name, find_tokenizer
-from mistral_jax.trainer import Hyperparameters
+from mistral_jax.checkpoints.store import load_checkpoint, remove, save_checkpoint, saved_steps
+from mistral_jax.inference.sampling import generate
+from mistral_jax.model.config import DTYPES, MistralConfig, REMAT_POLICIES
+from mistral_jax.model.transformer import param_shardings
+from mistral_jax.runtime import distributed, locks
+from mistral_jax.runtime.options import option, OptionError, require_positive
+from mistral_jax.runtime.sharding import make_mesh
+from mistral_jax.text.tokenizer import checkpoint_name, find_tokenizer, Tokenizer, TOKENIZER_NAMES
+from mistral_jax.training import data, lora
+from mistral_jax.training.metrics import measure_peak_flops
+from mistral_jax.training.trainer import Hyperparameters
 
 CACHE_DIR = os.environ.get("MISTRAL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral_jax"))
 DEFAULT_CONFIG = "mistral-15m"  # what train.py trains without --config or --init-from

@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.sharding import constrain
+from mistral_jax.runtime.sharding import constrain
 
 
 def cross_entropy(hidden: jax.Array, output: jax.Array, targets: jax.Array, z_loss: float = 0.0,

@@ -22,8 +22,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ke
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 from jax.sharding import PartitionSpec
 
-from mistral_jax.platforms import target_platform
-from mistral_jax.sharding import spec_for
+from mistral_jax.runtime.platforms import target_platform
+from mistral_jax.runtime.sharding import spec_for
 
 BLOCK = 512  # the kernel's q and kv tile, or T when shorter
 ALIGN = 128  # T is padded to a multiple of this (TPU lane width)

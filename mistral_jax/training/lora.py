@@ -1,16 +1,16 @@
 """LoRA adapters of the model's projections: their spec, initialisation, merging, and HF PEFT's files.
 
-An adapter of a projection w (x -> x·w, w input-major as model.py stores it) is a pair
+An adapter of a projection w (x -> x·w, w input-major as model/transformer.py stores it) is a pair
 a [in..., r] (w's input dimensions) and b [r, out...] (its output dimensions), stacked
 [L, ...] over the layers as the weights are. The adapted projection is x·w + scale·(x·a)·b,
 scale = alpha / r, as HF PEFT's `LoraLayer` (lora_B(lora_A(x)) * scaling): the model adds
-the low-rank path wherever its "lora" collection holds a pair (model._project), which
+the low-rank path wherever its "lora" collection holds a pair (transformer._project), which
 `variables` builds. Training differentiates only the pairs, the base frozen (trainer.py).
 
 PEFT's files are adapter_config.json and adapter_model.safetensors, keys
 `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in] and `.lora_B.weight`
 [out, r]: lora_B·lora_A is the update of HF's weight [out, in], whose rows are already in
-the model's rotate-half order (convert.py), so a and b are a transpose and a reshape of them.
+the model's rotate-half order (checkpoints/convert.py), so a and b are a transpose and a reshape of them.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.checkpoint import atomic_directory
-from mistral_jax.config import MistralConfig
-from mistral_jax.convert import LAYER_TENSORS
-from mistral_jax.distributed import fetch, is_primary
-from mistral_jax.model import abstract_params
-from mistral_jax.options import OptionError
-from mistral_jax.tensor_files import TensorFileError, read_tensor_file, write_safetensors
+from mistral_jax.checkpoints.convert import LAYER_TENSORS
+from mistral_jax.checkpoints.store import atomic_directory
+from mistral_jax.checkpoints.tensor_files import read_tensor_file, TensorFileError, write_safetensors
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import abstract_params
+from mistral_jax.runtime.distributed import fetch, is_primary
+from mistral_jax.runtime.options import OptionError
 
 # What can be adapted: name -> (module under `layers`, how many leading axes of the weight are its input).
 TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1), "wo": ("attention", 2),
@@ -77,7 +77,7 @@ class LoRA:
     def check(self, config: MistralConfig) -> None:
         """Refuses targets the model does not multiply by as a dense projection."""
         dense_ffn = [t for t in self.targets if TARGETS[t][0] == "feed_forward"]
-        if config.n_experts and dense_ffn:
+        if config.moe and dense_ffn:
             raise OptionError("lora_targets", f"{','.join(dense_ffn)}: a model with experts has no dense "
                                               "feed-forward; adapt its attention (wq, wk, wv, wo)")
 

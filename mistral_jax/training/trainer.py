@@ -22,14 +22,15 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mistral_jax import checkpoint, lora
-from mistral_jax.config import MistralConfig
-from mistral_jax.distributed import is_primary
-from mistral_jax.loss import cross_entropy
-from mistral_jax.metrics import MetricsWriter, flops_per_token, format_line
-from mistral_jax.model import Mistral, abstract_params, init_params, param_shardings
-from mistral_jax.options import OptionError, option, require_positive
-from mistral_jax.sharding import batch_sharding, logical_shardings, under_mesh
+from mistral_jax.checkpoints import store
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import abstract_params, init_params, Mistral, param_shardings
+from mistral_jax.runtime.distributed import is_primary
+from mistral_jax.runtime.options import option, OptionError, require_positive
+from mistral_jax.runtime.sharding import batch_sharding, logical_shardings, under_mesh
+from mistral_jax.training import lora
+from mistral_jax.training.loss import cross_entropy
+from mistral_jax.training.metrics import flops_per_token, format_line, MetricsWriter
 
 
 @flax.struct.dataclass
@@ -163,7 +164,7 @@ def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chun
     loss, ce = cross_entropy(hidden, params["output"].astype(config.dtype), targets, z_loss, chunk,
                              output_trained=adapters is None)
     metrics = {"ce": ce}
-    if config.n_experts:
+    if config.moe:
         (stats,) = sown["router"]["stats"]
         aux, router_z = stats.load_balancing_loss(), stats.z_loss()
         loss = loss + router_aux_loss * aux + router_z_loss * router_z
@@ -173,8 +174,10 @@ def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chun
 
 def router_weights(config: MistralConfig, hp: Hyperparameters) -> tuple[float, float]:
     """(load-balancing, z) weights of the router losses: the flags, or the config's coefficient."""
-    aux = config.router_aux_loss_coef if hp.router_aux_loss is None else hp.router_aux_loss
-    return (aux, hp.router_z_loss) if config.n_experts else (0.0, 0.0)
+    if not config.moe:
+        return 0.0, 0.0
+    aux = config.moe.router_aux_loss_coef if hp.router_aux_loss is None else hp.router_aux_loss
+    return aux, hp.router_z_loss
 
 
 def abstract_params_on(config: MistralConfig, mesh, spec: lora.LoRA | None = None, dtype: str | None = None):
@@ -246,7 +249,7 @@ def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp:
             (micro_loss, micro_metrics), micro_grads = grad_fn(state.params, base, micro_batch)
             return jax.tree_util.tree_map(jnp.add, carry, (micro_grads, {"loss": micro_loss, **micro_metrics})), None
 
-        names = ("loss", "ce") + (("aux_loss", "router_z_loss") if config.n_experts else ())
+        names = ("loss", "ce") + (("aux_loss", "router_z_loss") if config.moe else ())
         zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params), {name: jnp.float32(0) for name in names}
         (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
         grads = jax.tree_util.tree_map(lambda g: g / A, grads)
@@ -334,12 +337,12 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     # The frozen base, where the rules table puts it (a no-op for params read onto the mesh).
     base_args = () if spec is None else (jax.tree_util.tree_map(jax.device_put, params, base_shardings),)
     checkpoints = os.path.join(out_dir, "checkpoints")
-    manager = checkpoint.train_state_manager(checkpoints, schedule.keep)
+    manager = store.train_state_manager(checkpoints, schedule.keep)
     state = None
     if resume or resume_from is not None:  # read straight onto the shardings; nothing initialised
-        state, step = checkpoint.restore_intact_train_state(manager, abstract_state(config, tx, mesh, spec),
+        state, step = store.restore_intact_train_state(manager, abstract_state(config, tx, mesh, spec),
                                                             resume_from)
-        discarded = checkpoint.discard_train_states_after(manager, step) if resume_from is not None else []
+        discarded = store.discard_train_states_after(manager, step) if resume_from is not None else []
         if state is not None and is_primary():
             print(f"resuming from step {step}" + (f", discarding the checkpoints of steps "
                                                   f"{', '.join(map(str, discarded))}" if discarded else ""), flush=True)
@@ -391,7 +394,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
             last_time, last_step = now, done
             record = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                       "lr": float(metrics["lr"]), "tokens_per_s": tokens_per_step / seconds_per_step}
-            if hp.z_loss or config.n_experts:
+            if hp.z_loss or config.moe:
                 record["ce"] = float(metrics["ce"])
             for name in ("aux_loss", "router_z_loss"):
                 if name in metrics:
@@ -408,7 +411,7 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
                 last_time = time.perf_counter()  # evaluation is not training time
             writer.write(record, format_line(record, hp.steps, (hp.steps - done) * seconds_per_step))
             if save:
-                checkpoint.save_train_state(manager, state)
+                store.save_train_state(manager, state)
                 last_time = time.perf_counter()  # nor is saving
             if stop:
                 break

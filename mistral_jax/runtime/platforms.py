@@ -36,7 +36,7 @@ def attention_kernel(requested: str) -> str:
 
 
 def expert_kernel(requested: str) -> str:
-    """The grouped matmul of the experts (moe.py): `requested`, or for "auto" ragged_dot on
+    """The grouped matmul of the experts (model/moe.py): `requested`, or for "auto" ragged_dot on
     TPU, whose XLA implements it as one, and the scan over tiles elsewhere."""
     if requested != "auto":
         return requested
@@ -51,7 +51,7 @@ def decode_platform(mesh=None) -> str:
 
 
 def decode_per_layer(platform_name: str) -> bool:
-    """Whether decoding runs a block per layer over an array per layer (model.unstack_layers)
+    """Whether decoding runs a block per layer over an array per layer (transformer.unstack_layers)
     instead of a scan over the stacked weights. On CPU, a scan copies each layer's weights out
     of the stack before every product; on TPU, the per-layer program compiled slower and held
     more prefill temporaries for no measured gain."""

@@ -1,0 +1,2 @@
+"""Running a trained model: token selection, chunked prefill into the rolling cache, the
+compiled decode loop, generate."""

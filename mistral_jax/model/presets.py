@@ -1,0 +1,46 @@
+"""Named configs of the released models: MistralConfig's fields of each (MistralConfig.preset).
+
+Each is read off its release's config.json / params.json; tests/test_config.py checks each
+parameter count against transformers' own model of that config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mistral_jax.model.config_groups import MoE
+
+_MISTRAL_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                   vocab_size=32000, norm_eps=1e-5, rope_theta=1e4, sliding_window=4096)
+_MIXTRAL_8X22B = dict(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
+                      vocab_size=32000, rope_theta=1e6, max_seq_len=65536, moe=MoE(8, 2, router_aux_loss_coef=0.001))
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mistral-7b-v0.1": _MISTRAL_7B,
+    "mistral-7b-v0.2": {**_MISTRAL_7B, "rope_theta": 1e6, "sliding_window": None},
+    "mistral-7b-v0.3": {**_MISTRAL_7B, "rope_theta": 1e6, "sliding_window": None, "vocab_size": 32768},
+    # mistralai/Ministral-8B-Instruct-2410 (one full-attention layer, then three with a 32k
+    # window; max_position_embeddings 32768, the model card's context 128k).
+    "ministral-8b": dict(dim=4096, n_layers=36, head_dim=128, hidden_dim=12288, n_heads=32, n_kv_heads=8,
+                         vocab_size=131072, rope_theta=1e8, sliding_window=(None, 32768, 32768, 32768),
+                         max_seq_len=32768),
+    # mistralai/Mistral-Nemo-Base-2407 (head_dim 128 != 5120 / 32).
+    "mistral-nemo-12b": dict(dim=5120, n_layers=40, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
+                             vocab_size=131072, rope_theta=1e6, max_seq_len=1024000),
+    # mistralai/Mistral-Small-24B-Base-2501.
+    "mistral-small-24b": dict(dim=5120, n_layers=40, head_dim=128, hidden_dim=32768, n_heads=32, n_kv_heads=8,
+                              vocab_size=131072, rope_theta=1e8, max_seq_len=32768),
+    # mistralai/Codestral-22B-v0.1.
+    "codestral-22b": dict(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
+                          vocab_size=32768, rope_theta=1e6, max_seq_len=32768),
+    # mistralai/Mixtral-8x7B-v0.1: eight experts of Mistral 7B's feed-forward, two per token.
+    "mixtral-8x7b-v0.1": {**_MISTRAL_7B, "rope_theta": 1e6, "sliding_window": None,
+                          "moe": MoE(8, 2, router_aux_loss_coef=0.02)},
+    # mistralai/Mixtral-8x22B-v0.1; v0.3 is the same model with v3's vocabulary of 32768 (Mistral's
+    # mixtral-8x22B-v0.3 release, and the HF files of Mixtral-8x22B-Instruct-v0.1).
+    "mixtral-8x22b-v0.1": _MIXTRAL_8X22B,
+    "mixtral-8x22b-v0.3": {**_MIXTRAL_8X22B, "vocab_size": 32768},
+    # The default model of train.py: ~15.7M parameters, trained on a laptop CPU in minutes.
+    "mistral-15m": dict(dim=384, n_layers=6, head_dim=64, hidden_dim=1024, n_heads=6, n_kv_heads=2,
+                        vocab_size=8192, rope_theta=1e4, sliding_window=256, max_seq_len=1024),
+}
