@@ -179,8 +179,8 @@ def test_missing_checkpoint(capsys, tmp_path):
 def test_scripts_restart_with_huge_pages(before, after):
     """platforms.restart_with_huge_pages: the same process (exec'd) restarts with glibc's malloc on transparent huge
     pages, keeping other tunables and an explicit choice."""
-    code = "from mistral_jax import platforms; platforms.restart_with_huge_pages(); import os; print(os.getpid(), " \
-           "os.environ['GLIBC_TUNABLES'])"
+    code = "from mistral_jax.runtime import platforms; platforms.restart_with_huge_pages(); import os; " \
+           "print(os.getpid(), os.environ['GLIBC_TUNABLES'])"
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     if before:
         env["GLIBC_TUNABLES"] = before

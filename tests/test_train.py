@@ -337,7 +337,7 @@ def test_a_failed_run_exits_though_a_library_thread_still_waits(tmp_path):
     never comes. The script still says its one-line error and exits 1 (it used to wait for
     the thread forever). The timeout makes a hang fail rather than block the suite."""
     code = ("import threading\n"
-            "from mistral_jax import cli\n"
+            "from mistral_jax.runtime import cli\n"
             "def main():\n"
             "    threading.Thread(target=threading.Event().wait, name='save-waiter').start()\n"
             "    raise OSError(28, 'No space left on device')\n"
