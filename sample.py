@@ -18,7 +18,7 @@ import sys
 import time
 
 from mistral_jax.runtime import cli, platforms
-from mistral_jax.runtime.options import option, OptionError, require_positive
+from mistral_jax.runtime.options import OptionError, option, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +115,7 @@ def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
     from mistral_jax.checkpoints.store import load_checkpoint
     from mistral_jax.inference.sampling import Sampler
-    from mistral_jax.text.tokenizer import find_tokenizer, Tokenizer
+    from mistral_jax.text.tokenizer import Tokenizer, find_tokenizer
     from mistral_jax.training.lora import load_peft, merge
 
     p = cli.parser(__doc__)

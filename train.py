@@ -23,7 +23,7 @@ def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
     from mistral_jax.runtime import distributed
     from mistral_jax.training import data, trainer
-    from mistral_jax.training.experiment import print_samples, RunOptions, save_final_model, training_run
+    from mistral_jax.training.experiment import RunOptions, print_samples, save_final_model, training_run
 
     p = cli.parser(__doc__)
     for options_class in (RunOptions, trainer.Hyperparameters, trainer.Schedule):

@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from mistral_jax.inference.sampling import generate, Sampler, start
+from mistral_jax.inference.sampling import Sampler, generate, start
 from mistral_jax.model.config import MistralConfig, MoE
 from mistral_jax.model.transformer import Mistral, unstack_layers
 from mistral_jax.runtime import platforms

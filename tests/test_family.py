@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 import convert_weights
 from conftest import WEIGHT_STD, WINDOW, forward, run_script
 from mistral_jax.checkpoints.convert import CheckpointError, load_pytorch, save_hf
-from mistral_jax.inference.sampling import generate, Sampler, start
+from mistral_jax.inference.sampling import Sampler, generate, start
 from mistral_jax.model.cache import KVCache
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral

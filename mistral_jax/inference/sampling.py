@@ -25,7 +25,7 @@ from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral, unstack_layers
 from mistral_jax.runtime import platforms
 from mistral_jax.runtime.distributed import fetch
-from mistral_jax.runtime.options import option, OptionError
+from mistral_jax.runtime.options import OptionError, option
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill step (at most the window)
 

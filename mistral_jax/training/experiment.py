@@ -16,12 +16,12 @@ import numpy as np
 
 from mistral_jax.checkpoints.store import load_checkpoint, remove, save_checkpoint, saved_steps
 from mistral_jax.inference.sampling import generate
-from mistral_jax.model.config import DTYPES, MistralConfig, REMAT_POLICIES
+from mistral_jax.model.config import DTYPES, REMAT_POLICIES, MistralConfig
 from mistral_jax.model.transformer import param_shardings
 from mistral_jax.runtime import distributed, locks
-from mistral_jax.runtime.options import option, OptionError, require_positive
+from mistral_jax.runtime.options import OptionError, option, require_positive
 from mistral_jax.runtime.sharding import make_mesh
-from mistral_jax.text.tokenizer import checkpoint_name, find_tokenizer, Tokenizer, TOKENIZER_NAMES
+from mistral_jax.text.tokenizer import TOKENIZER_NAMES, Tokenizer, checkpoint_name, find_tokenizer
 from mistral_jax.training import data, lora
 from mistral_jax.training.metrics import measure_peak_flops
 from mistral_jax.training.trainer import Hyperparameters
