@@ -3,16 +3,21 @@
   python sample.py --checkpoint DIR --prompt "The capital of France is" [--prompt ...]
                    [--max-new-tokens 64] [--temperature 0.7 --top-k 50 --top-p 0.9] [--seed 0]
   python sample.py --checkpoint DIR --chat --system "Answer briefly." --prompt "What is RoPE?"
+  python sample.py --checkpoint DIR --chat --tools tools.json --reasoning-effort high --prompt "Weather in Paris?"
   python sample.py --checkpoint DIR --interactive         # a conversation: one reply per line entered
   python sample.py --checkpoint BASE --adapter RUN/adapter --prompt "..."   # a LoRA adapter on its base
 
 Prompts are encoded with BOS first, as Mistral models were trained; with --chat (and
 --interactive) each is a user turn in the chat format of the checkpoint's tokenizer, as its
-instruct model was trained. Only the completions are printed; with one prompt the completion
-streams as it is generated. Timings go to stderr.
+instruct model was trained, with --tools offered and --reasoning-effort asked for where the
+format has them; a reply's thinking prints between "--- thinking ---" and "--- answer ---"
+lines, and each tool call it makes as a line "tool call: name({...})". Only the completions
+are printed; with one prompt the completion streams as it is generated. Timings go to stderr.
 """
 
 import dataclasses
+import functools
+import json
 import os
 import sys
 import time
@@ -33,6 +38,10 @@ class SampleOptions:
     prompt_file: tuple[str, ...] = option((), "a file whose text is one prompt; repeatable", repeat=True)
     chat: bool = option(False, "each prompt is a user turn of its own conversation, in the tokenizer's chat format")
     system: str | None = option(None, "a system prompt for --chat and --interactive")
+    tools: str | None = option(None, "a JSON file of tool definitions (OpenAI's format) offered in --chat and "
+                                     "--interactive")
+    reasoning_effort: str | None = option(None, "how hard a reasoning model thinks (e.g. none, low, high) in --chat "
+                                                "and --interactive, where its tokenizer's format takes it (v15)")
     interactive: bool = option(False, "a conversation on stdin: a reply streamed per line entered, the history kept")
     max_new_tokens: int = option(64, "the most tokens generated per prompt (per reply)")
     seed: int = option(0, "PRNG seed of sampling")
@@ -41,8 +50,9 @@ class SampleOptions:
 
     def __post_init__(self):
         require_positive(self, "max_new_tokens", "steps_per_call")
-        if self.system is not None and not (self.chat or self.interactive):
-            raise OptionError("system", "needs --chat or --interactive")
+        for name in ("system", "tools", "reasoning_effort"):
+            if getattr(self, name) is not None and not (self.chat or self.interactive):
+                raise OptionError(name, "needs --chat or --interactive")
         if self.interactive and (self.prompt or self.prompt_file):
             raise OptionError("interactive", "reads the conversation from stdin: give no --prompt or --prompt-file")
 
@@ -64,6 +74,20 @@ class SampleOptions:
                 raise ValueError(f"prompt {i + 1} is empty")
         return prompts
 
+    def read_tools(self) -> list[dict] | None:
+        if self.tools is None:
+            return None
+        try:
+            with open(self.tools, encoding="utf-8") as f:
+                tools = json.load(f)
+        except OSError as e:
+            raise ValueError(f"cannot read tools file {self.tools}: {e.strerror}") from None
+        except ValueError as e:
+            raise ValueError(f"tools file {self.tools} is not JSON: {e}") from None
+        if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+            raise ValueError(f"tools file {self.tools} must hold a JSON list of tool definitions")
+        return tools
+
     def conversation(self, *turns: str) -> list[dict]:
         """Messages of a conversation: the system prompt (if any), then user and assistant turns."""
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -71,15 +95,15 @@ class SampleOptions:
 
 
 def complete(config, params, tokenizer, prompts: list[list[int]], options: SampleOptions, sampler,
-             clock: cli.CompileClock) -> list[str]:
+             clock: cli.CompileClock, chat: bool = False) -> list[list[int]]:
     """The completion of each prompt (token ids), until eos or max_new_tokens; with one prompt
-    it is also written to stdout as it comes. Timings go to stderr."""
+    it is also written to stdout as it comes (a chat reply's thinking and tool calls shown
+    apart, text/streaming.PrintedReply). Timings go to stderr."""
     from mistral_jax.inference.sampling import generate_stream, until_eos
-    from mistral_jax.text.tokenizer import StreamDecoder
 
     stream = len(prompts) == 1
     generated = [[] for _ in prompts]
-    text = StreamDecoder(tokenizer)
+    text = _printer(tokenizer, chat)
     start, compiled_before = time.perf_counter(), clock.seconds
     pieces = generate_stream(config, params, prompts, options.max_new_tokens, sampler=sampler, seed=options.seed,
                              eos_id=tokenizer.eos_id, steps_per_call=options.steps_per_call if stream else None)
@@ -102,7 +126,27 @@ def complete(config, params, tokenizer, prompts: list[list[int]], options: Sampl
     n_decoded = sum(max(0, len(until_eos(row, tokenizer.eos_id)) - 1) for row in generated)
     print(f"compile {compile_time:.2f} s; prefill {n_prompt} tokens{_rate(n_prompt, prefill_time)}; "
           f"decode {n_decoded} tokens{_rate(n_decoded, decode_time)}", file=sys.stderr)
-    return [tokenizer.decode(until_eos(row, tokenizer.eos_id)) for row in generated]
+    return [until_eos(row, tokenizer.eos_id) for row in generated]
+
+
+def _answer(tokenizer, reply: list[int]) -> str:
+    """What a conversation's history keeps of a reply: its answer, not its thinking or calls."""
+    try:
+        return tokenizer.parse_reply(reply).content
+    except ValueError:  # a malformed tool call: the text is what there is
+        return tokenizer.decode(reply)
+
+
+def _printer(tokenizer, chat: bool):
+    """What turns a completion's tokens into printed text: a chat reply, or plain text."""
+    from mistral_jax.text.streaming import PrintedReply, StreamDecoder
+
+    return PrintedReply(tokenizer) if chat else StreamDecoder(tokenizer)
+
+
+def _printed(tokenizer, tokens: list[int], chat: bool) -> str:
+    printer = _printer(tokenizer, chat)
+    return printer.push(tokens) + printer.flush()
 
 
 def _rate(tokens: int, seconds: float) -> str:
@@ -123,7 +167,7 @@ def main():
     cli.add_options(p, Sampler)
     args = p.parse_args()
     options, sampler = cli.options(SampleOptions, args), cli.options(Sampler, args)
-    prompts = options.read_prompts()
+    prompts, tools = options.read_prompts(), options.read_tools()
     clock = cli.CompileClock()
 
     tokenizer_path = options.tokenizer or find_tokenizer(options.checkpoint)
@@ -138,23 +182,24 @@ def main():
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{config.vocab_size}: they do not belong together")
 
+    chat = functools.partial(tokenizer.encode_chat, tools=tools, reasoning_effort=options.reasoning_effort)
     if options.interactive:
         turns = []
-        tokenizer.encode_chat(options.conversation("?"))  # no chat format: say so before reading stdin
+        chat(options.conversation("?"))  # no chat format, a bad tool or effort: said before reading stdin
         for line in sys.stdin:
             if line.strip():
                 turns.append(line.rstrip("\n"))
-                (reply,) = complete(config, params, tokenizer, [tokenizer.encode_chat(options.conversation(*turns))],
-                                    options, sampler, clock)
-                turns.append(reply)
+                (reply,) = complete(config, params, tokenizer, [chat(options.conversation(*turns))],
+                                    options, sampler, clock, chat=True)
+                turns.append(_answer(tokenizer, reply))
         return
     if options.chat:
-        encoded = [tokenizer.encode_chat(options.conversation(p)) for p in prompts]
+        encoded = [chat(options.conversation(p)) for p in prompts]
     else:
         encoded = [tokenizer.encode(p, bos=True) for p in prompts]
-    completions = complete(config, params, tokenizer, encoded, options, sampler, clock)
+    completions = complete(config, params, tokenizer, encoded, options, sampler, clock, chat=options.chat)
     if len(prompts) > 1:
-        print("\n---\n".join(completions))
+        print("\n---\n".join(_printed(tokenizer, tokens, options.chat) for tokens in completions))
 
 
 if __name__ == "__main__":

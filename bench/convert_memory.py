@@ -1,11 +1,12 @@
-"""Peak memory of convert_weights.py on a generated ~1B-parameter checkpoint, both layouts.
+"""Peak memory of convert_weights.py on a generated ~1B-parameter checkpoint, each layout.
 
   python bench/convert_memory.py [--layers 20] [--dtype bfloat16]
 
-Writes random bf16 checkpoints (HF sharded safetensors and Mistral-native consolidated.00.pth)
-to a temporary directory, converts each in a fresh process, and reports that process's peak
-RSS against the output size. The fixed overhead is the peak RSS of converting a tiny model
-the same way (interpreter, JAX, orbax, torch).
+Writes random bf16 checkpoints (HF sharded safetensors, Mistral-native consolidated.00.pth,
+and HF with every projection in FP8 with 128 x 128 block scales, as transformers'
+fine-grained FP8 stores them) to a temporary directory, converts each in a fresh process, and
+reports that process's peak RSS against the output size. The fixed overhead is the peak RSS
+of converting a tiny model the same way (interpreter, JAX, orbax, torch).
 """
 
 import argparse
@@ -21,16 +22,31 @@ from safetensors.torch import save_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mistral_jax.checkpoints.convert import tensor_names, torch_shape  # noqa: E402
+from mistral_jax.checkpoints.layouts import tensor_names, torch_shape  # noqa: E402
 from mistral_jax.model.config import MistralConfig  # noqa: E402
 from mistral_jax.runtime.cli import directory_size, human_bytes  # noqa: E402
 
 
+def fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """w in float8 e4m3 and its scale per block, each max |w| / 448 of its block."""
+    rows, cols = -(-w.shape[0] // block), -(-w.shape[1] // block)
+    padded = torch.zeros(rows * block, cols * block)
+    padded[:w.shape[0], :w.shape[1]] = w.float()
+    scale = padded.reshape(rows, block, cols, block).abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448
+    expanded = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:w.shape[0], :w.shape[1]]
+    return (w.float() / expanded).to(torch.float8_e4m3fn), scale
+
+
 def write_checkpoint(out_dir: str, config: MistralConfig, layout: str) -> None:
     os.makedirs(out_dir)
+    fp8 = layout == "hf-fp8"
+    layout = "hf" if fp8 else layout
     generator = torch.Generator().manual_seed(0)
     state = {name: (torch.randn(torch_shape(path[-1], config), generator=generator) * 0.02).to(torch.bfloat16)
              for (path, _), name in tensor_names(layout, config).items()}
+    if fp8:
+        for name in [n for n in state if n.endswith("proj.weight")]:
+            state[name], state[name + "_scale_inv"] = fp8_blocks(state[name])
     if layout == "hf":
         config.replace(param_dtype="bfloat16").save_hf(out_dir)
         names = list(state)
@@ -74,7 +90,8 @@ def main():
         print(f"fixed overhead (peak RSS converting a {tiny.num_params / 1e3:.0f}k-parameter model): "
               f"{human_bytes(overhead)}")
         print(f"{'layout':<28} {'output':>10} {'peak RSS':>10} {'(RSS - overhead) / output':>26} {'time':>8}")
-        for layout, label in (("hf", "HF sharded safetensors"), ("native", "native consolidated.00.pth")):
+        for layout, label in (("hf", "HF sharded safetensors"), ("native", "native consolidated.00.pth"),
+                              ("hf-fp8", "HF FP8, 128 x 128 blocks")):
             src, dst = os.path.join(tmp, layout), os.path.join(tmp, layout + "-out")
             write_checkpoint(src, config, layout)
             rss, seconds = peak_rss_of_conversion(src, dst, args.dtype)

@@ -1,6 +1,7 @@
 """Every row of docs/SCALING.md: the train step and generate of Mistral 7B, Ministral 8B,
-Mistral Nemo 12B and Mixtral 8x7B, and 7B's LoRA fine-tune, compiled ahead of time for TPU
-slices and the 8-device CPU stand-in (mistral_jax.plans.aot), per-device memory from XLA.
+Mistral Nemo 12B and Mixtral 8x7B, 7B's LoRA fine-tune, Ministral 3 8B at 128k context and
+Devstral 2 123B's generation, compiled ahead of time for TPU slices and the 8-device CPU
+stand-in (mistral_jax.plans.aot), per-device memory from XLA.
 
   python -m bench.plans                      # compiles and prints every row
   python -m bench.plans --write              # ... and rewrites the tables in docs/SCALING.md
@@ -59,7 +60,19 @@ LORA_PLANS = [aot.Plan("v5e-8", "fsdp=8", "train", 8, 4096)] + [  # the full fin
     for target, mesh, batches in [("v4-8", "fsdp=4", (36, 40)), ("v5e-8", "fsdp=8", (32, 40)),
                                   ("v5e-16", "fsdp=16", (64, 80))]
     for batch in batches]
-TABLES = {"dense": ("aot", PLANS), "experts": ("aot:experts", EXPERT_PLANS), "lora": ("aot:lora", LORA_PLANS)}
+# The Mistral 3 generation's long context: Ministral 3 8B with a 128k-token prompt then as many
+# new tokens (262144 = its max_position_embeddings), batch 2 and 4, and Devstral 2 123B's
+# generation, its bf16 weights (246 GB) split over 8 or 16 chips.
+MISTRAL3_PLANS = [
+    aot.Plan("v5e-16", "data=2,tensor=8", "generate", 2, 262144, "ministral-3-8b"),
+    aot.Plan("v5p-8", "tensor=4", "generate", 4, 262144, "ministral-3-8b"),
+    aot.Plan("cpu-8", "tensor=8", "generate", 4, 262144, "ministral-3-8b"),
+    aot.Plan("v5p-8", "tensor=4", "generate", 8, 8192, "devstral-2-123b"),
+    aot.Plan("v5p-32", "data=2,tensor=8", "generate", 16, 8192, "devstral-2-123b"),
+    aot.Plan("cpu-8", "tensor=8", "generate", 8, 8192, "devstral-2-123b"),
+]
+TABLES = {"dense": ("aot", PLANS), "experts": ("aot:experts", EXPERT_PLANS), "lora": ("aot:lora", LORA_PLANS),
+          "mistral3": ("aot:mistral3", MISTRAL3_PLANS)}
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ _PUBLIC = {
     "KVCache": "model.cache",
     # tokens
     "Tokenizer": "text.tokenizer",
-    "StreamDecoder": "text.tokenizer",
+    "StreamDecoder": "text.streaming",
     # checkpoints
     "load_pytorch": "checkpoints.convert",
     "save_hf": "checkpoints.convert",

@@ -45,9 +45,9 @@ def build_reference(tmp_dir, *, seed, window, seq_len, kind="Mistral", **hf_conf
     import transformers
 
     torch.manual_seed(seed)
-    config = getattr(transformers, f"{kind}Config")(sliding_window=window, attn_implementation="eager",
-                                                    tie_word_embeddings=False, max_position_embeddings=512,
-                                                    **hf_config)
+    config = getattr(transformers, f"{kind}Config")(**{
+        "sliding_window": window, "attn_implementation": "eager", "tie_word_embeddings": False,
+        "max_position_embeddings": 512, **hf_config})
     model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -104,6 +104,36 @@ def ref_mixtral(tmp_path_factory):
     """Mixtral-like: 4 experts, top-2, a sliding window, T > 4W; the router's weights as strong as the rest."""
     return build_reference(tmp_path_factory.mktemp("hf_mixtral"), seed=4, window=WINDOW, kind="Mixtral",
                            seq_len=4 * WINDOW + 5, num_local_experts=4, num_experts_per_tok=2, **MIXTRAL)
+
+
+# The Mistral 3 generation's rope: YaRN over a short original length (so every test sequence runs
+# several times past it), with YaRN's magnitude on (mscale_all_dim 0, as Devstral 2) and Llama 4's
+# query scale.
+ORIGINAL_LENGTH = 16
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                   "original_max_position_embeddings": ORIGINAL_LENGTH, "mscale": 1.0, "mscale_all_dim": 0.0,
+                   "llama_4_scaling_beta": 0.1}
+
+
+@pytest.fixture(scope="session")
+def ref_ministral3(tmp_path_factory):
+    """Ministral 3-like (Devstral Small 2's shape, scaled down): YaRN and the query scale, a sliding
+    window, T > 4 original lengths."""
+    return build_reference(tmp_path_factory.mktemp("hf_ministral3"), seed=5, window=WINDOW, kind="Ministral3",
+                           seq_len=4 * WINDOW + 5, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, intermediate_size=128, vocab_size=288,
+                           rope_parameters=MINISTRAL3_ROPE, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def ref_ministral3_tied(tmp_path_factory):
+    """Ministral 3 3B-like: tied embeddings, no window, YaRN with no magnitude (mscale =
+    mscale_all_dim = 1, as the released 3B/8B/14B), the query scale over a longer original length."""
+    rope = {**MINISTRAL3_ROPE, "original_max_position_embeddings": 24, "mscale_all_dim": 1.0, "factor": 8.0}
+    return build_reference(tmp_path_factory.mktemp("hf_ministral3_tied"), seed=6, window=None, kind="Ministral3",
+                           seq_len=4 * WINDOW + 5, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=1, head_dim=16, intermediate_size=128, vocab_size=320,
+                           rope_parameters=rope, tie_word_embeddings=True, max_position_embeddings=192)
 
 
 @pytest.fixture(params=["ref_windowed", "ref_full"])

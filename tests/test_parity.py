@@ -120,6 +120,15 @@ def write_native(ref, out_dir, fmt, dtype=torch.float32, permute=True):
         if c.sliding_window is not None:
             params["sliding_window"] = c.sliding_window
         params["rope_theta"] = c.rope_parameters["rope_theta"]
+    if getattr(c, "model_type", "") == "ministral3":  # as vLLM's Mistral config remapper reads them
+        rope = c.rope_parameters
+        params["yarn"] = {"factor": rope["factor"], "original_max_position_embeddings":
+                          rope["original_max_position_embeddings"], "beta": rope["beta_fast"],
+                          "alpha": rope["beta_slow"], "apply_scale": not (rope["mscale"] and rope["mscale_all_dim"])}
+        params["llama_4_scaling"] = {"beta": rope["llama_4_scaling_beta"],
+                                     "original_max_position_embeddings": rope["original_max_position_embeddings"]}
+    if c.tie_word_embeddings:
+        params["tied_embeddings"] = True
     (out_dir / "params.json").write_text(json.dumps(params))
     if fmt == "safetensors":
         save_file(state, out_dir / "consolidated.safetensors")

@@ -2,11 +2,13 @@
 real tokenizers (v1, v7 with chat control tokens, Tekken), against HF transformers' greedy
 generate on the ids mistral-common encodes, decoded by mistral-common."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 import torch
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
@@ -204,3 +206,63 @@ def test_each_script_runs_on_huge_pages(argv, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert [line for line in result.stderr.splitlines() if line.startswith("TUNABLES=")] == \
         ["TUNABLES=glibc.malloc.hugetlb=1"]
+
+
+def scripted_checkpoint(directory, tokenizer_file: str, prompt_end: int, script: list[int], eos: int):
+    """A checkpoint whose model writes `script` then eos after any prompt ending in prompt_end:
+    every block adds nothing (wo = w2 = 0), so the last hidden state is the last token's
+    embedding, normed; the output projection's column of each scripted token is the embedding
+    (normed) of the token before it, so that token wins by far over random near-orthogonal ones."""
+    import numpy as np
+
+    from mistral_jax.checkpoints.store import save_checkpoint
+    from mistral_jax.model.config import MistralConfig
+    from mistral_jax.model.transformer import init_params
+
+    config = MistralConfig(dim=256, n_layers=1, head_dim=32, hidden_dim=64, n_heads=2, n_kv_heads=1,
+                           vocab_size=131072, max_seq_len=512)
+    params = jax.tree_util.tree_map(np.array, init_params(config, jax.random.key(0)))
+    params["layers"]["attention"]["wo"][:] = 0
+    params["layers"]["feed_forward"]["w2"][:] = 0
+    embedding = params["tok_embeddings"]
+    output = np.zeros_like(params["output"])
+    for before, token in zip([prompt_end] + script, script + [eos]):
+        row = embedding[before]
+        output[:, token] = 4 * row / np.sqrt(np.mean(row ** 2))
+    params["output"] = output
+    save_checkpoint(str(directory), config, params, extra_files={"tekken.json": tokenizer_file})
+    return directory
+
+
+def test_chat_reply_shows_thinking_and_tool_calls(tmp_path, capsys):
+    """--chat with --tools and --reasoning-effort (a v15 tokenizer) on a model that writes a
+    reply with thinking, an answer and a tool call: streamed with the thinking apart and the
+    call parsed, and the same printed for a batch."""
+    from test_chat import versioned_tekken
+
+    from mistral_jax.text.tokenizer import Tokenizer
+
+    tokenizer_file = versioned_tekken(tmp_path, "v15")
+    tokenizer = Tokenizer(tokenizer_file)
+    control = tokenizer.control_id
+    thinking, answer, name, arguments = "Weather: look it up", "I will check.", "get_weather", '{"city":"Paris"}'
+    script = ([control("[THINK]")] + tokenizer.encode(thinking, bos=False) + [control("[/THINK]")]
+              + tokenizer.encode(answer, bos=False) + [control("[TOOL_CALLS]")] + tokenizer.encode(name, bos=False)
+              + [control("[ARGS]")] + tokenizer.encode(arguments, bos=False))
+    assert len(set(script)) == len(script)  # each token has one successor
+    checkpoint = scripted_checkpoint(tmp_path / "ckpt", tokenizer_file, control("[/INST]"), script,
+                                     tokenizer.eos_id)
+    (tmp_path / "tools.json").write_text(json.dumps([{"type": "function", "function": {
+        "name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]))
+    expected = (f"--- thinking ---\n{thinking}\n--- answer ---\n{answer}\n"
+                f'tool call: get_weather({{"city": "Paris"}})')
+    flags = ["--checkpoint", checkpoint, "--chat", "--tools", tmp_path / "tools.json", "--reasoning-effort", "high",
+             "--max-new-tokens", 40, "--steps-per-call", 3]
+    status, out, err = run(capsys, *flags, "--prompt", "Weather in Paris?")
+    assert status == 0, err
+    assert out == expected + "\n"
+    status, out, err = run(capsys, *flags, "--prompt", "Weather in Paris?", "--prompt", "And in Rome?")
+    assert status == 0, err
+    assert out == expected + "\n---\n" + expected + "\n"
+    status, _, err = run(capsys, *flags[:-4], "--reasoning-effort", "maximal", "--prompt", "Hi")
+    assert_one_line_error(status, err, "not a conversation the chat format accepts")

@@ -11,7 +11,8 @@ from transformers.generation import logits_process
 
 from conftest import WINDOW, forward
 from mistral_jax.checkpoints.convert import load_pytorch
-from mistral_jax.inference.sampling import Sampler, decode, decoding_layout, filter_logits, generate, sample_logits, start
+from mistral_jax.inference.sampling import (Sampler, decode, decoding_layout, filter_logits, generate, sample_logits,
+                                            start)
 from mistral_jax.model.cache import KVCache
 from mistral_jax.model.transformer import Mistral, unstack_layers
 from mistral_jax.runtime import platforms

@@ -12,7 +12,8 @@ from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from conftest import BUNDLED, REAL_TOKENIZER
-from mistral_jax.text.tokenizer import StreamDecoder, Tokenizer, checkpoint_name, find_tokenizer
+from mistral_jax.text.streaming import StreamDecoder
+from mistral_jax.text.tokenizer import Tokenizer, checkpoint_name, find_tokenizer
 
 FILES = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3",
          "v7": "mistral_instruct_tokenizer_241114.model.v7", "tekken": "tekken_240718.json"}

@@ -1,19 +1,18 @@
 """PyTorch checkpoints (HF transformers and Mistral-native layouts) <-> Flax params, streamed.
 
-Conversion is a rename, a transpose/reshape per tensor, and one permutation: Mistral-native
-wq/wk rows rotate interleaved pairs (2i, 2i+1) while the model (model/rope.py) rotates halves
-(i, i + d/2), as HF's rows already do. Tensors are read lazily (safetensors through a
-memory map per tensor, PyTorch pickles through torch's mmap) and produced one stacked
-parameter at a time, so the peak is one copy of the output plus one source tensor.
+What each tensor is called and how its layout maps onto the model's is layouts.py; FP8
+weights are dequantized as they are read (fp8.py). Tensors are read lazily (safetensors
+through a memory map per tensor, PyTorch pickles through torch's mmap) and produced one
+stacked parameter at a time, so the peak is one copy of the output plus one source tensor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 
@@ -22,10 +21,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mistral_jax.checkpoints import fp8
+from mistral_jax.checkpoints.layouts import (IGNORED, VISION, flax_shape, flax_to_torch, layer_tensors,
+                                             rotate_half_rows, source_names, tensor_names, top_tensors, torch_shape,
+                                             torch_view)
 from mistral_jax.checkpoints.store import atomic_directory, check_destination, load_checkpoint, save_checkpoint
-from mistral_jax.checkpoints.tensor_files import aligned_empty, read_tensor_file, TensorFileError, to_numpy, write_safetensors
+from mistral_jax.checkpoints.tensor_files import (TensorFileError, aligned_empty, read_tensor_file, to_numpy,
+                                                  write_safetensors)
 from mistral_jax.model.config import MistralConfig
-from mistral_jax.text.tokenizer import checkpoint_name, find_tokenizer, Tokenizer
+from mistral_jax.text.tokenizer import Tokenizer, checkpoint_name, find_tokenizer
 
 logger = logging.getLogger("mistral_jax")
 
@@ -34,91 +38,33 @@ class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be read as a Mistral model."""
 
 
-# Flax path under `layers` -> (native name, HF name) within layer i, without ".weight".
-LAYER_TENSORS = {
-    ("attention", "wq"): ("attention.wq", "self_attn.q_proj"),
-    ("attention", "wk"): ("attention.wk", "self_attn.k_proj"),
-    ("attention", "wv"): ("attention.wv", "self_attn.v_proj"),
-    ("attention", "wo"): ("attention.wo", "self_attn.o_proj"),
-    ("feed_forward", "w1"): ("feed_forward.w1", "mlp.gate_proj"),
-    ("feed_forward", "w2"): ("feed_forward.w2", "mlp.down_proj"),
-    ("feed_forward", "w3"): ("feed_forward.w3", "mlp.up_proj"),
-    ("attention_norm", "weight"): ("attention_norm", "input_layernorm"),
-    ("ffn_norm", "weight"): ("ffn_norm", "post_attention_layernorm"),
-}
-# With experts (Mixtral) the feed-forward is a router and E experts' SwiGLUs, stacked [E, ...]
-# in Flax: expert e's tensors replace {e}.
-EXPERT_TENSORS = {
-    ("feed_forward", "gate"): ("feed_forward.gate", "block_sparse_moe.gate"),
-    ("feed_forward", "w1"): ("feed_forward.experts.{e}.w1", "block_sparse_moe.experts.{e}.w1"),
-    ("feed_forward", "w2"): ("feed_forward.experts.{e}.w2", "block_sparse_moe.experts.{e}.w2"),
-    ("feed_forward", "w3"): ("feed_forward.experts.{e}.w3", "block_sparse_moe.experts.{e}.w3"),
-}
-TOP_TENSORS = {
-    ("tok_embeddings",): ("tok_embeddings", "model.embed_tokens"),
-    ("norm", "weight"): ("norm", "model.norm"),
-    ("output",): ("output", "lm_head"),
-}
-_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # a buffer older HF .bin files carry
-# Where an HF checkpoint keeps the text model, told by the embedding's name: (prefix of what
-# MistralForCausalLM calls "model.", prefix of "lm_head"). Mistral3ForConditionalGeneration
-# (Mistral Small 3.1) as transformers >= 5 saves it, and as its hub files (4.x) have it.
-HF_TEXT_PREFIXES = {
-    "model.embed_tokens.weight": ("model.", ""),
-    "model.language_model.embed_tokens.weight": ("model.language_model.", ""),
-    "language_model.model.embed_tokens.weight": ("language_model.model.", "language_model."),
-}
-# What a multimodal checkpoint holds beside its text model (HF and native names), not read.
-_VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\.|"
-                     r"(vision_encoder|vision_language_adapter|patch_merger|pre_mm_projector_norm)\.")
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A PyTorch checkpoint directory, found and its config read."""
+
+    path: str
+    layout: str  # "hf" or "native"
+    files: tuple[str, ...]  # the weight files
+    config: MistralConfig
+    multimodal: bool  # a vision-language model's: its text model is read, the rest skipped
+    fp8_block: tuple[int, int]  # the block of FP8 block scales (fp8.py)
 
 
-def layer_tensors(c: MistralConfig) -> dict[tuple, tuple[str, str]]:
-    """LAYER_TENSORS, with EXPERT_TENSORS as the feed-forward of a model with experts."""
-    if not c.moe:
-        return LAYER_TENSORS
-    return {**{path: names for path, names in LAYER_TENSORS.items() if path[0] != "feed_forward"},
-            **EXPERT_TENSORS}
-
-
-def torch_shape(leaf: str, c: MistralConfig) -> tuple[int, ...]:
-    """Shape of a tensor in PyTorch layout ([out, in] for linear weights; one expert's)."""
-    D, F, V, d, E = c.dim, c.hidden_dim, c.vocab_size, c.head_dim, c.moe.n_experts if c.moe else 0
-    return {"wq": (c.n_heads * d, D), "wk": (c.n_kv_heads * d, D), "wv": (c.n_kv_heads * d, D),
-            "wo": (D, c.n_heads * d), "w1": (F, D), "w3": (F, D), "w2": (D, F), "weight": (D,),
-            "gate": (E, D), "tok_embeddings": (V, D), "output": (V, D)}[leaf]
-
-
-def torch_to_flax(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
-    """PyTorch layout -> the model's kernel layout (see model/transformer.py)."""
-    D, d = c.dim, c.head_dim
-    if leaf in ("wq", "wk", "wv"):
-        return w.reshape(-1, d, D).transpose(2, 0, 1)  # [N*d, D] -> [D, N, d]
-    if leaf == "wo":
-        return w.reshape(D, c.n_heads, d).transpose(1, 2, 0)  # [D, H*d] -> [H, d, D]
-    if leaf in ("w1", "w2", "w3", "gate", "output"):
-        return w.T
-    return w
-
-
-def flax_to_torch(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
-    """The inverse of torch_to_flax."""
-    if leaf in ("wq", "wk", "wv"):
-        return w.transpose(1, 2, 0).reshape(-1, c.dim)  # [D, N, d] -> [N*d, D]
-    if leaf == "wo":
-        return w.transpose(2, 0, 1).reshape(c.dim, -1)  # [H, d, D] -> [D, H*d]
-    if leaf in ("w1", "w2", "w3", "gate", "output"):
-        return w.T
-    return w
-
-
-def interleaved_to_rotate_half(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Permutes wq/wk rows [N*d, D] so that pair (2i, 2i+1) of each head becomes (i, i + d/2).
-
-    The same permutation as transformers' convert_mistral_weights_to_hf.py.
-    """
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+def find_source(path: str) -> Source:
+    layout, files = find_checkpoint(path)
+    file = os.path.join(path, "config.json" if layout == "hf" else "params.json")
+    d = _read_json(file)
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{file} does not hold a JSON object")
+    if layout == "hf":
+        config, multimodal = MistralConfig.from_hf_dict(d), d.get("model_type") == "mistral3"
+    else:
+        config, multimodal = MistralConfig.from_params_dict(d), bool(d.get("vision_encoder"))
+    try:
+        block = fp8.block_size(d.get("quantization_config"))
+    except fp8.ScaleError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    return Source(path, layout, tuple(files), config, multimodal, block)
 
 
 # ---- finding checkpoints --------------------------------------------------------------------
@@ -177,54 +123,23 @@ def _read_all(files: list[str]) -> dict[str, Mapping[str, object]]:
 
 # ---- PyTorch -> Flax ------------------------------------------------------------------------
 
-def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] = ("model.", "")
-                 ) -> dict[tuple[tuple, tuple], str]:
-    """(Flax param path, index into it) -> tensor name in a checkpoint of layout; the index
-    is () for a top-level param, (layer,) under `layers`, (layer, expert) for an expert's.
-    An HF text model under hf_prefixes (HF_TEXT_PREFIXES)."""
-    pick = 0 if layout == "native" else 1
-    prefix = "layers" if layout == "native" else "model.layers"
-    names = {(path, ()): names[pick] + ".weight" for path, names in TOP_TENSORS.items()}
-    for i in range(c.n_layers):
-        for path, layer_names in layer_tensors(c).items():
-            name = f"{prefix}.{i}.{layer_names[pick]}.weight"
-            if "{e}" not in name:
-                names[("layers",) + path, (i,)] = name
-            for e in range(c.moe.n_experts if "{e}" in name else 0):
-                names[("layers",) + path, (i, e)] = name.format(e=e)
-    if layout == "hf" and hf_prefixes != ("model.", ""):
-        body, head = hf_prefixes
-        names = {key: body + name.removeprefix("model.") if name.startswith("model.") else head + name
-                 for key, name in names.items()}
-    return names
-
-
-def source_names(layout: str, config: MistralConfig, present, multimodal: bool = False
-                 ) -> tuple[dict[tuple[tuple, tuple], str], list[str]]:
-    """(tensor_names' keys -> the name of each tensor among `present`, the present tensors not read:
-    a multimodal checkpoint's vision encoder and projector)."""
-    skipped = sorted(name for name in present if multimodal and _VISION.match(name))
-    prefixes = ("model.", "")
-    if layout == "hf":
-        prefixes = next((p for embedding, p in HF_TEXT_PREFIXES.items() if embedding in present), prefixes)
-    return tensor_names(layout, config, prefixes), skipped
-
-
-def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], config: MistralConfig, dtype: str,
-                     on_tensor: Callable[[str], None] = lambda name: None, multimodal: bool = False
+def iter_flax_params(source: Source, sources: Mapping[str, Mapping[str, object]], config: MistralConfig,
+                     dtype: str, on_tensor: Callable[[str], None] = lambda name: None
                      ) -> Iterator[tuple[tuple, np.ndarray]]:
     """Yields (Flax path, numpy array in dtype) per parameter, layers stacked, one at a time.
 
     sources maps each tensor name to the file mapping that holds it; a tensor is mapped
-    from its file only while it is converted. multimodal: the checkpoint's text model is
-    read, its vision tensors skipped (said).
+    from its file only while it is converted. A multimodal checkpoint's text model is read,
+    its vision tensors skipped (said); FP8 weights are dequantized with their scales.
     """
-    present = {k for k in sources if not _IGNORED.match(k)}
-    names, skipped = source_names(layout, config, present, multimodal)
-    if skipped:
+    present = {k for k in sources if not IGNORED.match(k)}
+    names, skipped = source_names(source.layout, config, present, source.multimodal)
+    vision = [name for name in skipped if VISION.match(name)]
+    if vision:
         logger.warning("reading the text model of a multimodal checkpoint; skipping its %d vision encoder "
-                       "and projector tensors", len(skipped))
-    present -= set(skipped)
+                       "and projector tensors", len(vision))
+    scales, activation_scales = fp8.scales_of(present - set(skipped))
+    present -= set(skipped) | set(scales.values()) | set(activation_scales)
     missing = sorted(set(names.values()) - present)
     unexpected = sorted(present - set(names.values()))
     if missing:
@@ -232,33 +147,47 @@ def iter_flax_params(layout: str, sources: Mapping[str, Mapping[str, object]], c
     if unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} tensors the config does not know, "
                               f"e.g. {unexpected[:3]}")
+    orphans = sorted(set(scales) - present)
+    if orphans:
+        raise CheckpointError(f"checkpoint has scales of no weight: {scales[orphans[0]]}")
     np_dtype = jnp.dtype(dtype)
 
-    def load(key: tuple[tuple, tuple], out: np.ndarray | None = None) -> np.ndarray:
+    def load(key: tuple[tuple, tuple], kernel: np.ndarray) -> None:
         name, leaf = names[key], key[0][-1]
-        source = sources[name]
-        w = to_numpy(source[name])
-        if not (np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16):
-            raise CheckpointError(f"tensor {name} has dtype {w.dtype}: weights are real floating point")
+        w = to_numpy(sources[name][name])
         if tuple(w.shape) != torch_shape(leaf, config):
             raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, the config expects "
                                   f"{torch_shape(leaf, config)}")
-        if layout == "native" and leaf in ("wq", "wk"):
-            w = interleaved_to_rotate_half(w, config.n_heads if leaf == "wq" else config.n_kv_heads)
-        w = torch_to_flax(leaf, w, config)
-        if out is None:
-            out = aligned_empty(w.shape, np_dtype)
-        out[...] = w  # reads the mapped source and casts, with no intermediate copy
-        source.release(name)
+        order = None  # where each source row goes: its own place, or the rotate-half one
+        if source.layout == "native" and leaf in ("wq", "wk"):
+            order = rotate_half_rows(len(w), config.n_heads if leaf == "wq" else config.n_kv_heads)
+        into = lambda rows: rows if order is None else order[rows]  # noqa: E731
+        view = torch_view(leaf, kernel)  # the kernel in PyTorch's layout: what is written there lands in it
+        if w.dtype in fp8.FLOAT8:
+            if name not in scales:
+                raise CheckpointError(f"tensor {name} is {w.dtype} but has no scale beside it")
+            scale = to_numpy(sources[scales[name]][scales[name]])
+            try:
+                for rows, values in fp8.dequantized_rows(scales[name], w, scale, source.fp8_block):
+                    view[into(rows)] = values
+            except fp8.ScaleError as e:
+                raise CheckpointError(str(e)) from None
+        elif name in scales:
+            raise CheckpointError(f"tensor {name} has a scale but is {w.dtype}, not float8")
+        elif np.issubdtype(w.dtype, np.floating) or w.dtype == ml_dtypes.bfloat16:
+            view[into(slice(None))] = w  # reads the mapped source, permutes and casts, with no intermediate copy
+        else:
+            raise CheckpointError(f"tensor {name} has dtype {w.dtype}: weights are real floating point")
+        sources[name].release(name)
         on_tensor(name)
-        return out
 
-    for path in TOP_TENSORS:
-        yield path, load((path, ()))
+    for path in top_tensors(config):
+        kernel = aligned_empty(flax_shape(path[-1], config), np_dtype)
+        load((path, ()), kernel)
+        yield path, kernel
     for path, layer_names in layer_tensors(config).items():
         stack = (config.n_layers, config.moe.n_experts) if "{e}" in layer_names[0] else (config.n_layers,)
-        one = torch_to_flax(path[-1], np.empty(torch_shape(path[-1], config), np.int8), config).shape
-        stacked = aligned_empty(stack + one, np_dtype)
+        stacked = aligned_empty(stack + flax_shape(path[-1], config), np_dtype)
         for index in np.ndindex(stack):
             load((("layers",) + path, index), stacked[index])
         yield ("layers",) + path, stacked
@@ -268,23 +197,11 @@ def read_pytorch(path: str, dtype: str = "float32",
                  on_tensor: Callable[[str], None] = lambda name: None
                  ) -> tuple[MistralConfig, str, int, Iterator[tuple[tuple, np.ndarray]]]:
     """(config, layout, number of tensors, iterator of (Flax path, numpy array)) of a checkpoint dir."""
-    layout, files = find_checkpoint(path)
-    config, multimodal = read_config(path, layout)
-    config = config.replace(dtype=dtype, param_dtype=dtype)
-    sources = _read_all(files)
-    arrays = iter_flax_params(layout, sources, config, dtype, on_tensor, multimodal)
-    return config, layout, len(tensor_names(layout, config)), arrays
-
-
-def read_config(path: str, layout: str) -> tuple[MistralConfig, bool]:
-    """(the config of a checkpoint dir of layout, whether it is a multimodal model's)."""
-    file = os.path.join(path, "config.json" if layout == "hf" else "params.json")
-    d = _read_json(file)
-    if not isinstance(d, dict):
-        raise CheckpointError(f"{file} does not hold a JSON object")
-    if layout == "hf":
-        return MistralConfig.from_hf_dict(d), d.get("model_type") == "mistral3"
-    return MistralConfig.from_params_dict(d), bool(d.get("vision_encoder"))
+    source = find_source(path)
+    config = source.config.replace(dtype=dtype, param_dtype=dtype)
+    sources = _read_all(list(source.files))
+    arrays = iter_flax_params(source, sources, config, dtype, on_tensor)
+    return config, source.layout, len(tensor_names(source.layout, config)), arrays
 
 
 def load_pytorch(path: str, dtype: str = "float32") -> tuple[MistralConfig, dict]:
@@ -322,12 +239,8 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
     """Writes config.json and model.safetensors (sharded with an index above max_shard_bytes),
     as transformers' MistralForCausalLM (Ministral..., Mixtral...) .from_pretrained reads
     them. Returns the files written."""
-    if not config.hf_expressible:
-        if config.moe and config.grouped_layers:
-            raise CheckpointError("experts with per-layer windows: transformers' MixtralConfig has one "
-                                  "sliding_window for every layer, so no HF model holds this one")
-        raise CheckpointError(f"windows {sorted({w for w in config.windows if w})} in one model: transformers' "
-                              "MinistralConfig has a single sliding_window, so no HF model holds this one")
+    if config.hf_obstacle:
+        raise CheckpointError(f"{config.hf_obstacle}, so no HF model holds this one")
     np_dtype = jnp.dtype(dtype) if dtype else None
     arrays = jax.tree_util.tree_map(np.asarray, params)  # zero-copy views on CPU
     entries = []

@@ -2,7 +2,7 @@
 PyTorch pickles (.bin/.pth, through torch's mmap).
 
 Our own safetensors reader/writer because the safetensors package's numpy backend cannot
-express bfloat16; ml_dtypes can. The format: an 8-byte little-endian header length, a JSON
+express bfloat16 or float8; ml_dtypes can. The format: an 8-byte little-endian header length, a JSON
 header {name: {dtype, shape, data_offsets}}, then the raw bytes.
 """
 
@@ -25,7 +25,8 @@ class TensorFileError(ValueError):
 
 
 _DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-           "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
+           "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+           "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32)}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
@@ -170,11 +171,16 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def to_numpy(tensor) -> np.ndarray:
-    """A numpy view of a numpy array or torch tensor, bfloat16 included."""
+    """A numpy view of a numpy array or torch tensor, bfloat16 and float8 included."""
     if isinstance(tensor, np.ndarray):
         return tensor
     import torch
 
-    if tensor.dtype == torch.bfloat16:
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    # numpy has no bfloat16 or float8: the same bits, viewed as ml_dtypes' types
+    special = {torch.bfloat16: (torch.int16, ml_dtypes.bfloat16),
+               torch.float8_e4m3fn: (torch.uint8, ml_dtypes.float8_e4m3fn),
+               torch.float8_e5m2: (torch.uint8, ml_dtypes.float8_e5m2)}
+    if tensor.dtype in special:
+        bits, dtype = special[tensor.dtype]
+        return tensor.view(bits).numpy().view(dtype)
     return tensor.numpy()

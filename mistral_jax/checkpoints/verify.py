@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.checkpoints.convert import find_checkpoint, interleaved_to_rotate_half, read_config, source_names, tensor_names
+from mistral_jax.checkpoints import fp8
+from mistral_jax.checkpoints.convert import find_source
+from mistral_jax.checkpoints.layouts import interleaved_to_rotate_half, source_names, tensor_names
 from mistral_jax.checkpoints.tensor_files import read_tensor_file, to_numpy
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
@@ -32,41 +34,44 @@ class Comparison:
 
 
 def pytorch_model(src: str, config: MistralConfig):
-    """transformers' MistralForCausalLM (MinistralForCausalLM for per-layer windows,
-    MixtralForCausalLM for experts) holding the source checkpoint's (text model's) weights,
-    rounded to config.param_dtype and held in float32."""
+    """transformers' model of the source checkpoint's (text model's) weights: MistralForCausalLM,
+    MinistralForCausalLM for per-layer windows, MixtralForCausalLM for experts,
+    Ministral3ForCausalLM for Llama 4's query scale, as config.to_hf_dict says; the weights
+    rounded to config.param_dtype (FP8 ones dequantized first) and held in float32."""
     import torch
     import transformers
 
-    layout, files = find_checkpoint(src)
+    source = find_source(src)
     hf_dict = config.to_hf_dict()
-    kind = {"ministral": "Ministral", "mixtral": "Mixtral"}.get(hf_dict["model_type"], "Mistral")
+    kind = HF_CLASSES[hf_dict["model_type"]]
     hf_config = getattr(transformers, f"{kind}Config")(**hf_dict, attn_implementation="eager")
     with torch.device("meta"):
         model = getattr(transformers, f"{kind}ForCausalLM")(hf_config)
-    contents = [read_tensor_file(file) for file in files]
-    present = {name for c in contents for name in c}
-    names, _ = source_names(layout, config, present, read_config(src, layout)[1])
-    to_hf = {names[key]: hf_name for key, hf_name in tensor_names("hf", config).items()}
+    contents = {name: tensors for tensors in map(read_tensor_file, source.files) for name in tensors}
+    names, _ = source_names(source.layout, config, set(contents), source.multimodal)
+    scales, _ = fp8.scales_of(contents)
     state = {}
-    for tensors in contents:
-        for name, tensor in tensors.items():
-            if name not in to_hf:  # a vision tensor, or HF's rotary buffer
-                continue
-            w = to_numpy(tensor)
-            name = to_hf[name]
-            if layout == "native":
-                if name.endswith(("q_proj.weight", "k_proj.weight")):
-                    n_heads = config.n_heads if "q_proj" in name else config.n_kv_heads
-                    w = interleaved_to_rotate_half(w, n_heads)
-            rounded = np.asarray(w).astype(jnp.dtype(config.param_dtype)).astype(np.float32)
-            state[name] = torch.from_numpy(rounded)
+    for key, hf_name in tensor_names("hf", config).items():
+        name = names[key]
+        w = to_numpy(contents[name][name])
+        if w.dtype in fp8.FLOAT8:
+            scale = scales[name]
+            w = fp8.dequantize(scale, w, to_numpy(contents[scale][scale]), source.fp8_block)
+        if source.layout == "native" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            w = interleaved_to_rotate_half(w, config.n_heads if "q_proj" in hf_name else config.n_kv_heads)
+        state[hf_name] = torch.from_numpy(np.asarray(w).astype(jnp.dtype(config.param_dtype)).astype(np.float32))
+    if config.tied_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     if config.moe:
         state = _fused_experts(state, config)
     model.load_state_dict(state, strict=True, assign=True)
     # The rotary frequencies are a computed buffer, not a checkpoint tensor: build them for real.
     model.model.rotary_emb = type(model.model.rotary_emb)(config=hf_config)
     return model.eval()
+
+
+# config.json's model_type -> the transformers class that computes it
+HF_CLASSES = {"mistral": "Mistral", "ministral": "Ministral", "mixtral": "Mixtral", "ministral3": "Ministral3"}
 
 
 def _fused_experts(state: dict, config: MistralConfig) -> dict:

@@ -2,7 +2,8 @@
 it, its named presets, and its files (config.json, params.json: config_files.py).
 
 The fields every model has are MistralConfig's own; the parts only some models have are groups
-(config_groups.py), None where a model has no such part: `moe` (Mixtral's experts). One window
+(config_groups.py), None where a model has no such part: `moe` (Mixtral's experts), `yarn` and
+`llama_4_scaling` (the Mistral 3 generation's rope scalings). One window
 or a per-layer pattern of them is `sliding_window` itself, as params.json writes it; the
 properties below say what it implies for the layer stack.
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from mistral_jax.model import config_files
 from mistral_jax.model.config_files import DEFAULT_MAX_SEQ_LEN, parser
-from mistral_jax.model.config_groups import check_int, check_number, ConfigError, MoE
+from mistral_jax.model.config_groups import ConfigError, Llama4Scaling, MoE, YaRN, check_int, check_number
 from mistral_jax.model.presets import PRESETS
 
 
@@ -55,8 +56,11 @@ class MistralConfig:
     # W, W, W)), as params.json writes it; kept in its shortest repeating form.
     sliding_window: int | None | tuple[int | None, ...] = None
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
+    tied_embeddings: bool = False  # the output projection is tok_embeddings transposed (Ministral 3 3B)
     # ---- what only some models have (config_groups.py); None: not this model
     moe: MoE | None = None  # experts in place of the dense feed-forward (Mixtral)
+    yarn: YaRN | None = None  # rope frequencies scaled for long context (Ministral 3)
+    llama_4_scaling: Llama4Scaling | None = None  # queries scaled by position (Ministral 3)
     # ---- how to run it
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -76,8 +80,11 @@ class MistralConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         object.__setattr__(self, "sliding_window", _window_pattern(self.sliding_window, self.n_layers))
-        if self.moe is not None and not isinstance(self.moe, MoE):
-            raise ConfigError(f"moe must be a MoE or None, got {self.moe!r}")
+        for name, group in (("moe", MoE), ("yarn", YaRN), ("llama_4_scaling", Llama4Scaling)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), group):
+                raise ConfigError(f"{name} must be a {group.__name__} or None, got {getattr(self, name)!r}")
+        if not isinstance(self.tied_embeddings, bool):
+            raise ConfigError(f"tied_embeddings must be true or false, got {self.tied_embeddings!r}")
         check_number(self, "norm_eps", positive=True)
         check_number(self, "rope_theta", positive=True)
         for name in ("dtype", "param_dtype"):
@@ -146,37 +153,52 @@ class MistralConfig:
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         router = self.dim * self.moe.n_experts if self.moe else 0
         per_layer = attn + 3 * self.dim * self.hidden_dim * experts + router + 2 * self.dim
-        return self.n_layers * per_layer + 2 * self.vocab_size * self.dim + self.dim
+        embeddings = (1 if self.tied_embeddings else 2) * self.vocab_size * self.dim
+        return self.n_layers * per_layer + embeddings + self.dim
 
     # ---- HF transformers config.json and Mistral-native params.json (config_files.py) --------
 
     @classmethod
     @parser("config.json")
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
-        """MistralForCausalLM's, MinistralForCausalLM's and MixtralForCausalLM's config.json,
-        or the text model of Mistral3ForConditionalGeneration's (its vision tower and
-        projector are not read)."""
+        """The config.json of MistralForCausalLM, MinistralForCausalLM, MixtralForCausalLM,
+        Ministral3ForCausalLM or LlamaForCausalLM, or of the text model of
+        Mistral3ForConditionalGeneration (its vision tower and projector are not read)."""
         return cls(**{**config_files.hf_fields(d), **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """MistralForCausalLM's config.json, MixtralForCausalLM's for experts, or
-        MinistralForCausalLM's for per-layer windows (beyond those, see hf_expressible: a
-        per-layer list that we read and transformers does not)."""
+        """MistralForCausalLM's config.json, MixtralForCausalLM's for experts,
+        MinistralForCausalLM's for per-layer windows, Ministral3ForCausalLM's for Llama 4's
+        query scale (beyond those, see hf_obstacle: what we read back and transformers does not)."""
         return config_files.hf_dict(self)
 
     @property
+    def hf_obstacle(self) -> str | None:
+        """Why no transformers model (MistralForCausalLM, MinistralForCausalLM,
+        MixtralForCausalLM, Ministral3ForCausalLM) computes this one, or None."""
+        windows = sorted({w for w in self.window_kinds if w is not None})
+        if len(windows) > 1:
+            return f"windows {windows} in one model: transformers' MinistralConfig has a single sliding_window"
+        if self.moe and self.grouped_layers:
+            return "experts with per-layer windows: transformers' MixtralConfig has one sliding_window for every layer"
+        if self.llama_4_scaling and (self.moe or self.grouped_layers):
+            return ("Llama 4's query scale with experts or per-layer windows: transformers applies it in "
+                    "Ministral3ForCausalLM only, which has neither")
+        if (self.llama_4_scaling and self.yarn and self.yarn.original_max_position_embeddings
+                != self.llama_4_scaling.original_max_position_embeddings):
+            return ("YaRN and Llama 4's query scale over different original lengths: transformers' rope_parameters "
+                    "holds one original_max_position_embeddings")
+        return None
+
+    @property
     def hf_expressible(self) -> bool:
-        """Whether transformers' MistralConfig / MinistralConfig / MixtralConfig can describe
-        this model: at most one sliding window besides full attention, and per-layer windows
-        (MinistralConfig's layer_types) only without experts."""
-        windows = {w for w in self.window_kinds if w is not None}
-        return len(windows) <= 1 and not (self.moe and self.grouped_layers)
+        return self.hf_obstacle is None
 
     @classmethod
     @parser("params.json")
     def from_params_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
-        """mistral-inference's params.json (with "moe" for Mixtral); a multimodal one's
-        (Mistral Small 3.1) text model."""
+        """mistral-inference's params.json (with "moe" for Mixtral, "yarn" and
+        "llama_4_scaling" for the Mistral 3 generation); a multimodal one's text model."""
         return cls(**{**config_files.params_fields(d), **overrides})
 
     def to_params_dict(self) -> dict[str, Any]:

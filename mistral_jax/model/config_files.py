@@ -3,8 +3,10 @@ read into the config's fields and written back from a config.
 
 Reading handles what real checkpoints contain: `sliding_window` null, a string or a per-layer
 list; HF `layer_types`; `rope_theta` at the top level (transformers < 5), under
-`rope_parameters` (>= 5) or, in params.json, absent; experts in either format; the text model
-of a multimodal checkpoint. Whatever cannot describe a model is a ConfigError naming the field.
+`rope_parameters` (>= 5) or, in params.json, absent; YaRN and Llama 4's query scale (HF
+`rope_parameters`, native "yarn" and "llama_4_scaling"); tied embeddings; experts in either
+format; Llama's config.json; the text model of a multimodal checkpoint. Whatever cannot describe
+a model is a ConfigError naming the field; a setting not understood is refused, never dropped.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import logging
 import os
 from typing import Any
 
-from mistral_jax.model.config_groups import ConfigError, MoE, to_float
+from mistral_jax.model.config_groups import ConfigError, Llama4Scaling, MoE, YaRN, to_float, yarn_mscale
 
 logger = logging.getLogger("mistral_jax")
 
 DEFAULT_MAX_SEQ_LEN = 32768  # what Mistral 7B's HF config.json states; params.json never says
-HF_DEFAULT_EPS = {"mistral": 1e-5, "ministral": 1e-6, "mixtral": 1e-5}  # rms_norm_eps when config.json omits it
+# rms_norm_eps when config.json omits it: transformers' default per model type
+HF_DEFAULT_EPS = {"mistral": 1e-5, "ministral": 1e-6, "mixtral": 1e-5, "ministral3": 1e-5, "llama": 1e-6}
 HF_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -50,29 +53,35 @@ def parser(source: str):
 
 def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
     """MistralConfig's fields from the config.json of MistralForCausalLM, MinistralForCausalLM,
-    MixtralForCausalLM, or the text model of Mistral3ForConditionalGeneration (its vision tower
-    and projector are not read)."""
+    MixtralForCausalLM, Ministral3ForCausalLM, LlamaForCausalLM (the same block without a window),
+    or the text model of Mistral3ForConditionalGeneration (its vision tower and projector are not
+    read)."""
     model_type = d.get("model_type", "mistral")
     if model_type == "mistral3":
         text = d.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError("config.json has model_type 'mistral3' but no text_config object")
-        return hf_fields({"model_type": "mistral", **text})
+        # transformers ties the output as the top level says (Ministral 3 3B), else as the text model
+        tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
+        return hf_fields({"model_type": "mistral", **text, "tie_word_embeddings": tied})
     if not isinstance(model_type, str) or model_type not in HF_DEFAULT_EPS:
         raise ConfigError(f"config.json has model_type {model_type!r}, expected one of "
                           f"{', '.join(map(repr, HF_DEFAULT_EPS))} or 'mistral3'")
-    if d.get("tie_word_embeddings", False):
-        raise ConfigError("config.json sets tie_word_embeddings; Mistral's output projection is untied")
     if d.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"config.json hidden_act {d['hidden_act']!r} is not silu")
+    for bias in ("attention_bias", "mlp_bias"):
+        if d.get(bias):
+            raise ConfigError(f"config.json sets {bias}: Mistral's projections have no bias")
     n_heads, n_layers = d["num_attention_heads"], d["num_hidden_layers"]
+    max_seq_len = d.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN)
     fields = dict(
         dim=d["hidden_size"], n_layers=n_layers, head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
         hidden_dim=d["intermediate_size"], n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
         vocab_size=d["vocab_size"],
         norm_eps=to_float("rms_norm_eps", d.get("rms_norm_eps", HF_DEFAULT_EPS[model_type])),
-        rope_theta=_hf_rope_theta(d), sliding_window=_hf_windows(d, n_layers),
-        max_seq_len=d.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN))
+        sliding_window=_hf_windows(d, n_layers), max_seq_len=max_seq_len,
+        tied_embeddings=_flag("tie_word_embeddings", d.get("tie_word_embeddings", False)),
+        **_hf_rope(d, max_seq_len))
     if model_type == "mixtral":
         fields["moe"] = MoE(d["num_local_experts"], d["num_experts_per_tok"],
                             to_float("router_aux_loss_coef", d.get("router_aux_loss_coef", 0.001)))
@@ -80,9 +89,11 @@ def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def hf_dict(config) -> dict[str, Any]:
-    """config.json of MistralForCausalLM, of MixtralForCausalLM with experts, or of
-    MinistralForCausalLM with per-layer windows; beyond those (config.hf_expressible False: a
-    per-layer list that we read and transformers does not), the list as params.json has it."""
+    """config.json of MistralForCausalLM, of MixtralForCausalLM with experts, of
+    MinistralForCausalLM with per-layer windows, or of Ministral3ForCausalLM with Llama 4's query
+    scale; RoPE scaling under rope_parameters. Beyond what transformers expresses
+    (config.hf_obstacle), what we read back: a per-layer window list as params.json has it, the
+    query scale on another model type."""
     d = {
         "architectures": ["MistralForCausalLM"], "model_type": "mistral",
         "hidden_size": config.dim, "num_hidden_layers": config.n_layers, "head_dim": config.head_dim,
@@ -90,20 +101,83 @@ def hf_dict(config) -> dict[str, Any]:
         "num_key_value_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
         "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "sliding_window": config.sliding_window, "max_position_embeddings": config.max_seq_len,
-        "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "tie_word_embeddings": config.tied_embeddings, "bos_token_id": 1, "eos_token_id": 2,
         "torch_dtype": config.param_dtype,
     }
+    if config.yarn is not None or config.llama_4_scaling is not None:
+        d["rope_parameters"] = _hf_rope_parameters(config)
+        del d["rope_theta"]
     if config.moe is not None:
         d.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=config.moe.n_experts,
                  num_experts_per_tok=config.moe.n_experts_per_tok,
                  router_aux_loss_coef=config.moe.router_aux_loss_coef)
-    if not config.hf_expressible:
-        d["sliding_window"] = list(config.windows)
+    if config.grouped_layers and (config.moe or len({w for w in config.window_kinds if w is not None}) > 1):
+        d["sliding_window"] = list(config.windows)  # no layer_types can say it: params.json's list
     elif config.grouped_layers:
         window = next(w for w in config.window_kinds if w is not None)
         d.update(architectures=["MinistralForCausalLM"], model_type="ministral", sliding_window=window,
                  layer_types=["full_attention" if w is None else "sliding_attention" for w in config.windows])
+    elif config.llama_4_scaling is not None and config.moe is None:
+        d.update(architectures=["Ministral3ForCausalLM"], model_type="ministral3")
     return d
+
+
+_YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "attention_factor", "truncate")
+# Where the query scale's length is kept when it differs from YaRN's (rope_parameters has one
+# original_max_position_embeddings): a key of ours, which transformers does not read.
+_LLAMA_4_LENGTH = "llama_4_scaling_original_max_position_embeddings"
+
+
+def _hf_rope(d: dict[str, Any], max_seq_len: Any) -> dict[str, Any]:
+    """rope_theta, yarn and llama_4_scaling from rope_parameters (transformers >= 5) or the
+    top level and rope_scaling (< 5). Any other RoPE scaling (linear, dynamic, longrope,
+    llama3) is refused rather than dropped."""
+    rope = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        params = d.get(key) or {}
+        if not isinstance(params, dict):
+            raise ConfigError("config.json rope_parameters / rope_scaling must be objects")
+        rope.update(params)
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    rope_theta = rope.get("rope_theta", d.get("rope_theta"))
+    if rope_theta is None:
+        raise ConfigError("config.json has no rope_theta (neither top level nor rope_parameters)")
+    fields: dict[str, Any] = {"rope_theta": to_float("rope_theta", rope_theta)}
+    if kind == "yarn":
+        factor = rope.get("factor")
+        if factor is None:  # transformers: the ratio of the context lengths
+            factor = max_seq_len / rope["original_max_position_embeddings"]
+        fields["yarn"] = YaRN(
+            to_float("factor", factor), rope["original_max_position_embeddings"],
+            to_float("beta_fast", rope.get("beta_fast") or 32), to_float("beta_slow", rope.get("beta_slow") or 1),
+            *(None if rope.get(k) is None else to_float(k, rope[k]) for k in ("mscale", "mscale_all_dim",
+                                                                              "attention_factor")),
+            truncate=_flag("truncate", rope.get("truncate", True)))
+    elif kind != "default" or any(k in rope for k in ("factor", "beta_fast", "beta_slow")):
+        raise ConfigError(f"config.json asks for RoPE scaling ({kind}), which is not implemented")
+    if rope.get("llama_4_scaling_beta") is not None:
+        length = rope.get(_LLAMA_4_LENGTH, rope.get("original_max_position_embeddings"))
+        if length is None:
+            raise ConfigError("config.json sets llama_4_scaling_beta without original_max_position_embeddings")
+        fields["llama_4_scaling"] = Llama4Scaling(to_float("llama_4_scaling_beta", rope["llama_4_scaling_beta"]),
+                                                  length)
+    return fields
+
+
+def _hf_rope_parameters(config) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
+    yarn, llama_4 = config.yarn, config.llama_4_scaling
+    if yarn is not None:
+        rope.update(rope_type="yarn", **{k: getattr(yarn, k) for k in _YARN_KEYS if getattr(yarn, k) is not None})
+        if yarn.truncate:
+            del rope["truncate"]  # transformers' default
+    if llama_4 is not None:
+        rope["llama_4_scaling_beta"] = llama_4.beta
+        length = rope.setdefault("original_max_position_embeddings", llama_4.original_max_position_embeddings)
+        if length != llama_4.original_max_position_embeddings:
+            rope[_LLAMA_4_LENGTH] = llama_4.original_max_position_embeddings
+    return rope
 
 
 def _hf_windows(d: dict[str, Any], n_layers: int) -> int | None | list[int | None]:
@@ -122,33 +196,13 @@ def _hf_windows(d: dict[str, Any], n_layers: int) -> int | None | list[int | Non
     return [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
-def _hf_rope_theta(d: dict[str, Any]) -> float:
-    """rope_theta from the top level (transformers < 5) or rope_parameters (>= 5); any RoPE
-    scaling (YaRN, llama-4's) is refused rather than dropped."""
-    rope = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
-    for params in (rope, scaling):
-        if not isinstance(params, dict):
-            raise ConfigError("config.json rope_parameters / rope_scaling must be objects")
-        kind = params.get("rope_type", params.get("type", "default"))
-        extra = sorted(k for k in params if k.startswith("llama_4") or k in ("factor", "beta_fast", "beta_slow"))
-        if kind != "default" or extra:
-            raise ConfigError(f"config.json asks for RoPE scaling ({kind}{', ' + ', '.join(extra) if extra else ''}), "
-                              "which is not implemented")
-    rope_theta = rope.get("rope_theta", d.get("rope_theta"))
-    if rope_theta is None:
-        raise ConfigError("config.json has no rope_theta (neither top level nor rope_parameters)")
-    return to_float("rope_theta", rope_theta)
-
-
 # ---- Mistral-native params.json -------------------------------------------------------------
 
 def params_fields(d: dict[str, Any]) -> dict[str, Any]:
-    """MistralConfig's fields from mistral-inference's params.json (with "moe" for Mixtral), or
-    a multimodal one's (Mistral Small 3.1) text model."""
-    for key in ("yarn", "llama_4_scaling", "rope_scaling"):
-        if d.get(key):
-            raise ConfigError(f"params.json asks for RoPE scaling ({key!r}), which is not implemented")
+    """MistralConfig's fields from mistral-inference's params.json (with "moe" for Mixtral,
+    "yarn" and "llama_4_scaling" for the Mistral 3 generation), or a multimodal one's text model."""
+    if d.get("rope_scaling"):
+        raise ConfigError("params.json asks for RoPE scaling ('rope_scaling'), which is not implemented")
     window = parse_window(d.get("sliding_window"))
     rope_theta = d.get("rope_theta")
     if rope_theta is None:
@@ -159,12 +213,27 @@ def params_fields(d: dict[str, Any]) -> dict[str, Any]:
         dim=d["dim"], n_layers=d["n_layers"], head_dim=d.get("head_dim") or d["dim"] // d["n_heads"],
         hidden_dim=d["hidden_dim"], n_heads=d["n_heads"], n_kv_heads=d.get("n_kv_heads") or d["n_heads"],
         vocab_size=d["vocab_size"], norm_eps=to_float("norm_eps", d.get("norm_eps", 1e-5)),
-        rope_theta=to_float("rope_theta", rope_theta), sliding_window=window)
+        rope_theta=to_float("rope_theta", rope_theta), sliding_window=window,
+        tied_embeddings=_flag("tied_embeddings", d.get("tied_embeddings", False)))
+    length = d.get("max_position_embeddings", d.get("max_seq_len"))
+    if length is not None:
+        fields["max_seq_len"] = length
     moe = d.get("moe")
     if moe is not None and not isinstance(moe, dict):
         raise ConfigError(f"params.json moe must be an object with num_experts and num_experts_per_tok, got {moe!r}")
     if moe:
         fields["moe"] = MoE(moe["num_experts"], moe["num_experts_per_tok"])
+    if yarn := _block(d, "yarn", {"factor", "original_max_position_embeddings", "beta", "alpha", "apply_scale"}):
+        # beta and alpha are beta_fast and beta_slow (vLLM's Mistral config remapper). apply_scale
+        # (default true): cos and sin times YaRN's magnitude correction, which transformers'
+        # conversion writes as mscale 1, mscale_all_dim 0; false: times 1 (mscale_all_dim 1).
+        apply_scale = _flag("yarn apply_scale", yarn.get("apply_scale", True))
+        fields["yarn"] = YaRN(to_float("yarn factor", yarn["factor"]), yarn["original_max_position_embeddings"],
+                              to_float("yarn beta", yarn.get("beta", 32)), to_float("yarn alpha", yarn.get("alpha", 1)),
+                              mscale=1.0, mscale_all_dim=0.0 if apply_scale else 1.0)
+    if scaling := _block(d, "llama_4_scaling", {"beta", "original_max_position_embeddings"}):
+        fields["llama_4_scaling"] = Llama4Scaling(to_float("llama_4_scaling beta", scaling["beta"]),
+                                                  scaling["original_max_position_embeddings"])
     return fields
 
 
@@ -174,10 +243,43 @@ def params_dict(config) -> dict[str, Any]:
         "hidden_dim": config.hidden_dim, "n_heads": config.n_heads, "n_kv_heads": config.n_kv_heads,
         "norm_eps": config.norm_eps, "vocab_size": config.vocab_size, "rope_theta": config.rope_theta,
         "sliding_window": list(config.windows) if isinstance(config.sliding_window, tuple) else config.sliding_window,
+        "max_position_embeddings": config.max_seq_len,
     }
+    if config.tied_embeddings:
+        d["tied_embeddings"] = True
     if config.moe is not None:
         d["moe"] = {"num_experts": config.moe.n_experts, "num_experts_per_tok": config.moe.n_experts_per_tok}
+    if (yarn := config.yarn) is not None:
+        scale = yarn.cos_sin_scale
+        if scale not in (1.0, yarn_mscale(yarn.factor)) or not yarn.truncate:
+            raise ConfigError(f"params.json's yarn block cannot say this YaRN (cos and sin times {scale:g}"
+                              f"{', untruncated' if not yarn.truncate else ''}): write config.json")
+        d["yarn"] = {"factor": yarn.factor, "original_max_position_embeddings": yarn.original_max_position_embeddings,
+                     "beta": yarn.beta_fast, "alpha": yarn.beta_slow, "apply_scale": scale != 1.0}
+    if (scaling := config.llama_4_scaling) is not None:
+        d["llama_4_scaling"] = {"beta": scaling.beta,
+                                "original_max_position_embeddings": scaling.original_max_position_embeddings}
     return d
+
+
+def _block(d: dict[str, Any], key: str, known: set[str]) -> dict[str, Any] | None:
+    """params.json's block `key` (None when absent or empty), refused when it holds other keys
+    than `known`: a setting not understood is not dropped."""
+    block = d.get(key)
+    if not block:
+        return None
+    if not isinstance(block, dict):
+        raise ConfigError(f"params.json {key} must be an object, got {block!r}")
+    unknown = sorted(map(str, set(block) - known))
+    if unknown:
+        raise ConfigError(f"params.json {key} has keys this reader does not know: {', '.join(unknown)}")
+    return block
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def parse_window(value: Any) -> int | None | list[int | None]:

@@ -1,6 +1,7 @@
 """The parts of MistralConfig that only some models have, each a small frozen dataclass that
-checks itself: a mixture of experts (`MoE`). And what every part of the config raises on a bad
-value, `ConfigError`, with the checks they share.
+checks itself: a mixture of experts (`MoE`), YaRN rope scaling (`YaRN`) and Llama 4's query
+scale (`Llama4Scaling`). And what every part of the config raises on a bad value,
+`ConfigError`, with the checks they share.
 
 A model without such a part has None in its place (`config.moe is None`: a dense feed-forward),
 so a reader of the model code sees at once which kind of model a branch is for.
@@ -60,3 +61,64 @@ class MoE:
             raise ConfigError(f"n_experts_per_tok must be between 1 and n_experts ({self.n_experts}), "
                               f"got {self.n_experts_per_tok!r}")
         check_number(self, "router_aux_loss_coef")
+
+
+@dataclasses.dataclass(frozen=True)
+class YaRN:
+    """YaRN rope scaling (Ministral 3, Devstral 2, Mistral Small 4, Large 3): rotary frequencies
+    blended between the original ones and those interpolated by `factor`, by a linear ramp
+    between the dimensions that turn beta_fast and beta_slow times over
+    original_max_position_embeddings; cos and sin times `attention_factor` (model/rope.py).
+    transformers' rope_parameters names (_compute_yarn_parameters); params.json's "yarn" block."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    # What cos and sin are multiplied by (cos_sin_scale): attention_factor, or by HF's rule from
+    # factor, mscale and mscale_all_dim.
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True  # the correction dimensions rounded down and up to integers
+
+    def __post_init__(self):
+        check_number(self, "factor", positive=True)
+        check_int(self, "original_max_position_embeddings")
+        check_number(self, "beta_fast", positive=True)
+        check_number(self, "beta_slow", positive=True)
+        for name in ("mscale", "mscale_all_dim", "attention_factor"):
+            if getattr(self, name) is not None:
+                check_number(self, name)
+        if not isinstance(self.truncate, bool):
+            raise ConfigError(f"truncate must be true or false, got {self.truncate!r}")
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """What cos and sin are multiplied by: attention_factor when given, else
+        yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) when both are set
+        and non-zero, else yarn_mscale(factor) (transformers' _compute_yarn_parameters)."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction for a context `factor` times longer: 0.1·mscale·ln(factor) + 1."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama4Scaling:
+    """Llama 4's query scale (Ministral 3, Devstral 2, Large 3): after RoPE, each query times
+    1 + beta·ln(1 + floor(position / original_max_position_embeddings)), which is 1 below that
+    length (model/rope.py). params.json's "llama_4_scaling" block; HF's llama_4_scaling_beta."""
+
+    beta: float
+    original_max_position_embeddings: int
+
+    def __post_init__(self):
+        check_number(self, "beta")
+        check_int(self, "original_max_position_embeddings")

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from mistral_jax.model.config_groups import MoE
+from mistral_jax.model.config_groups import Llama4Scaling, MoE, YaRN
 
 _MISTRAL_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                    vocab_size=32000, norm_eps=1e-5, rope_theta=1e4, sliding_window=4096)
 _MIXTRAL_8X22B = dict(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8,
                       vocab_size=32000, rope_theta=1e6, max_seq_len=65536, moe=MoE(8, 2, router_aux_loss_coef=0.001))
+
+_MINISTRAL_3 = dict(head_dim=128, n_heads=32, n_kv_heads=8, vocab_size=131072, norm_eps=1e-5, rope_theta=1e6,
+                    max_seq_len=262144, yarn=YaRN(16.0, 16384, mscale=1.0, mscale_all_dim=1.0),
+                    llama_4_scaling=Llama4Scaling(0.1, 16384))
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b-v0.1": _MISTRAL_7B,
@@ -40,6 +44,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     # mixtral-8x22B-v0.3 release, and the HF files of Mixtral-8x22B-Instruct-v0.1).
     "mixtral-8x22b-v0.1": _MIXTRAL_8X22B,
     "mixtral-8x22b-v0.3": {**_MIXTRAL_8X22B, "vocab_size": 32768},
+    # The Mistral 3 generation (December 2025 on): Mistral's dense block with YaRN and Llama 4's
+    # query scale, 131k Tekken vocabulary. No mistralai config.json or params.json could be read
+    # here (no network): the values are those of transformers' Ministral3Config defaults (written
+    # against Ministral-3-8B-Base-2512), the Ministral 3 paper (arXiv 2601.08584: widths, depths,
+    # tied 3B) and converters that mirror the released files (Megatron-Bridge's providers,
+    # tt-metal's Devstral 2 model args); each count is tested against transformers' own model of
+    # the config and the model cards' rounded sizes (tests/test_mistral3.py). Not verified: the
+    # 14B's YaRN (the family's 16 x 16384 assumed), Devstral Small 2's max_position_embeddings
+    # (8192 x 48 inferred), Devstral 2's untied output (the 125.0B it gives is its card's "123B"
+    # class; tied would be 123.4B).
+    "ministral-3-3b": dict(dim=3072, n_layers=26, hidden_dim=9216, tied_embeddings=True, **_MINISTRAL_3),
+    "ministral-3-8b": dict(dim=4096, n_layers=34, hidden_dim=14336, **_MINISTRAL_3),
+    "ministral-3-14b": dict(dim=5120, n_layers=40, hidden_dim=16384, **{**_MINISTRAL_3, "rope_theta": 1e9}),
+    # mistralai/Devstral-Small-2-24B-Instruct-2512: Mistral Small 3's shape with Ministral 3's rope.
+    "devstral-small-2-24b": dict(dim=5120, n_layers=40, hidden_dim=32768, **{
+        **_MINISTRAL_3, "rope_theta": 1e8, "max_seq_len": 393216,
+        "yarn": YaRN(48.0, 8192, mscale=1.0, mscale_all_dim=1.0), "llama_4_scaling": Llama4Scaling(0.1, 8192)}),
+    # mistralai/Devstral-2-123B-Instruct-2512: YaRN's magnitude on (mscale_all_dim 0), beta_fast 4,
+    # no query scale (beta 0).
+    "devstral-2-123b": dict(dim=12288, n_layers=88, hidden_dim=28672, **{
+        **_MINISTRAL_3, "n_heads": 96, "yarn": YaRN(64.0, 4096, beta_fast=4.0, mscale=1.0, mscale_all_dim=0.0),
+        "llama_4_scaling": Llama4Scaling(0.0, 4096)}),
     # The default model of train.py: ~15.7M parameters, trained on a laptop CPU in minutes.
     "mistral-15m": dict(dim=384, n_layers=6, head_dim=64, hidden_dim=1024, n_heads=6, n_kv_heads=2,
                         vocab_size=8192, rope_theta=1e4, sliding_window=256, max_seq_len=1024),

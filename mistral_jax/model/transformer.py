@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mistral_jax.model import moe
+from mistral_jax.model import moe, rope
 from mistral_jax.model.attention import attention_mask, causal_attention, masked_attention
 from mistral_jax.model.cache import KVCache, rolling_update, write_slots
-from mistral_jax.model.config import MistralConfig, REMAT_POLICIES
-from mistral_jax.model.rope import apply_rope
+from mistral_jax.model.config import REMAT_POLICIES, MistralConfig
 from mistral_jax.runtime.sharding import constrain, logical_shardings
 
 ACTIVATIONS = ("batch", "length", None)  # [B, T, D] between blocks: split by rows, whole in D
@@ -92,8 +91,13 @@ class Attention(nn.Module):
         wo = _param(self, "wo", (H, d, D), ("heads", "head_dim", "embed"), _fan_in((0, 1), 2))
         B, T, _ = x.shape
         tokens = x.reshape(B * T, D)  # see FeedForward
-        q = apply_rope(_project(self, "wq", "ND,DHd->NHd", tokens, wq).reshape(B, T, H, d), positions, c.rope_theta)
-        k = apply_rope(_project(self, "wk", "ND,DKd->NKd", tokens, wk).reshape(B, T, K, d), positions, c.rope_theta)
+        inverse_frequencies, scale = rope.frequencies(d, c.rope_theta, c.yarn)
+        q = rope.apply_rope(_project(self, "wq", "ND,DHd->NHd", tokens, wq).reshape(B, T, H, d), positions,
+                            inverse_frequencies, scale)
+        k = rope.apply_rope(_project(self, "wk", "ND,DKd->NKd", tokens, wk).reshape(B, T, K, d), positions,
+                            inverse_frequencies, scale)
+        if c.llama_4_scaling is not None:  # queries only, by absolute position
+            q = q * rope.query_scale(positions, c.llama_4_scaling)[:, :, None, None].astype(q.dtype)
         v = _project(self, "wv", "ND,DKd->NKd", tokens, wv).reshape(B, T, K, d)
         if cache is None:
             out = causal_attention(q, k, v, self.window, c.attention, c.attention_block)
@@ -244,9 +248,12 @@ class Mistral(nn.Module):
             x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
         x = RMSNorm(c, name="norm")(x)
         if self.lm_head:
-            output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
             n = x.shape[1]
-            x = jnp.einsum("ND,DV->NV", x.reshape(B * n, c.dim), output, preferred_element_type=jnp.float32)
+            if c.tied_embeddings:  # the embedding is the output projection
+                x = jnp.einsum("ND,VD->NV", x.reshape(B * n, c.dim), embedding, preferred_element_type=jnp.float32)
+            else:
+                output = _param(self, "output", (c.dim, c.vocab_size), ("embed", "vocab"), _fan_in(0, 1))
+                x = jnp.einsum("ND,DV->NV", x.reshape(B * n, c.dim), output, preferred_element_type=jnp.float32)
             x = constrain(x.reshape(B, n, c.vocab_size), ("batch", "length", "vocab"))
         if cache is None:
             return x
@@ -340,6 +347,11 @@ def _apply_block(config: MistralConfig, window: int | None, weights, x, position
                  adapter=None):
     variables = {"params": weights} if adapter is None else {"params": weights, "lora": adapter}
     return Block(config, window).apply(variables, x, positions, cache, slots, mask)
+
+
+def output_matrix(config: MistralConfig, params) -> jnp.ndarray:
+    """The output projection [D, V]: `output`, or with tied embeddings tok_embeddings transposed."""
+    return params["tok_embeddings"].T if config.tied_embeddings else params["output"]
 
 
 def abstract_params(config: MistralConfig):

@@ -1,7 +1,7 @@
 """Tokenizer: every tokenizer a Mistral checkpoint ships (sentencepiece `tokenizer.model` /
 `tokenizer.model.v1` ... `v7`, Tekken `tekken.json`) and the one train.py trains; the chat
-format each Mistral release was trained on; finding the file in a checkpoint directory;
-decoding a token stream piece by piece.
+format each Mistral release was trained on (with chat.py); finding the file in a checkpoint
+directory.
 
 Tekken and every chat format are mistral-common's own code (Mistral's tokenizer library);
 sentencepiece files are read by sentencepiece itself, which gives mistral-common's ids.
@@ -10,38 +10,29 @@ sentencepiece files are read by sentencepiece itself, which gives mistral-common
 from __future__ import annotations
 
 import filecmp
+import functools
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import mistral_common
+import pydantic
 import sentencepiece
 from mistral_common.exceptions import MistralCommonException
-from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
-from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
+
+from mistral_jax.text.chat import Reply, ReplyReader, unicode_text
+from mistral_jax.text.chat import request as chat_request
 
 # The names a checkpoint directory gives its tokenizer, in order of preference: the versioned
 # ones say which chat format the model was trained on; a bare tokenizer.model does not.
 TOKENIZER_NAMES = ("tekken.json", "tokenizer.model.v7", "tokenizer.model.v3", "tokenizer.model.v2",
                    "tokenizer.model.v1", "tokenizer.model")
 _BUNDLED = Path(mistral_common.__file__).parent / "data"  # mistral-common's copies of the released files
-_MESSAGES = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
-
-
-def _unicode(text: str) -> str:
-    """text, refused with a clear error where it cannot be UTF-8: a lone surrogate (what
-    Python makes of invalid bytes in argv), which the encoders reject in their own words."""
-    if not isinstance(text, str):
-        raise TypeError(f"text to encode must be a str, got {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"text is not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}") \
-            from None
-    return text
 
 
 def checkpoint_name(path: str) -> str:
@@ -77,6 +68,7 @@ class Tokenizer:
             self.vocab_size, self.bos_id, self.eos_id = tekken.n_words, tekken.bos_id, tekken.eos_id
             self._encode = lambda text: tekken.encode(text, bos=False, eos=False)
             self._decode = tekken.decode  # special tokens (ids below num_special_tokens) dropped
+            self._control = functools.partial(_tekken_special, tekken)
         else:
             sp = sentencepiece.SentencePieceProcessor()
             try:
@@ -86,11 +78,12 @@ class Tokenizer:
             self.vocab_size, self.bos_id, self.eos_id = sp.GetPieceSize(), sp.bos_id(), sp.eos_id()
             self._encode = sp.EncodeAsIds
             self._decode = lambda ids: sp.DecodeIds(list(ids))  # control tokens dropped
+            self._control = functools.partial(_sentencepiece_control, sp)
         self._chat: MistralTokenizer | None = None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of text; BOS first by default, as Mistral models were trained."""
-        return [self.bos_id] * bos + self._encode(_unicode(text)) + [self.eos_id] * eos
+        return [self.bos_id] * bos + self._encode(unicode_text(text)) + [self.eos_id] * eos
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._decode(list(ids))
@@ -106,24 +99,52 @@ class Tokenizer:
                 return str(bundled)
         return None
 
-    def encode_chat(self, messages: Iterable[Mapping[str, str]]) -> list[int]:
-        """Token ids of a conversation [{"role": "system" | "user" | "assistant", "content": ...}],
-        ending with a user turn, as this tokenizer's Mistral release encodes it for the model to
-        answer (mistral-common's encode_chat_completion): [INST] ... [/INST] as control tokens
-        from v2 on and as text in v1, the system prompt placed as each version places it."""
+    def encode_chat(self, messages: Iterable[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                    reasoning_effort: str | None = None) -> list[int]:
+        """Token ids of a conversation for the model to answer, as this tokenizer's Mistral
+        release encodes it (mistral-common's encode_chat_completion): [INST] ... [/INST] as
+        control tokens from v2 on and as text in v1, the system prompt where each version puts
+        it, tools, tool calls and results, thinking (v13 on), reasoning_effort (v15).
+
+        Args:
+          messages: OpenAI's chat format: {"role": "system" | "user" | "assistant" | "tool",
+            "content": str or a list of parts}; an assistant's "tool_calls"
+            [{"id", "type": "function", "function": {"name", "arguments"}}] and thinking as
+            mistral-common's chunk {"type": "thinking", "thinking": ...} in its content list; a
+            tool result's "tool_call_id". It ends with a user turn or tool results.
+          tools: OpenAI's tool definitions [{"type": "function", "function": {"name",
+            "description", "parameters"}}], or None.
+          reasoning_effort: "none" ... "high" where the tokenizer's settings allow it (v15).
+        """
+        chat = self._chat_or_say_why()
+        try:
+            return chat.encode_chat_completion(chat_request(messages, tools, reasoning_effort)).tokens
+        except (MistralCommonException, pydantic.ValidationError, AssertionError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"not a conversation the chat format accepts: {first}") from None
+
+    def parse_reply(self, tokens: Sequence[int]) -> Reply:
+        """A generated reply (eos excluded) as data: its thinking, its answer and its tool calls."""
+        return self.reply_reader().parse(list(tokens))
+
+    def reply_reader(self) -> ReplyReader:
+        """What splits replies by this tokenizer's control tokens (text/chat.py)."""
+        chat = self._chat_or_say_why()
+        raw = chat.instruct_tokenizer.tokenizer
+        return ReplyReader(self.control_id, lambda ids: raw.decode(ids, special_token_policy=SpecialTokenPolicy.IGNORE),
+                           calls_are_lists=raw.version <= TokenizerVersion.v7)
+
+    def control_id(self, name: str) -> int | None:
+        """The id of a control token ("[INST]", "[THINK]", ...) in this file, or None."""
+        return self._control(name)
+
+    def _chat_or_say_why(self) -> MistralTokenizer:
         chat = self._chat_tokenizer()
         if chat is None:
             raise ValueError(f"{self.path} has no chat format: it is no Mistral instruct tokenizer that "
                              "mistral-common knows (a tokenizer train.py trained has no [INST] tokens); "
                              "an instruct checkpoint's file is named tokenizer.model.v1/v3/v7 or tekken.json")
-        try:
-            request = ChatCompletionRequest(messages=[_MESSAGES[m["role"]](content=_unicode(m["content"]))
-                                                      for m in messages])
-            return chat.encode_chat_completion(request).tokens
-        except KeyError as e:
-            raise ValueError(f"chat messages need a role of {sorted(_MESSAGES)} and a content; got {e}") from None
-        except MistralCommonException as e:
-            raise ValueError(f"not a conversation the chat format accepts: {e}") from None
+        return chat
 
     @property
     def chat_version(self) -> str | None:
@@ -138,33 +159,13 @@ class Tokenizer:
         return self._chat
 
 
-class StreamDecoder:
-    """Text of a token stream, piece by piece, each call decoding only the tokens since the
-    last piece and the one piece before (the context sentencepiece needs to place a word's
-    leading space). A character whose bytes are split across pieces decodes as U+FFFD until
-    its last byte arrives, so such a piece is held back until it settles. Joined, the pieces
-    are tokenizer.decode(all tokens)."""
+def _tekken_special(tekken: Tekkenizer, name: str) -> int | None:
+    try:
+        return tekken.get_special_token(name)
+    except ValueError:  # not in this file
+        return None
 
-    def __init__(self, tokenizer: Tokenizer):
-        self._tokenizer = tokenizer
-        self._tokens: list[int] = []
-        self._context = 0  # start of the piece before the unread tokens
-        self._read = 0  # tokens already turned into text
 
-    def push(self, tokens: list[int]) -> str:
-        """The new text that tokens settle (possibly "")."""
-        self._tokens.extend(tokens)
-        decode = self._tokenizer.decode
-        text = decode(self._tokens[self._context:])
-        if text.endswith("\ufffd"):
-            return ""
-        new = text[len(decode(self._tokens[self._context:self._read])):]
-        self._context, self._read = self._read, len(self._tokens)
-        return new
-
-    def flush(self) -> str:
-        """Whatever is held back, as it decodes now (at the end of the stream)."""
-        decode = self._tokenizer.decode
-        new = decode(self._tokens[self._context:])[len(decode(self._tokens[self._context:self._read])):]
-        self._context = self._read = len(self._tokens)
-        return new
+def _sentencepiece_control(sp: sentencepiece.SentencePieceProcessor, name: str) -> int | None:
+    token = sp.PieceToId(name)
+    return token if sp.IsControl(token) and sp.IdToPiece(token) == name else None

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mistral_jax.checkpoints.convert import LAYER_TENSORS
+from mistral_jax.checkpoints.layouts import LAYER_TENSORS
 from mistral_jax.checkpoints.store import atomic_directory
-from mistral_jax.checkpoints.tensor_files import read_tensor_file, TensorFileError, write_safetensors
+from mistral_jax.checkpoints.tensor_files import TensorFileError, read_tensor_file, write_safetensors
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import abstract_params
 from mistral_jax.runtime.distributed import fetch, is_primary

@@ -24,13 +24,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from mistral_jax.checkpoints import store
 from mistral_jax.model.config import MistralConfig
-from mistral_jax.model.transformer import abstract_params, init_params, Mistral, param_shardings
+from mistral_jax.model.transformer import Mistral, abstract_params, init_params, output_matrix, param_shardings
 from mistral_jax.runtime.distributed import is_primary
-from mistral_jax.runtime.options import option, OptionError, require_positive
+from mistral_jax.runtime.options import OptionError, option, require_positive
 from mistral_jax.runtime.sharding import batch_sharding, logical_shardings, under_mesh
 from mistral_jax.training import lora
 from mistral_jax.training.loss import cross_entropy
-from mistral_jax.training.metrics import flops_per_token, format_line, MetricsWriter
+from mistral_jax.training.metrics import MetricsWriter, flops_per_token, format_line
 
 
 @flax.struct.dataclass
@@ -161,7 +161,7 @@ def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chun
     inputs, targets = batch[:, :-1], batch[:, 1:]
     hidden, sown = Mistral(config, lm_head=False).apply(lora.variables(params, adapters, spec), inputs,
                                                         mutable=["router"])
-    loss, ce = cross_entropy(hidden, params["output"].astype(config.dtype), targets, z_loss, chunk,
+    loss, ce = cross_entropy(hidden, output_matrix(config, params).astype(config.dtype), targets, z_loss, chunk,
                              output_trained=adapters is None)
     metrics = {"ce": ce}
     if config.moe:
