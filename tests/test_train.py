@@ -195,11 +195,12 @@ def dot_flops(jaxpr) -> int:
     return total
 
 
-@pytest.mark.parametrize("window", [16, None])
-def test_flops_count_equals_the_program_with_one_query_blocks(window):
+@pytest.mark.parametrize("window,tied", [(16, False), (None, False), (None, True)])
+def test_flops_count_equals_the_program_with_one_query_blocks(window, tied):
     """flops_per_token counts attention as the mask lets it be: with one-query blocks, the
-    xla kernel computes exactly those products, so its jaxpr's dot FLOPs are the count."""
-    config = TINY.replace(sliding_window=window, attention="xla", attention_block=1)
+    xla kernel computes exactly those products, so its jaxpr's dot FLOPs are the count (a tied
+    embedding's output product included)."""
+    config = TINY.replace(sliding_window=window, attention="xla", attention_block=1, tied_embeddings=tied)
     B, T = 2, 32
     params = init_params(config, jax.random.key(0))
     jaxpr = jax.make_jaxpr(lambda p, t: forward(config, p, t))(params, jnp.zeros((B, T), jnp.int32)).jaxpr

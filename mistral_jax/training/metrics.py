@@ -17,12 +17,13 @@ from mistral_jax.model.config import MistralConfig
 def flops_per_token(config: MistralConfig, seq_len: int, training: bool = True, lora_params: int | None = None
                     ) -> float:
     """Model FLOPs per token: 2 per matmul weight it is multiplied by (the embedding is a
-    lookup; with experts, only its k experts' and the router's) plus attention
+    lookup, unless tied to the output; with experts, only its k experts' and the router's) plus attention
     as computed under the causal mask and the window (QK^T and PV over the keys each query
     sees, averaged over positions); x3 for forward + backward. Training LoRA adapters of
     lora_params parameters, the frozen weights get no gradient of their own (x2: forward and
     the inputs' gradient), the adapters x3."""
-    matmul_params = config.active_params - config.vocab_size * config.dim - (2 * config.n_layers + 1) * config.dim
+    lookup = 0 if config.tied_embeddings else config.vocab_size * config.dim  # tied: the output's matmul too
+    matmul_params = config.active_params - lookup - (2 * config.n_layers + 1) * config.dim
     def mean_keys(window):
         return sum(min(i + 1, window or seq_len) for i in range(seq_len)) / seq_len
     keys = sum(mean_keys(w) * config.windows.count(w) for w in config.window_kinds)  # over the layers
