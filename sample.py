@@ -130,11 +130,15 @@ def complete(config, params, tokenizer, prompts: list[list[int]], options: Sampl
 
 
 def _answer(tokenizer, reply: list[int]) -> str:
-    """What a conversation's history keeps of a reply: its answer, not its thinking or calls."""
+    """What a conversation's history keeps of a reply: its answer; for a reply of thinking or
+    tool calls only (no results to give here), its text, since an empty turn is refused."""
     try:
-        return tokenizer.parse_reply(reply).content
-    except ValueError:  # a malformed tool call: the text is what there is
-        return tokenizer.decode(reply)
+        answer = tokenizer.parse_reply(reply).content
+    except ValueError:  # a malformed tool call
+        answer = ""
+    if answer.strip():
+        return answer
+    return tokenizer.decode(reply).strip() or "(no answer)"
 
 
 def _printer(tokenizer, chat: bool):

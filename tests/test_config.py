@@ -5,7 +5,7 @@ import json
 import pytest
 import transformers
 
-from mistral_jax.model.config import ConfigError, MistralConfig
+from mistral_jax.model.config import ConfigError, MistralConfig, YaRN
 
 # Verbatim from the official releases (mistral-inference params.json, HF config.json).
 PARAMS_V01 = {"dim": 4096, "n_layers": 32, "head_dim": 128, "hidden_dim": 14336, "n_heads": 32,
@@ -80,6 +80,7 @@ def test_defaults_of_sparse_files():
     (dict(norm_eps=0.0), "norm_eps"),
     (dict(dtype="float64"), "dtype must be one of"),
     (dict(remat="sometimes"), "remat must be one of"),
+    (dict(rope_theta=1.0, yarn=YaRN(4.0, 64)), "rope_theta must be above 1 with YaRN"),
 ])
 def test_bad_values(changes, message):
     with pytest.raises(ConfigError, match=message):
@@ -157,3 +158,17 @@ def test_per_layer_windows_in_both_formats(tmp_path):
     two = MistralConfig.from_params_dict({**PARAMS_V03, "sliding_window": [131072, 32768]})
     assert two.windows == (131072, 32768) * 16 and not two.hf_expressible and config.hf_expressible
     assert MistralConfig.from_hf_dict(two.to_hf_dict()) == two
+
+
+def test_yarn_with_a_null_factor_takes_transformers_default_length():
+    """transformers' YaRN: a null factor is max_position_embeddings over the original length,
+    and Ministral3Config's max_position_embeddings is 262144 when config.json omits it."""
+    d = {**HF_V01, "model_type": "ministral3", "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": None, "original_max_position_embeddings": 16384}}
+    del d["max_position_embeddings"], d["rope_theta"]
+    config = MistralConfig.from_hf_dict(d)
+    assert config.max_seq_len == transformers.Ministral3Config().max_position_embeddings == 262144
+    assert config.yarn.factor == 16.0
+    del d["rope_parameters"]["factor"]  # absent, as transformers' own check refuses it
+    with pytest.raises(ConfigError, match="lacks required field 'factor'"):
+        MistralConfig.from_hf_dict(d)

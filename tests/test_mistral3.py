@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights
 from conftest import ORIGINAL_LENGTH, WEIGHT_STD, WINDOW, assert_one_line_error, build_reference, forward, run_script
+from mistral_jax.checkpoints import fp8
 from mistral_jax.checkpoints.convert import load_pytorch
 from mistral_jax.inference.sampling import generate
 from mistral_jax.model import rope
@@ -249,11 +250,18 @@ FP8 = {"fine-grained blocks": ("weight_scale_inv", "block", {"quant_method": "fp
        "compressed-tensors per channel": ("weight_scale", "channel", {"quant_method": "compressed-tensors"})}
 
 
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Dequantization in pieces of 32 rows (two blocks of 16), so the tiny matrices take several."""
+    monkeypatch.setattr(fp8, "ROWS", 32)
+
+
 @pytest.mark.parametrize("kind", sorted(FP8))
-def test_fp8_checkpoints_dequantize_as_pytorch(ref_ministral3, tmp_path, kind):
+def test_fp8_checkpoints_dequantize_as_pytorch(ref_ministral3, tmp_path, kind, small_pieces):
     """The reference's projections stored in float8 with scales (blocks of 16 x 16 here, so the
-    tiny matrices hold several and cropped ones): converted to what dequantizing by hand in
-    PyTorch gives, bit for bit in float32 and bfloat16; activation scales beside them unread."""
+    tiny matrices hold several and cropped ones, read 32 rows at a time): converted to what
+    dequantizing by hand in PyTorch gives, bit for bit in float32 and bfloat16; activation
+    scales beside them unread."""
     suffix, layout, quantization = FP8[kind]
     state, expected = {}, {}
     for name, w in load_file(os.path.join(ref_ministral3.dir, "model.safetensors")).items():
@@ -278,16 +286,17 @@ def test_fp8_checkpoints_dequantize_as_pytorch(ref_ministral3, tmp_path, kind):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_native_fp8_per_tensor_qscale_weight(ministral3, tmp_path):
-    """Mistral-native FP8 (a per-tensor qscale_weight, qscale_act unread) on interleaved wq/wk:
-    the hand-dequantized weights, in the model's rotate-half order."""
+def test_native_fp8_qscale_weight(ministral3, tmp_path, small_pieces):
+    """Mistral-native FP8 (qscale_weight, qscale_act unread) on interleaved wq/wk, their scales
+    per output channel (so each row's scale must travel with it to its rotate-half place): the
+    hand-dequantized weights, in the model's order."""
     ref, config, params = ministral3
     os.makedirs(tmp_path / "f32")
     native = write_native(ref, tmp_path / "f32", "safetensors")
     state, expected = {}, {}
     for name, w in load_file(native / "consolidated.safetensors").items():
         if name.endswith(("wq.weight", "wk.weight", "w1.weight", "w2.weight")):
-            q, scale = quantize(w, "tensor")
+            q, scale = quantize(w, "channel" if name.endswith(("wq.weight", "wk.weight")) else "tensor")
             state[name], state[name.replace("weight", "qscale_weight")] = q, scale
             state[name.replace("weight", "qscale_act")] = torch.tensor(0.5)
             w = dequantized(q, scale)
@@ -312,12 +321,14 @@ def test_fp8_scales_that_do_not_fit_are_one_line_errors(ref_ministral3, tmp_path
     name = "model.layers.1.mlp.down_proj.weight"
     q, scale = quantize(weights[name], "block", block=16)
     cases = {"fits none of the layouts": {name: q, name + "_scale_inv": torch.ones(3, 3)},
+             "weight block size": {name: q, name + "_scale_inv": scale},
              "has no scale": {name: q},
              "scales of no weight": {"model.layers.9.mlp.up_proj.weight_scale_inv": scale}}
     for i, (message, changes) in enumerate(cases.items()):
         src = tmp_path / f"src{i}"
         os.makedirs(src)
-        (src / "config.json").write_text(json.dumps({**config, "quantization_config": {"weight_block_size": [16, 16]}}))
+        block = "sixteen" if message == "weight block size" else [16, 16]
+        (src / "config.json").write_text(json.dumps({**config, "quantization_config": {"weight_block_size": block}}))
         save_file({**weights, **changes}, src / "model.safetensors")
         status, _, err = run_script(capsys, convert_weights, src, tmp_path / "out", "--dtype", "float32")
         assert_one_line_error(status, err, message)
@@ -374,3 +385,29 @@ def test_loss_and_gradients_equal_pytorch_autograd(ref_ministral3, ref_ministral
         assert flat.keys() == hf_flat.keys()
         for path, g in flat.items():
             assert np.abs(np.asarray(g) - hf_flat[path]).max() < 1e-4 * np.abs(hf_flat[path]).max(), path
+
+
+def test_a_tied_native_fp8_checkpoint_with_a_copy_of_its_output(tied, tmp_path):
+    """A tied model's native files holding an FP8 copy of the embedding as `output` (with its
+    scale): the copy and its scale are not read; the model is the embedding's."""
+    ref, config, params = tied
+    native = write_native(ref, tmp_path, "safetensors")
+    state = load_file(native / "consolidated.safetensors")
+    q, scale = quantize(state["tok_embeddings.weight"], "tensor")
+    state["output.weight"], state["output.qscale_weight"] = q, scale
+    save_file(state, native / "consolidated.safetensors")
+    native_config, native_params = load_pytorch(str(native))
+    assert native_config.tied_embeddings and "output" not in native_params
+    for a, b in zip(jax.tree_util.tree_leaves(native_params), jax.tree_util.tree_leaves(params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_verify_refuses_what_no_transformers_model_computes(ministral3):
+    """YaRN and the query scale over different original lengths: no transformers model holds
+    them, so --verify says so rather than comparing against a model that drops one."""
+    from mistral_jax.checkpoints.verify import compare_with_pytorch
+
+    ref, config, params = ministral3
+    other = config.replace(llama_4_scaling=Llama4Scaling(0.1, 2 * ORIGINAL_LENGTH))
+    with pytest.raises(ValueError, match="holds one original_max_position_embeddings"):
+        compare_with_pytorch(ref.dir, other, params)

@@ -78,7 +78,9 @@ def test_yarn_equals_transformers(head_dim, theta, yarn):
                                         rope_parameters=rope, max_position_embeddings=length)
     expected, factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
     inverse, scale = frequencies(head_dim, theta, yarn)
-    np.testing.assert_allclose(inverse, expected.numpy(), rtol=1e-6)
+    # Ours are the exact values rounded once to float32; transformers rounds at each float32 step
+    # (its pow and the blend of the ramp included), which leaves some up to 4 ulp away.
+    np.testing.assert_array_max_ulp(inverse, expected.numpy(), maxulp=4)
     assert scale == pytest.approx(factor, rel=1e-12)
     # The slowest pair is interpolated by the factor, the fastest kept: what a missing ramp loses.
     plain = frequencies(head_dim, theta)[0]

@@ -266,3 +266,24 @@ def test_chat_reply_shows_thinking_and_tool_calls(tmp_path, capsys):
     assert out == expected + "\n---\n" + expected + "\n"
     status, _, err = run(capsys, *flags[:-4], "--reasoning-effort", "maximal", "--prompt", "Hi")
     assert_one_line_error(status, err, "not a conversation the chat format accepts")
+
+
+def test_interactive_goes_on_after_a_reply_of_tool_calls_only(tmp_path):
+    """--interactive with a model that answers every turn with a tool call and no text: each
+    call is printed, and the history keeps the reply's text, so the next turn is accepted."""
+    from test_chat import versioned_tekken
+
+    from mistral_jax.text.tokenizer import Tokenizer
+
+    tokenizer_file = versioned_tekken(tmp_path, "v13")
+    tokenizer = Tokenizer(tokenizer_file)
+    script = ([tokenizer.control_id("[TOOL_CALLS]")] + tokenizer.encode("get_time", bos=False)
+              + [tokenizer.control_id("[ARGS]")] + tokenizer.encode('{"tz":"CET"}', bos=False))
+    assert len(set(script)) == len(script)
+    checkpoint = scripted_checkpoint(tmp_path / "ckpt", tokenizer_file, tokenizer.control_id("[/INST]"), script,
+                                     tokenizer.eos_id)
+    result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(checkpoint),
+                             "--interactive", "--max-new-tokens", "20"], input="What time is it?\nAnd now?\n",
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 'tool call: get_time({"tz": "CET"})\n' * 2

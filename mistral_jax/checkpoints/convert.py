@@ -138,8 +138,10 @@ def iter_flax_params(source: Source, sources: Mapping[str, Mapping[str, object]]
     if vision:
         logger.warning("reading the text model of a multimodal checkpoint; skipping its %d vision encoder "
                        "and projector tensors", len(vision))
-    scales, activation_scales = fp8.scales_of(present - set(skipped))
-    present -= set(skipped) | set(scales.values()) | set(activation_scales)
+    scales, activation_scales = fp8.scales_of(present)
+    unread = set(skipped) | {scale for weight, scale in scales.items() if weight in skipped}  # with their scales
+    scales = {weight: scale for weight, scale in scales.items() if weight not in unread}
+    present -= unread | set(scales.values()) | set(activation_scales)
     missing = sorted(set(names.values()) - present)
     unexpected = sorted(present - set(names.values()))
     if missing:

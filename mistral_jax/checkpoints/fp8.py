@@ -50,8 +50,10 @@ def block_size(quantization: dict | None) -> tuple[int, int]:
     if not isinstance(quantization, dict):
         return DEFAULT_BLOCK
     block = quantization.get("weight_block_size")
-    for group in (quantization.get("config_groups") or {}).values():
-        block = block or ((group or {}).get("weights") or {}).get("block_structure")
+    groups = quantization.get("config_groups")
+    for group in groups.values() if isinstance(groups, dict) else ():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        block = block or (weights.get("block_structure") if isinstance(weights, dict) else None)
     if not block:
         return DEFAULT_BLOCK
     if (not isinstance(block, (list, tuple)) or len(block) != 2

@@ -41,6 +41,9 @@ def pytorch_model(src: str, config: MistralConfig):
     import torch
     import transformers
 
+    if config.hf_obstacle:
+        raise ValueError(f"--verify needs a transformers model of the checkpoint, and there is none: "
+                         f"{config.hf_obstacle}")
     source = find_source(src)
     hf_dict = config.to_hf_dict()
     kind = HF_CLASSES[hf_dict["model_type"]]

@@ -87,6 +87,8 @@ class MistralConfig:
             raise ConfigError(f"tied_embeddings must be true or false, got {self.tied_embeddings!r}")
         check_number(self, "norm_eps", positive=True)
         check_number(self, "rope_theta", positive=True)
+        if self.yarn is not None and self.rope_theta <= 1:  # its ramp divides by ln(rope_theta)
+            raise ConfigError(f"rope_theta must be above 1 with YaRN, got {self.rope_theta!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")

@@ -25,6 +25,9 @@ DEFAULT_MAX_SEQ_LEN = 32768  # what Mistral 7B's HF config.json states; params.j
 # rms_norm_eps when config.json omits it: transformers' default per model type
 HF_DEFAULT_EPS = {"mistral": 1e-5, "ministral": 1e-6, "mixtral": 1e-5, "ministral3": 1e-5, "llama": 1e-6}
 HF_LAYER_TYPES = ("full_attention", "sliding_attention")
+# max_position_embeddings when config.json omits it, where transformers' default is other than
+# Mistral 7B's 32768 (it sets YaRN's factor when rope_parameters has none)
+HF_DEFAULT_LENGTH = {"ministral3": 262144, "llama": 2048}
 
 
 def parser(source: str):
@@ -61,7 +64,9 @@ def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
         text = d.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError("config.json has model_type 'mistral3' but no text_config object")
-        # transformers ties the output as the top level says (Ministral 3 3B), else as the text model
+        # Tied as the top level says (Ministral 3 3B), else as the text model says, else untied:
+        # transformers 5.24 would tie a file that says nothing, dropping an lm_head it holds (a
+        # 4.x-written Small 3.1); untied, a file without lm_head is a one-line error, not a guess.
         tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
         return hf_fields({"model_type": "mistral", **text, "tie_word_embeddings": tied})
     if not isinstance(model_type, str) or model_type not in HF_DEFAULT_EPS:
@@ -73,7 +78,7 @@ def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
         if d.get(bias):
             raise ConfigError(f"config.json sets {bias}: Mistral's projections have no bias")
     n_heads, n_layers = d["num_attention_heads"], d["num_hidden_layers"]
-    max_seq_len = d.get("max_position_embeddings", DEFAULT_MAX_SEQ_LEN)
+    max_seq_len = d.get("max_position_embeddings", HF_DEFAULT_LENGTH.get(model_type, DEFAULT_MAX_SEQ_LEN))
     fields = dict(
         dim=d["hidden_size"], n_layers=n_layers, head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
         hidden_dim=d["intermediate_size"], n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
@@ -145,7 +150,7 @@ def _hf_rope(d: dict[str, Any], max_seq_len: Any) -> dict[str, Any]:
         raise ConfigError("config.json has no rope_theta (neither top level nor rope_parameters)")
     fields: dict[str, Any] = {"rope_theta": to_float("rope_theta", rope_theta)}
     if kind == "yarn":
-        factor = rope.get("factor")
+        factor = rope["factor"]
         if factor is None:  # transformers: the ratio of the context lengths
             factor = max_seq_len / rope["original_max_position_embeddings"]
         fields["yarn"] = YaRN(

@@ -82,7 +82,7 @@ class PrintedReply:
     def __init__(self, tokenizer: Tokenizer):
         self._tokenizer, self._tokens = tokenizer, []
         self._stream = ReplyStream(tokenizer.reply_reader(), StreamDecoder(tokenizer))
-        self._kind = "content"
+        self._kind, self._printed = "content", False
 
     def push(self, tokens: Iterable[int]) -> str:
         tokens = list(tokens)
@@ -94,11 +94,12 @@ class PrintedReply:
         if self._kind == "thinking":  # the reply ended while thinking
             text += self.ANSWER
         try:
-            calls = self._tokenizer.parse_reply(self._tokens).tool_calls
+            calls = [f"tool call: {c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})"
+                     for c in self._tokenizer.parse_reply(self._tokens).tool_calls]
         except ValueError as e:  # the model wrote a malformed call: show it, do not fail
-            return text + f"\ntool call not understood: {e}"
-        return text + "".join(f"\ntool call: {c['name']}({json.dumps(c['arguments'], ensure_ascii=False)})"
-                              for c in calls)
+            calls = [f"tool call not understood: {e}"]
+        lines = "\n".join(calls)
+        return text + ("\n" if lines and (self._printed or text) else "") + lines
 
     def _render(self, pieces: list[tuple[str, str]]) -> str:
         out = []
@@ -107,4 +108,5 @@ class PrintedReply:
                 out.append(self.THINKING if kind == "thinking" else self.ANSWER)
                 self._kind = kind
             out.append(text)
+        self._printed = self._printed or any(out)
         return "".join(out)

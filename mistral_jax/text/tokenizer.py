@@ -119,7 +119,8 @@ class Tokenizer:
         chat = self._chat_or_say_why()
         try:
             return chat.encode_chat_completion(chat_request(messages, tools, reasoning_effort)).tokens
-        except (MistralCommonException, pydantic.ValidationError, AssertionError, KeyError, TypeError) as e:
+        except (MistralCommonException, pydantic.ValidationError, AssertionError, KeyError, TypeError,
+                AttributeError) as e:  # what mistral-common raises on a message it cannot read
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"not a conversation the chat format accepts: {first}") from None
 
