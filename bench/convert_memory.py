@@ -22,8 +22,13 @@ from safetensors.torch import save_file
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mistral_jax.checkpoints.layouts import tensor_names, torch_shape  # noqa: E402
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+from mistral_jax.checkpoints.layouts import tensor_names, torch_view  # noqa: E402
 from mistral_jax.model.config import MistralConfig  # noqa: E402
+from mistral_jax.model.transformer import abstract_params  # noqa: E402
 from mistral_jax.runtime.cli import directory_size, human_bytes  # noqa: E402
 
 
@@ -42,8 +47,14 @@ def write_checkpoint(out_dir: str, config: MistralConfig, layout: str) -> None:
     fp8 = layout == "hf-fp8"
     layout = "hf" if fp8 else layout
     generator = torch.Generator().manual_seed(0)
-    state = {name: (torch.randn(torch_shape(path[-1], config), generator=generator) * 0.02).to(torch.bfloat16)
-             for (path, _), name in tensor_names(layout, config).items()}
+    shapes = {tuple(k.key for k in path): leaf.shape
+              for path, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config)))[0]}
+
+    def torch_shape(path, index):  # one parameter's shape in PyTorch's layout (np.empty: never touched)
+        return torch_view(path[-1], np.empty(shapes[path][len(index):], np.int8)).shape
+
+    state = {tensor.name: (torch.randn(torch_shape(path, index), generator=generator) * 0.02).to(torch.bfloat16)
+             for (path, index), tensor in tensor_names(layout, config).items()}
     if fp8:
         for name in [n for n in state if n.endswith("proj.weight")]:
             state[name], state[name + "_scale_inv"] = fp8_blocks(state[name])

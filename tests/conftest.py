@@ -45,8 +45,9 @@ def build_reference(tmp_dir, *, seed, window, seq_len, kind="Mistral", **hf_conf
     import transformers
 
     torch.manual_seed(seed)
+    windows = {} if kind == "Mistral4" else {"sliding_window": window}  # Mistral4 attends to every key
     config = getattr(transformers, f"{kind}Config")(**{
-        "sliding_window": window, "attn_implementation": "eager", "tie_word_embeddings": False,
+        **windows, "attn_implementation": "eager", "tie_word_embeddings": False,
         "max_position_embeddings": 512, **hf_config})
     model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
     with torch.no_grad():
@@ -134,6 +135,26 @@ def ref_ministral3_tied(tmp_path_factory):
                            seq_len=4 * WINDOW + 5, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=1, head_dim=16, intermediate_size=128, vocab_size=320,
                            rope_parameters=rope, tie_word_embeddings=True, max_position_embeddings=192)
+
+
+# Mistral Small 4's shape, scaled down: latent attention (q through a low-rank bottleneck; v
+# narrower than the keys), 8 fine-grained experts, top-3, a shared expert, the first layer dense,
+# a routed scale, YaRN with mscale² in the softmax and the query scale past a short original length.
+MISTRAL4 = dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                intermediate_size=96, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3,
+                n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=1.5,
+                max_position_embeddings=256,
+                rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 16.0, "beta_fast": 32.0,
+                                 "beta_slow": 1.0, "original_max_position_embeddings": ORIGINAL_LENGTH,
+                                 "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.1})
+
+
+@pytest.fixture(scope="session")
+def ref_mistral4(tmp_path_factory):
+    """Mistral4ForCausalLM (Mistral Small 4's text model, scaled down), T > 4 original lengths."""
+    return build_reference(tmp_path_factory.mktemp("hf_mistral4"), seed=9, window=None, kind="Mistral4",
+                           seq_len=4 * ORIGINAL_LENGTH + 5, **MISTRAL4)
 
 
 @pytest.fixture(params=["ref_windowed", "ref_full"])

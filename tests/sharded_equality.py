@@ -3,7 +3,8 @@ forward pass, the gradients (with the XLA and the splash attention kernels; of L
 step (and a LoRA one), and generate
 (decoding per layer, as on CPU, and over the stacked layers, as on TPU and GPU) under several
 meshes against one device; `experts` as argv[1]: a mixture of experts, its experts split
-over the `expert` axis (and its train step with the router's losses).
+over the `expert` axis (and its train step with the router's losses); `latent`: Mistral Small
+4's shape, latent attention and fine-grained experts with a shared one, the first layer dense.
 Prints one JSON line of findings; the test asserts on them."""
 
 import dataclasses
@@ -14,7 +15,7 @@ import jax
 import numpy as np
 
 from mistral_jax.inference.sampling import Sampler, generate, start
-from mistral_jax.model.config import MistralConfig, MoE
+from mistral_jax.model.config import LatentAttention, Llama4Scaling, MistralConfig, MoE, YaRN
 from mistral_jax.model.transformer import Mistral, unstack_layers
 from mistral_jax.runtime import platforms
 from mistral_jax.runtime.sharding import batch_sharding, make_mesh, under_mesh
@@ -23,7 +24,7 @@ from mistral_jax.training import lora, trainer
 jax.config.update("jax_numpy_rank_promotion", "raise")
 assert jax.device_count() == 8, jax.devices()
 
-EXPERTS = sys.argv[1:] == ["experts"]
+EXPERTS, LATENT = sys.argv[1:] in (["experts"], ["latent"]), sys.argv[1:] == ["latent"]
 # Layers alternate full attention and a window of 8 (Ministral's two kinds of layer).
 CONFIG = MistralConfig(dim=64, n_layers=4, head_dim=16, hidden_dim=128, n_heads=8, n_kv_heads=2, vocab_size=256,
                        sliding_window=(None, 8), max_seq_len=128)
@@ -31,6 +32,13 @@ MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4")
 if EXPERTS:  # 8 experts, top-2, the load-balancing and z-losses in the step
     CONFIG = CONFIG.replace(n_layers=2, moe=MoE(8, 2, router_aux_loss_coef=0.02))
     MESHES = ("expert=8", "fsdp=2,expert=4", "data=2,expert=2,tensor=2", "fsdp=8")
+if LATENT:  # 8 experts of 32, top-3, a shared one, after a dense layer; latent attention, YaRN, the query scale
+    CONFIG = CONFIG.replace(n_layers=3, sliding_window=None, head_dim=24, n_kv_heads=8,
+                            moe=MoE(8, 3, hidden_dim=32, n_shared_experts=1, routed_scaling_factor=1.5,
+                                    first_k_dense_replace=1),
+                            mla=LatentAttention(32, 16, 8, 12, q_lora_rank=48),
+                            yarn=YaRN(8.0, 8, mscale=1.0, mscale_all_dim=1.0), llama_4_scaling=Llama4Scaling(0.1, 8))
+Q = "wq_b" if LATENT else "wq"  # the query projection, whose split the findings report
 HP = trainer.Hyperparameters(steps=10, batch_size=8, seq_len=24, lr=1e-2, warmup=1, router_z_loss=1e-3)
 rng = np.random.default_rng(0)
 BATCH = rng.integers(0, 256, (8, 25)).astype(np.int32)
@@ -43,7 +51,7 @@ def run(mesh):
     params = jax.tree_util.tree_map(np.asarray, state.params)
     forward = jax.jit(lambda p, t: Mistral(CONFIG).apply({"params": p}, t))
     logits = np.asarray(forward(state.params, jax.device_put(BATCH[:, :-1], batch_sharding(mesh))))
-    wq = state.params["layers"]["attention"]["wq"]
+    wq = state.params["layers"]["attention"][Q]
     split = {"devices": len(wq.sharding.device_set), "shard": list(wq.addressable_shards[0].data.shape),
              "global": list(wq.shape)}
     if EXPERTS:
@@ -58,7 +66,8 @@ def run(mesh):
                   sampler=Sampler(), eos_id=-1, chunk=8, max_tokens=8, mesh=mesh).cache
     split["cache_shard"] = [list(k.addressable_shards[0].data.shape) for k in cache.k]  # per kind
     _, per_layer = unstack_layers(CONFIG, state.params)  # views of each device's shards
-    split["per_layer_wq_shard"] = list(per_layer["layers_0"]["attention"]["wq"].addressable_shards[0].data.shape)
+    last = CONFIG.n_layers - 1  # of the last stack (latent: the first layer is dense_layers')
+    split["per_layer_wq_shard"] = list(per_layer[f"layers_{last}"]["attention"][Q].addressable_shards[0].data.shape)
     batch = jax.device_put(BATCH, batch_sharding(mesh))
     grads = {"xla": gradients(CONFIG, mesh, state.params, batch)}
     if not EXPERTS:  # the splash kernel (Pallas interpret mode) inside shard_map

@@ -93,3 +93,18 @@ def test_experts_split_equal_to_one_device():
     assert findings["fsdp=2,expert=4"]["wq"]["w1_shard"] == [2, 2, 32, 128]
     assert findings["data=2,expert=2,tensor=2"]["wq"]["w1_shard"] == [2, 4, 64, 64]
     assert findings["fsdp=8"]["wq"]["w1_shard"] == [2, 8, 8, 128]
+
+
+def test_latent_attention_and_fine_grained_experts_equal_to_one_device():
+    """Mistral Small 4's shape (latent attention; 8 experts of 32, top-3, a shared expert, the
+    first layer dense), the experts over `expert` and the rest over data, fsdp and tensor: the
+    same logits, gradients, losses and generations (through the latent cache) as one device."""
+    findings = sharded_findings("latent")
+    assert set(findings) == {"expert=8", "fsdp=2,expert=4", "data=2,expert=2,tensor=2", "fsdp=8"}
+    for spec, f in findings.items():
+        assert_equal_to_one_device(spec, f)
+    # wq_b [L, Q, H, d] = [2, 48, 8, 24]: H over tensor; w1 [L, E, D, F] = [2, 8, 64, 32] as Mixtral's.
+    assert findings["data=2,expert=2,tensor=2"]["wq"]["shard"] == [2, 48, 4, 24]
+    assert findings["expert=8"]["wq"]["w1_shard"] == [2, 1, 64, 32]
+    # The latent cache, one "head": k [L, B, C, 1, r] (latent), per stack; rows over data x fsdp.
+    assert findings["fsdp=8"]["cache_shard"] == [[1, 4, 16, 1, 32], [2, 4, 16, 1, 32]]

@@ -16,19 +16,19 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from mistral_jax.checkpoints import fp8
-from mistral_jax.checkpoints.layouts import (IGNORED, VISION, flax_shape, flax_to_torch, layer_tensors,
-                                             rotate_half_rows, source_names, tensor_names, top_tensors, torch_shape,
-                                             torch_view)
+from mistral_jax.checkpoints.layouts import IGNORED, VISION, row_order, source_names, tensor_names, torch_view
 from mistral_jax.checkpoints.store import atomic_directory, check_destination, load_checkpoint, save_checkpoint
 from mistral_jax.checkpoints.tensor_files import (TensorFileError, aligned_empty, read_tensor_file, to_numpy,
                                                   write_safetensors)
 from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import abstract_params
 from mistral_jax.text.tokenizer import Tokenizer, checkpoint_name, find_tokenizer
 
 logger = logging.getLogger("mistral_jax")
@@ -48,6 +48,7 @@ class Source:
     config: MistralConfig
     multimodal: bool  # a vision-language model's: its text model is read, the rest skipped
     fp8_block: tuple[int, int]  # the block of FP8 block scales (fp8.py)
+    rope_interleave: bool = True  # latent attention's rope rows stored as interleaved pairs
 
 
 def find_source(path: str) -> Source:
@@ -64,7 +65,9 @@ def find_source(path: str) -> Source:
         block = fp8.block_size(d.get("quantization_config"))
     except fp8.ScaleError as e:
         raise CheckpointError(f"{file}: {e}") from None
-    return Source(path, layout, tuple(files), config, multimodal, block)
+    text = d.get("text_config") if isinstance(d.get("text_config"), dict) else d
+    interleave = text.get("rope_interleave", True) if layout == "hf" else True
+    return Source(path, layout, tuple(files), config, multimodal, block, interleave is not False)
 
 
 # ---- finding checkpoints --------------------------------------------------------------------
@@ -142,8 +145,8 @@ def iter_flax_params(source: Source, sources: Mapping[str, Mapping[str, object]]
     unread = set(skipped) | {scale for weight, scale in scales.items() if weight in skipped}  # with their scales
     scales = {weight: scale for weight, scale in scales.items() if weight not in unread}
     present -= unread | set(scales.values()) | set(activation_scales)
-    missing = sorted(set(names.values()) - present)
-    unexpected = sorted(present - set(names.values()))
+    wanted = {tensor.name for tensor in names.values()}
+    missing, unexpected = sorted(wanted - present), sorted(present - wanted)
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}")
     if unexpected:
@@ -155,16 +158,14 @@ def iter_flax_params(source: Source, sources: Mapping[str, Mapping[str, object]]
     np_dtype = jnp.dtype(dtype)
 
     def load(key: tuple[tuple, tuple], kernel: np.ndarray) -> None:
-        name, leaf = names[key], key[0][-1]
-        w = to_numpy(sources[name][name])
-        if tuple(w.shape) != torch_shape(leaf, config):
-            raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, the config expects "
-                                  f"{torch_shape(leaf, config)}")
-        order = None  # where each source row goes: its own place, or the rotate-half one
-        if source.layout == "native" and leaf in ("wq", "wk"):
-            order = rotate_half_rows(len(w), config.n_heads if leaf == "wq" else config.n_kv_heads)
-        into = lambda rows: rows if order is None else order[rows]  # noqa: E731
+        tensor, leaf = names[key], key[0][-1]
+        name = tensor.name
+        w = tensor.rows(to_numpy(sources[name][name]))
         view = torch_view(leaf, kernel)  # the kernel in PyTorch's layout: what is written there lands in it
+        if tuple(w.shape) != view.shape:
+            raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, the config expects {view.shape}")
+        order = row_order(leaf, config, source.layout, source.rope_interleave)  # where each source row goes
+        into = lambda rows: rows if order is None else order[rows]  # noqa: E731
         if w.dtype in fp8.FLOAT8:
             if name not in scales:
                 raise CheckpointError(f"tensor {name} is {w.dtype} but has no scale beside it")
@@ -183,16 +184,15 @@ def iter_flax_params(source: Source, sources: Mapping[str, Mapping[str, object]]
         sources[name].release(name)
         on_tensor(name)
 
-    for path in top_tensors(config):
-        kernel = aligned_empty(flax_shape(path[-1], config), np_dtype)
-        load((path, ()), kernel)
+    indices: dict[tuple, list[tuple]] = {}  # each param's (layer, expert) indices, in order
+    for path, index in names:
+        indices.setdefault(path, []).append(index)
+    shapes = dict(jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config)))[0])
+    for path, index_list in indices.items():
+        kernel = aligned_empty(shapes[tuple(jax.tree_util.DictKey(k) for k in path)].shape, np_dtype)
+        for index in index_list:
+            load((path, index), kernel[index])
         yield path, kernel
-    for path, layer_names in layer_tensors(config).items():
-        stack = (config.n_layers, config.moe.n_experts) if "{e}" in layer_names[0] else (config.n_layers,)
-        stacked = aligned_empty(stack + flax_shape(path[-1], config), np_dtype)
-        for index in np.ndindex(stack):
-            load((("layers",) + path, index), stacked[index])
-        yield ("layers",) + path, stacked
 
 
 def read_pytorch(path: str, dtype: str = "float32",
@@ -239,25 +239,37 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
             max_shard_bytes: int = HF_SHARD_BYTES, on_tensor: Callable[[str], None] = lambda name: None
             ) -> list[str]:
     """Writes config.json and model.safetensors (sharded with an index above max_shard_bytes),
-    as transformers' MistralForCausalLM (Ministral..., Mixtral...) .from_pretrained reads
-    them. Returns the files written."""
+    as transformers' MistralForCausalLM (Ministral..., Mixtral..., Ministral3..., Mistral4...)
+    .from_pretrained reads them. Returns the files written."""
     if config.hf_obstacle:
         raise CheckpointError(f"{config.hf_obstacle}, so no HF model holds this one")
     np_dtype = jnp.dtype(dtype) if dtype else None
     arrays = jax.tree_util.tree_map(np.asarray, params)  # zero-copy views on CPU
-    entries = []
-    for (path, index), name in tensor_names("hf", config).items():
+    parts: dict[str, list] = {}  # tensor name -> its parameters' (rows' part, path, index), in order
+    for (path, index), tensor in tensor_names("hf", config).items():
+        parts.setdefault(tensor.name, []).append((tensor.part, path, index))
+
+    def piece(path: tuple, index: tuple) -> np.ndarray:
+        """A parameter in PyTorch's layout, its rope rows as HF stores them."""
         leaf = arrays
         for key in path:
             leaf = leaf[key]
-        shape = torch_shape(path[-1], config)
-        out_dtype = np_dtype or leaf.dtype
+        view, order = torch_view(path[-1], leaf[index]), row_order(path[-1], config, "hf")
+        return view if order is None else view[order]
 
-        def make(leaf=leaf, index=index, kind=path[-1], name=name):
+    entries = []
+    for name, pieces in parts.items():
+        pieces = sorted(pieces)
+        first = piece(*pieces[0][1:])
+        shape = first.shape if len(pieces) == 1 else first.shape[:-2] + (first.shape[-2] * len(pieces),
+                                                                         first.shape[-1])
+
+        def make(pieces=pieces, name=name):
             on_tensor(name)
-            return flax_to_torch(kind, leaf[index], config)
+            made = [piece(path, index) for _, path, index in pieces]
+            return made[0] if len(made) == 1 else np.concatenate(made, axis=-2)
 
-        entries.append((name, shape, out_dtype, make))
+        entries.append((name, shape, np_dtype or first.dtype, make))
 
     shards, size = [[]], 0
     for entry in entries:

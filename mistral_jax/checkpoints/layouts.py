@@ -1,38 +1,68 @@
 """What each parameter is called and how it is laid out in the two PyTorch layouts (HF
-transformers, Mistral-native), against the model's (model/transformer.py).
+transformers, Mistral-native), against the model's (model/layers.py).
 
-Conversion is a rename, a transpose/reshape per tensor, and one permutation: Mistral-native
-wq/wk rows rotate interleaved pairs (2i, 2i+1) while the model (model/rope.py) rotates halves
-(i, i + d/2), as HF's rows already do.
+Conversion is a rename, a view of the model's kernel in PyTorch's layout (`torch_view`, which
+reading writes into and writing reads from), and one permutation: Mistral-native wq/wk rows,
+and both layouts' rope rows of latent attention, rotate interleaved pairs (2i, 2i+1) while the
+model (model/rope.py) rotates halves (i, i + d/2), as HF's wq/wk rows already do. A tensor may
+hold several parameters' rows: HF's fused experts, gate_up_proj [E, 2F, D], are w1 then w3.
 """
 
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 import numpy as np
 
 from mistral_jax.model.config import MistralConfig
 
-# Flax path under `layers` -> (native name, HF name) within layer i, without ".weight".
-LAYER_TENSORS = {
+# Flax path under a stack -> (native name, HF name) within layer i, without ".weight".
+ATTENTION_TENSORS = {
     ("attention", "wq"): ("attention.wq", "self_attn.q_proj"),
     ("attention", "wk"): ("attention.wk", "self_attn.k_proj"),
     ("attention", "wv"): ("attention.wv", "self_attn.v_proj"),
     ("attention", "wo"): ("attention.wo", "self_attn.o_proj"),
+}
+LATENT_ATTENTION_TENSORS = {
+    ("attention", "wq_a"): ("attention.wq_a", "self_attn.q_a_proj"),
+    ("attention", "q_a_norm", "weight"): ("attention.q_a_norm", "self_attn.q_a_layernorm"),
+    ("attention", "wq_b"): ("attention.wq_b", "self_attn.q_b_proj"),
+    ("attention", "wkv_a_with_mqa"): ("attention.wkv_a_with_mqa", "self_attn.kv_a_proj_with_mqa"),
+    ("attention", "kv_a_norm", "weight"): ("attention.kv_a_norm", "self_attn.kv_a_layernorm"),
+    ("attention", "wkv_b"): ("attention.wkv_b", "self_attn.kv_b_proj"),
+    ("attention", "wo"): ("attention.wo", "self_attn.o_proj"),
+}
+FEED_FORWARD_TENSORS = {
     ("feed_forward", "w1"): ("feed_forward.w1", "mlp.gate_proj"),
     ("feed_forward", "w2"): ("feed_forward.w2", "mlp.down_proj"),
     ("feed_forward", "w3"): ("feed_forward.w3", "mlp.up_proj"),
+}
+NORM_TENSORS = {
     ("attention_norm", "weight"): ("attention_norm", "input_layernorm"),
     ("ffn_norm", "weight"): ("ffn_norm", "post_attention_layernorm"),
 }
-# With experts (Mixtral) the feed-forward is a router and E experts' SwiGLUs, stacked [E, ...]
-# in Flax: expert e's tensors replace {e}.
+LAYER_TENSORS = {**ATTENTION_TENSORS, **FEED_FORWARD_TENSORS, **NORM_TENSORS}  # a dense layer's
+# Mixtral's experts, stacked [E, ...] in Flax: expert e's tensors replace {e}.
 EXPERT_TENSORS = {
     ("feed_forward", "gate"): ("feed_forward.gate", "block_sparse_moe.gate"),
     ("feed_forward", "w1"): ("feed_forward.experts.{e}.w1", "block_sparse_moe.experts.{e}.w1"),
     ("feed_forward", "w2"): ("feed_forward.experts.{e}.w2", "block_sparse_moe.experts.{e}.w2"),
     ("feed_forward", "w3"): ("feed_forward.experts.{e}.w3", "block_sparse_moe.experts.{e}.w3"),
+}
+# Fine-grained experts (Mistral Small 4, Large 3): native directly under the layer, an expert
+# per tensor; HF's every expert in one tensor (an "@" names the whole tensor, no ".weight"),
+# w1 and w3 as the two halves of gate_up_proj's rows.
+FINE_GRAINED_EXPERT_TENSORS = {
+    ("feed_forward", "gate"): ("gate", "mlp.gate"),
+    ("feed_forward", "w1"): ("experts.{e}.w1", "@mlp.experts.gate_up_proj:0"),
+    ("feed_forward", "w2"): ("experts.{e}.w2", "@mlp.experts.down_proj"),
+    ("feed_forward", "w3"): ("experts.{e}.w3", "@mlp.experts.gate_up_proj:1"),
+}
+SHARED_EXPERT_TENSORS = {
+    ("feed_forward", "shared_experts", "w1"): ("shared_experts.w1", "mlp.shared_experts.gate_proj"),
+    ("feed_forward", "shared_experts", "w2"): ("shared_experts.w2", "mlp.shared_experts.down_proj"),
+    ("feed_forward", "shared_experts", "w3"): ("shared_experts.w3", "mlp.shared_experts.up_proj"),
 }
 TOP_TENSORS = {
     ("tok_embeddings",): ("tok_embeddings", "model.embed_tokens"),
@@ -53,45 +83,80 @@ VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\.|"
                     r"(vision_encoder|vision_language_adapter|patch_merger|pre_mm_projector_norm)\.")
 
 
+class Tensor(NamedTuple):
+    """Where a parameter (one layer's, one expert's) lies in a checkpoint: a tensor, and the
+    share of its rows (axis −2) when it holds several parameters: `part` of `parts`."""
+
+    name: str
+    part: int = 0
+    parts: int = 1
+
+    def rows(self, w: np.ndarray) -> np.ndarray:
+        """This parameter's rows of the tensor w (a view)."""
+        if self.parts == 1:
+            return w
+        n = w.shape[-2] // self.parts
+        return w[..., self.part * n:(self.part + 1) * n, :]
+
+
 def top_tensors(c: MistralConfig) -> dict[tuple, tuple[str, str]]:
     """TOP_TENSORS, without `output` when it is the embedding (tied)."""
     return {path: names for path, names in TOP_TENSORS.items() if not (c.tied_embeddings and path == ("output",))}
 
 
 def layer_tensors(c: MistralConfig) -> dict[tuple, tuple[str, str]]:
-    """LAYER_TENSORS, with EXPERT_TENSORS as the feed-forward of a model with experts."""
-    if not c.moe:
-        return LAYER_TENSORS
-    return {**{path: names for path, names in LAYER_TENSORS.items() if path[0] != "feed_forward"},
-            **EXPERT_TENSORS}
+    """A layer's tensors, for a stack's config: its attention (grouped-query or latent), norms
+    and feed-forward (dense, Mixtral's experts, or fine-grained ones with shared experts)."""
+    if c.mla is None:
+        attention = ATTENTION_TENSORS
+    else:
+        attention = {path: names for path, names in LATENT_ATTENTION_TENSORS.items()
+                     if c.mla.q_lora_rank is not None or path[1] not in ("wq_a", "q_a_norm", "wq_b")}
+        if c.mla.q_lora_rank is None:
+            attention = {("attention", "wq"): ATTENTION_TENSORS[("attention", "wq")], **attention}
+    if c.moe is None:
+        feed_forward = FEED_FORWARD_TENSORS
+    elif c.mla is None and not c.moe.n_shared_experts:
+        feed_forward = EXPERT_TENSORS
+    else:
+        feed_forward = {**FINE_GRAINED_EXPERT_TENSORS, **(SHARED_EXPERT_TENSORS if c.moe.n_shared_experts else {})}
+    return {**attention, **NORM_TENSORS, **feed_forward}
 
 
 def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] = ("model.", "")
-                 ) -> dict[tuple[tuple, tuple], str]:
-    """(Flax param path, index into it) -> tensor name in a checkpoint of layout; the index
-    is () for a top-level param, (layer,) under `layers`, (layer, expert) for an expert's.
-    An HF text model under hf_prefixes (HF_TEXT_PREFIXES)."""
+                 ) -> dict[tuple[tuple, tuple], Tensor]:
+    """(Flax param path, index into it) -> its Tensor in a checkpoint of layout. The index is ()
+    for a top-level param, (layer,) under a stack, (layer, expert) for an expert's; a tensor of
+    every expert (HF's fused ones) has the index (layer,). Layers are numbered across the
+    stacks (config.stacks); an HF text model lies under hf_prefixes (HF_TEXT_PREFIXES)."""
     pick = 0 if layout == "native" else 1
     prefix = "layers" if layout == "native" else "model.layers"
-    names = {(path, ()): names[pick] + ".weight" for path, names in top_tensors(c).items()}
-    for i in range(c.n_layers):
-        for path, layer_names in layer_tensors(c).items():
-            name = f"{prefix}.{i}.{layer_names[pick]}.weight"
-            if "{e}" not in name:
-                names[("layers",) + path, (i,)] = name
-            for e in range(c.moe.n_experts if "{e}" in name else 0):
-                names[("layers",) + path, (i, e)] = name.format(e=e)
+    names = {(path, ()): Tensor(names[pick] + ".weight") for path, names in top_tensors(c).items()}
+    first = 0
+    for stack_name, stack in c.stacks:
+        for i in range(stack.n_layers):
+            for path, layer_names in layer_tensors(stack).items():
+                key, name = (stack_name,) + path, layer_names[pick]
+                if name.startswith("@"):  # every expert in one tensor, maybe one part of its rows
+                    name, _, part = name[1:].partition(":")
+                    names[key, (i,)] = Tensor(f"{prefix}.{first + i}.{name}", int(part or 0), 2 if part else 1)
+                elif "{e}" in name:
+                    for e in range(stack.moe.n_experts):
+                        names[key, (i, e)] = Tensor(f"{prefix}.{first + i}.{name.format(e=e)}.weight")
+                else:
+                    names[key, (i,)] = Tensor(f"{prefix}.{first + i}.{name}.weight")
+        first += stack.n_layers
     if layout == "hf" and hf_prefixes != ("model.", ""):
         body, head = hf_prefixes
-        names = {key: body + name.removeprefix("model.") if name.startswith("model.") else head + name
-                 for key, name in names.items()}
+        names = {key: t._replace(name=body + t.name.removeprefix("model.") if t.name.startswith("model.")
+                                 else head + t.name) for key, t in names.items()}
     return names
 
 
 def source_names(layout: str, config: MistralConfig, present, multimodal: bool = False
-                 ) -> tuple[dict[tuple[tuple, tuple], str], list[str]]:
-    """(tensor_names' keys -> the name of each tensor among `present`, the present tensors not
-    read: a multimodal checkpoint's vision encoder and projector; a tied model's copy of its
+                 ) -> tuple[dict[tuple[tuple, tuple], Tensor], list[str]]:
+    """(tensor_names' keys -> the Tensor of each among `present`, the present tensors not read:
+    a multimodal checkpoint's vision encoder and projector; a tied model's copy of its
     embedding as lm_head)."""
     prefixes = ("model.", "")
     if layout == "hf":
@@ -104,47 +169,41 @@ def source_names(layout: str, config: MistralConfig, present, multimodal: bool =
     return names, sorted(skipped)
 
 
-def torch_shape(leaf: str, c: MistralConfig) -> tuple[int, ...]:
-    """Shape of a tensor in PyTorch layout ([out, in] for linear weights; one expert's)."""
-    D, F, V, d, E = c.dim, c.hidden_dim, c.vocab_size, c.head_dim, c.moe.n_experts if c.moe else 0
-    return {"wq": (c.n_heads * d, D), "wk": (c.n_kv_heads * d, D), "wv": (c.n_kv_heads * d, D),
-            "wo": (D, c.n_heads * d), "w1": (F, D), "w3": (F, D), "w2": (D, F), "weight": (D,),
-            "gate": (E, D), "tok_embeddings": (V, D), "output": (V, D)}[leaf]
-
-
-def flax_shape(leaf: str, c: MistralConfig) -> tuple[int, ...]:
-    """Shape of the model's kernel (one layer's, one expert's) of a tensor."""
-    rows, *cols = torch_shape(leaf, c)
-    if leaf in ("wq", "wk", "wv"):
-        return cols[0], rows // c.head_dim, c.head_dim  # [N*d, D] -> [D, N, d]
-    if leaf == "wo":
-        return c.n_heads, c.head_dim, rows  # [D, H*d] -> [H, d, D]
-    if leaf in ("w1", "w2", "w3", "gate", "output"):
-        return cols[0], rows
-    return (rows, *cols)
-
-
 def torch_view(leaf: str, kernel: np.ndarray) -> np.ndarray:
-    """A view of the model's (C-contiguous) kernel of a tensor in PyTorch layout: writing the
-    tensor into it, or any of its rows, writes the kernel."""
-    if leaf in ("wq", "wk", "wv"):
-        return kernel.reshape(kernel.shape[0], -1).T  # [D, N, d] as [N*d, D]
+    """A view of the model's (C-contiguous) kernel of a parameter in PyTorch's layout ([out,
+    in]; [E, out, in] for every expert's): writing the tensor into it, or any of its rows, writes
+    the kernel; reading it gives the tensor."""
+    if leaf in ("wq", "wk", "wv", "wq_b", "wkv_b"):
+        return kernel.reshape(kernel.shape[0], -1).T  # [in, N, d] as [N*d, in]
     if leaf == "wo":
         return kernel.reshape(-1, kernel.shape[-1]).T  # [H, d, D] as [D, H*d]
-    if leaf in ("w1", "w2", "w3", "gate", "output"):
-        return kernel.T
+    if leaf in ("w1", "w2", "w3", "gate", "output", "wq_a", "wkv_a_with_mqa"):
+        return np.swapaxes(kernel, -1, -2)
     return kernel
 
 
-def flax_to_torch(leaf: str, w: np.ndarray, c: MistralConfig) -> np.ndarray:
-    """The model's kernel of a tensor in PyTorch layout (for writing it)."""
-    if leaf in ("wq", "wk", "wv"):
-        return w.transpose(1, 2, 0).reshape(-1, c.dim)  # [D, N, d] -> [N*d, D]
-    if leaf == "wo":
-        return w.transpose(2, 0, 1).reshape(c.dim, -1)  # [H, d, D] -> [D, H*d]
-    if leaf in ("w1", "w2", "w3", "gate", "output"):
-        return w.T
-    return w
+def row_order(leaf: str, config: MistralConfig, layout: str, rope_interleave: bool = True) -> np.ndarray | None:
+    """Where each row of a checkpoint's tensor goes in the model's order: the rotate-half
+    place of each rope row stored as interleaved pairs (native wq/wk; latent attention's query
+    and key rope rows, in both layouts unless an HF config says rope_interleave false), or None
+    (rows in place)."""
+    m = config.mla
+    if m is not None and not rope_interleave:
+        return None
+    if m is None:
+        if layout != "native" or leaf not in ("wq", "wk"):
+            return None
+        heads = config.n_heads if leaf == "wq" else config.n_kv_heads
+        return rotate_half_rows(heads * config.head_dim, heads)
+    if leaf in ("wq", "wq_b"):  # per head: its no-rope rows, then its rope rows
+        order = np.arange(config.n_heads * m.qk_head_dim).reshape(config.n_heads, m.qk_head_dim)
+        order[:, m.qk_nope_head_dim:] = order[:, m.qk_nope_head_dim:][:, rotate_half_rows(m.qk_rope_head_dim, 1)]
+        return order.reshape(-1)
+    if leaf == "wkv_a_with_mqa":  # the latent's rows, then the shared key's rope rows
+        order = np.arange(m.kv_lora_rank + m.qk_rope_head_dim)
+        order[m.kv_lora_rank:] = order[m.kv_lora_rank:][rotate_half_rows(m.qk_rope_head_dim, 1)]
+        return order
+    return None
 
 
 def rotate_half_rows(n_rows: int, n_heads: int) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from mistral_jax.checkpoints import fp8
 from mistral_jax.checkpoints.convert import find_source
-from mistral_jax.checkpoints.layouts import interleaved_to_rotate_half, source_names, tensor_names
+from mistral_jax.checkpoints.layouts import row_order, source_names, tensor_names
 from mistral_jax.checkpoints.tensor_files import read_tensor_file, to_numpy
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
@@ -36,8 +36,9 @@ class Comparison:
 def pytorch_model(src: str, config: MistralConfig):
     """transformers' model of the source checkpoint's (text model's) weights: MistralForCausalLM,
     MinistralForCausalLM for per-layer windows, MixtralForCausalLM for experts,
-    Ministral3ForCausalLM for Llama 4's query scale, as config.to_hf_dict says; the weights
-    rounded to config.param_dtype (FP8 ones dequantized first) and held in float32."""
+    Ministral3ForCausalLM for Llama 4's query scale, Mistral4ForCausalLM for latent attention,
+    as config.to_hf_dict says; each weight read from the source on its own (FP8 ones
+    dequantized, rope rows put in HF's order), rounded to config.param_dtype and held in float32."""
     import torch
     import transformers
 
@@ -53,19 +54,32 @@ def pytorch_model(src: str, config: MistralConfig):
     contents = {name: tensors for tensors in map(read_tensor_file, source.files) for name in tensors}
     names, _ = source_names(source.layout, config, set(contents), source.multimodal)
     scales, _ = fp8.scales_of(contents)
-    state = {}
-    for key, hf_name in tensor_names("hf", config).items():
-        name = names[key]
-        w = to_numpy(contents[name][name])
+
+    def source_rows(key: tuple) -> np.ndarray:
+        """A parameter as the source holds it, dequantized, its rows in HF's order."""
+        tensor, leaf = names[key], key[0][-1]
+        w = tensor.rows(to_numpy(contents[tensor.name][tensor.name]))
         if w.dtype in fp8.FLOAT8:
-            scale = scales[name]
+            scale = scales[tensor.name]
             w = fp8.dequantize(scale, w, to_numpy(contents[scale][scale]), source.fp8_block)
-        if source.layout == "native" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
-            w = interleaved_to_rotate_half(w, config.n_heads if "q_proj" in hf_name else config.n_kv_heads)
-        state[hf_name] = torch.from_numpy(np.asarray(w).astype(jnp.dtype(config.param_dtype)).astype(np.float32))
+        model_order, hf_order = (row_order(leaf, config, layout, source.rope_interleave if layout == source.layout
+                                           else True) for layout in (source.layout, "hf"))
+        if model_order is not None:
+            w = np.asarray(w)[np.argsort(model_order)]  # the model's row order, as the converter writes it
+        return w if hf_order is None else np.asarray(w)[..., hf_order, :]
+
+    parts: dict[str, dict[int, np.ndarray]] = {}
+    for (path, index), hf in tensor_names("hf", config).items():
+        if (path, index) in names:
+            w = source_rows((path, index))
+        else:  # HF's every expert in one tensor, the source's one per expert
+            w = np.stack([source_rows((path, index + (e,))) for e in range(config.stacks[-1][1].moe.n_experts)])
+        parts.setdefault(hf.name, {})[hf.part] = np.asarray(w).astype(jnp.dtype(config.param_dtype)).astype(np.float32)
+    state = {name: torch.from_numpy(np.concatenate([p[k] for k in sorted(p)], axis=-2) if len(p) > 1 else p[0])
+             for name, p in parts.items()}
     if config.tied_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    if config.moe:
+    if config.moe and config.mla is None:
         state = _fused_experts(state, config)
     model.load_state_dict(state, strict=True, assign=True)
     # The rotary frequencies are a computed buffer, not a checkpoint tensor: build them for real.
@@ -74,7 +88,8 @@ def pytorch_model(src: str, config: MistralConfig):
 
 
 # config.json's model_type -> the transformers class that computes it
-HF_CLASSES = {"mistral": "Mistral", "ministral": "Ministral", "mixtral": "Mixtral", "ministral3": "Ministral3"}
+HF_CLASSES = {"mistral": "Mistral", "ministral": "Ministral", "mixtral": "Mixtral", "ministral3": "Ministral3",
+              "mistral4": "Mistral4"}
 
 
 def _fused_experts(state: dict, config: MistralConfig) -> dict:

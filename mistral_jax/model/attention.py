@@ -33,7 +33,7 @@ def attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, window: int | None) -
 
 
 def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """softmax(q k^T / sqrt(d)) v under mask [B, T, S]; q [B, T, H, d], k, v [B, S, K, d].
+    """softmax(q k^T / sqrt(d)) v under mask [B, T, S]; q [B, T, H, d], k [B, S, K, d], v [B, S, K, dv].
 
     The O(T*S) reference form: used against the KV cache and as the oracle of the faster
     paths. Logits and softmax in float32. Written as einsums over the cache's own layout, so
@@ -46,7 +46,22 @@ def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.n
     logits = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
     probs = _masked_softmax(logits, mask[:, None, None]).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v)
-    return out.reshape(B, T, H, d)
+    return out.reshape(B, T, H, v.shape[-1])
+
+
+def latent_attention(q_latent: jnp.ndarray, q_rope: jnp.ndarray, latent: jnp.ndarray, rope_key: jnp.ndarray,
+                     mask: jnp.ndarray, scale: float) -> jnp.ndarray:
+    """Latent attention in its absorbed form: softmax(scale · (q_latent · latent + q_rope ·
+    rope_key)) latent under mask [B, T, S]; q_latent [B, T, H, r] (the no-rope queries through
+    the keys' up-projection), q_rope [B, T, H, dr], latent [B, S, 1, r], rope_key [B, S, 1, dr]
+    (as the cache holds them) -> [B, T, H, r], for the values' up-projection to expand. Every
+    head reads the one latent: the cache is read once, never expanded per head."""
+    q_latent, q_rope = (x * jnp.asarray(scale, x.dtype) for x in (q_latent, q_rope))
+    latent, rope_key = latent[:, :, 0], rope_key[:, :, 0]
+    logits = (jnp.einsum("BTHr,BSr->BHTS", q_latent, latent, preferred_element_type=jnp.float32)
+              + jnp.einsum("BTHd,BSd->BHTS", q_rope, rope_key, preferred_element_type=jnp.float32))
+    probs = _masked_softmax(logits, mask[:, None]).astype(latent.dtype)
+    return jnp.einsum("BHTS,BSr->BTHr", probs, latent)
 
 
 def _masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
@@ -73,7 +88,7 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
     (BENCHMARKS.md, "Forward and train step").
     """
     B, T, H, d = q.shape
-    K = k.shape[2]
+    K, dv = k.shape[2], v.shape[-1]
     G = H // K
     Q = min(block, T)
     N = -(-T // Q)
@@ -86,11 +101,12 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
 
     def one_block(q_n, n, keys: int):  # q_n [B, K, G, Q, d] of block n -> [B, K, G, Q, d], over `keys` keys
         first_key = (n + 1) * Q - keys
-        k_n, v_n = (jax.lax.dynamic_slice_in_dim(x, first_key, keys, axis=2).reshape(B * K, keys, d) for x in (k, v))
+        k_n, v_n = (jax.lax.dynamic_slice_in_dim(x, first_key, keys, axis=2).reshape(B * K, keys, x.shape[-1])
+                    for x in (k, v))
         logits = jnp.einsum("nmd,nsd->nms", q_n.reshape(B * K, G * Q, d), k_n, preferred_element_type=jnp.float32)
         mask = attention_mask(n * Q + jnp.arange(Q), first_key + jnp.arange(keys), window)
         probs = _masked_softmax(logits.reshape(B, K, G, Q, keys), mask[None, None, None]).astype(v.dtype)
-        return jnp.einsum("nms,nsd->nmd", probs.reshape(B * K, G * Q, keys), v_n).reshape(B, K, G, Q, d)
+        return jnp.einsum("nms,nsd->nmd", probs.reshape(B * K, G * Q, keys), v_n).reshape(B, K, G, Q, dv)
 
     if N == 1:
         out = one_block(q, 0, Q)
@@ -102,14 +118,15 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
         if ramp < N:
             full = jax.lax.map(lambda args: jax.checkpoint(one_block, static_argnums=2)(*args, span),
                                (jnp.moveaxis(blocks[:, :, :, ramp:], 3, 0), jnp.arange(ramp, N)))
-            outs.append(jnp.moveaxis(full, 0, 3).reshape(B, K, G, (N - ramp) * Q, d))
+            outs.append(jnp.moveaxis(full, 0, 3).reshape(B, K, G, (N - ramp) * Q, dv))
         out = jnp.concatenate(outs, axis=3)
-    return out.transpose(0, 3, 1, 2, 4).reshape(B, padded, H, d)[:, :T]
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, padded, H, dv)[:, :T]
 
 
 def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None, kernel: str,
                      block: int) -> jnp.ndarray:
-    """Self-attention of a full sequence at positions 0..T-1; q [B, T, H, d], k, v [B, T, K, d].
+    """Self-attention of a full sequence at positions 0..T-1; q [B, T, H, d], k [B, T, K, d], v
+    [B, T, K, dv] (dv other than d for latent attention).
 
     kernel: "xla" blocked_attention (any platform); "dot_product" jax.nn.dot_product_attention
     with a local window (cuDNN's fused kernel on GPU for bf16/f16 inputs, a dense XLA form
@@ -117,6 +134,12 @@ def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int
     interpret mode elsewhere); "auto" as platforms.attention_kernel chooses for the target.
     """
     kernel = attention_kernel(kernel)
+    dv = v.shape[-1]
+    if kernel != "xla" and dv < q.shape[-1]:  # these kernels take one head dim: v padded with zeros
+        pad = [(0, 0)] * 3 + [(0, q.shape[-1] - dv)]
+        return causal_attention(q, k, jnp.pad(v, pad), window, kernel, block)[..., :dv]
+    if dv > q.shape[-1]:
+        kernel = "xla"
     if kernel == "dot_product":
         return jax.nn.dot_product_attention(
             q, k, v, is_causal=True, local_window_size=None if window is None else (window - 1, 0))

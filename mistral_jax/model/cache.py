@@ -38,12 +38,14 @@ KV_AXES = (None, "layers", "batch", "length", "kv_heads", "head_dim")
 
 @flax.struct.dataclass
 class KVCache:
-    """Per kind of layer (config.window_kinds), the K and V of its layers, in layer order,
-    laid out as the model's layers are (config.scan_layers): stacked, [L_kind, B, C, K, d],
-    or a tuple of L_kind arrays [B, C, K, d]; and the positions its slots hold. Stacked
-    with several kinds, each kind's layers are grouped as the model scans them, [G, n, B,
-    C, K, d] for G groups of config.layer_pattern holding n layers of the kind each: so the
-    scan updates the cache in place (a reshape there made XLA copy it)."""
+    """Per kind of layer (config.window_kinds; of each stack, config.stacks, in order), the K
+    and V of its layers, in layer order, laid out as the model's layers are
+    (config.scan_layers): stacked, [L_kind, B, C, K, d], or a tuple of L_kind arrays [B, C, K,
+    d]; and the positions its slots hold. Stacked with several kinds, each kind's layers are
+    grouped as the model scans them, [G, n, B, C, K, d] for G groups of config.layer_pattern
+    holding n layers of the kind each: so the scan updates the cache in place (a reshape there
+    made XLA copy it). Latent attention caches its latent as K and its rope key as V, one
+    "head" each ([.., B, C, 1, kv_lora_rank] and [.., B, C, 1, qk_rope_head_dim])."""
 
     k: tuple[jax.Array | tuple[jax.Array, ...], ...]
     v: tuple[jax.Array | tuple[jax.Array, ...], ...]
@@ -51,20 +53,24 @@ class KVCache:
 
     @classmethod
     def init(cls, config: MistralConfig, batch: int, max_len: int) -> KVCache:
-        """An empty cache for sequences of up to max_len tokens (unbounded with a window)."""
+        """An empty cache for sequences of up to max_len tokens (unbounded with a window): an
+        entry per kind of layer of each stack (config.stacks), what each layer caches per token
+        as config.cache_shape says (latent attention: its latent and rope key, one "head")."""
         dtype = jnp.dtype(config.dtype)
-        k, positions = [], []
-        for window in config.window_kinds:
-            C = cache_length(window, max_len)
-            shape = (batch, C, config.n_kv_heads, config.head_dim)
-            n = config.layer_pattern.count(window)  # per group
-            G = config.n_layers // len(config.layer_pattern)
-            stacked = (G, n, *shape) if config.grouped_layers else (G, *shape)
-            k.append(jnp.zeros(stacked, dtype) if config.scan_layers
-                     else tuple(jnp.zeros(shape, dtype) for _ in range(G * n)))
-            positions.append(jnp.full((batch, C), -1, jnp.int32))
-        k = tuple(k)
-        return cls(k=k, v=jax.tree_util.tree_map(jnp.zeros_like, k), positions=tuple(positions))
+        heads, k_dim, v_dim = config.cache_shape
+        k, v, positions = [], [], []
+        for _, stack in config.stacks:
+            for window in stack.window_kinds:
+                C = cache_length(window, max_len)
+                n = stack.layer_pattern.count(window)  # per group
+                G = stack.n_layers // len(stack.layer_pattern)
+                for dim, out in ((k_dim, k), (v_dim, v)):
+                    shape = (batch, C, heads, dim)
+                    stacked = (G, n, *shape) if stack.grouped_layers else (G, *shape)
+                    out.append(jnp.zeros(stacked, dtype) if config.scan_layers
+                               else tuple(jnp.zeros(shape, dtype) for _ in range(G * n)))
+                positions.append(jnp.full((batch, C), -1, jnp.int32))
+        return cls(k=tuple(k), v=tuple(v), positions=tuple(positions))
 
     def shardings(self, mesh: Mesh) -> KVCache:
         """NamedSharding per array (of this cache or its shapes): rows split like batches, kv

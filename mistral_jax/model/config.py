@@ -2,8 +2,8 @@
 it, its named presets, and its files (config.json, params.json: config_files.py).
 
 The fields every model has are MistralConfig's own; the parts only some models have are groups
-(config_groups.py), None where a model has no such part: `moe` (Mixtral's experts), `yarn` and
-`llama_4_scaling` (the Mistral 3 generation's rope scalings). One window
+(config_groups.py), None where a model has no such part: `moe` (experts), `mla` (latent
+attention), `yarn` and `llama_4_scaling` (the Mistral 3 generation's rope scalings). One window
 or a per-layer pattern of them is `sliding_window` itself, as params.json writes it; the
 properties below say what it implies for the layer stack.
 """
@@ -16,7 +16,8 @@ from typing import Any
 
 from mistral_jax.model import config_files
 from mistral_jax.model.config_files import DEFAULT_MAX_SEQ_LEN, parser
-from mistral_jax.model.config_groups import ConfigError, Llama4Scaling, MoE, YaRN, check_int, check_number
+from mistral_jax.model.config_groups import (ConfigError, LatentAttention, Llama4Scaling, MoE, YaRN, check_int,
+                                             check_number)
 from mistral_jax.model.presets import PRESETS
 
 
@@ -58,7 +59,8 @@ class MistralConfig:
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN
     tied_embeddings: bool = False  # the output projection is tok_embeddings transposed (Ministral 3 3B)
     # ---- what only some models have (config_groups.py); None: not this model
-    moe: MoE | None = None  # experts in place of the dense feed-forward (Mixtral)
+    moe: MoE | None = None  # experts in place of the dense feed-forward (Mixtral, Mistral Small 4)
+    mla: LatentAttention | None = None  # latent attention in place of grouped-query attention (Small 4)
     yarn: YaRN | None = None  # rope frequencies scaled for long context (Ministral 3)
     llama_4_scaling: Llama4Scaling | None = None  # queries scaled by position (Ministral 3)
     # ---- how to run it
@@ -80,9 +82,19 @@ class MistralConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         object.__setattr__(self, "sliding_window", _window_pattern(self.sliding_window, self.n_layers))
-        for name, group in (("moe", MoE), ("yarn", YaRN), ("llama_4_scaling", Llama4Scaling)):
+        for name, group in (("moe", MoE), ("mla", LatentAttention), ("yarn", YaRN), ("llama_4_scaling", Llama4Scaling)):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), group):
                 raise ConfigError(f"{name} must be a {group.__name__} or None, got {getattr(self, name)!r}")
+        if self.mla is not None and (self.head_dim, self.n_kv_heads) != (self.mla.qk_head_dim, self.n_heads):
+            raise ConfigError(f"with latent attention head_dim must be qk_nope_head_dim + qk_rope_head_dim "
+                              f"({self.mla.qk_head_dim}) and n_kv_heads n_heads ({self.n_heads}), got "
+                              f"{self.head_dim} and {self.n_kv_heads}")
+        if self.moe is not None and self.moe.first_k_dense_replace:
+            if self.moe.first_k_dense_replace >= self.n_layers:
+                raise ConfigError(f"first_k_dense_replace ({self.moe.first_k_dense_replace}) leaves none of the "
+                                  f"{self.n_layers} layers to the experts")
+            if self.grouped_layers:
+                raise ConfigError("dense-first layers (first_k_dense_replace) with per-layer windows are not supported")
         if not isinstance(self.tied_embeddings, bool):
             raise ConfigError(f"tied_embeddings must be true or false, got {self.tied_embeddings!r}")
         check_number(self, "norm_eps", positive=True)
@@ -139,6 +151,26 @@ class MistralConfig:
         kind, a scan over the layers themselves."""
         return len(self.layer_pattern) > 1
 
+    @property
+    def stacks(self) -> tuple[tuple[str, MistralConfig], ...]:
+        """The layer stacks in order, (params key, the config of its layers): each a scanned stack
+        compiled once per kind of layer. One, `layers`, but with dense-first experts:
+        `dense_layers` (the first k, a dense feed-forward) then `layers` (the rest, experts)."""
+        k = self.moe.first_k_dense_replace if self.moe else 0
+        if not k:
+            return (("layers", self),)
+        experts = dataclasses.replace(self.moe, first_k_dense_replace=0)
+        return (("dense_layers", self.replace(n_layers=k, moe=None)),
+                ("layers", self.replace(n_layers=self.n_layers - k, moe=experts)))
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        """(heads, key features, value features) a layer caches per token: grouped-query
+        attention's kv heads, keys and values; latent attention's one latent and rope key."""
+        if self.mla is not None:
+            return 1, self.mla.kv_lora_rank, self.mla.qk_rope_head_dim
+        return self.n_kv_heads, self.head_dim, self.head_dim
+
     # ---- sizes --------------------------------------------------------------------------------
 
     @property
@@ -152,11 +184,25 @@ class MistralConfig:
         return self._count_params(self.moe.n_experts_per_tok if self.moe else 1)
 
     def _count_params(self, experts: int) -> int:
-        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        router = self.dim * self.moe.n_experts if self.moe else 0
-        per_layer = attn + 3 * self.dim * self.hidden_dim * experts + router + 2 * self.dim
         embeddings = (1 if self.tied_embeddings else 2) * self.vocab_size * self.dim
-        return self.n_layers * per_layer + embeddings + self.dim
+        return sum(c.n_layers * c._layer_params(experts) for _, c in self.stacks) + embeddings + self.dim
+
+    def _layer_params(self, experts: int) -> int:
+        """One layer's parameters, with `experts` of its routed experts."""
+        D, H, m = self.dim, self.n_heads, self.mla
+        if m is None:
+            attention = D * self.head_dim * (2 * H + 2 * self.n_kv_heads)
+        else:
+            query = D * H * m.qk_head_dim if m.q_lora_rank is None else m.q_lora_rank * (D + 1 + H * m.qk_head_dim)
+            attention = (query + D * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
+                         + m.kv_lora_rank * H * (m.qk_nope_head_dim + m.v_head_dim) + H * m.v_head_dim * D)
+        if self.moe is None:
+            ffn = 3 * D * self.hidden_dim
+        else:
+            width = self.moe.hidden_dim or self.hidden_dim
+            ffn = (3 * D * width * (min(experts, self.moe.n_experts) + self.moe.n_shared_experts)
+                   + D * self.moe.n_experts)
+        return attention + ffn + 2 * D
 
     # ---- HF transformers config.json and Mistral-native params.json (config_files.py) --------
 
@@ -177,15 +223,24 @@ class MistralConfig:
     @property
     def hf_obstacle(self) -> str | None:
         """Why no transformers model (MistralForCausalLM, MinistralForCausalLM,
-        MixtralForCausalLM, Ministral3ForCausalLM) computes this one, or None."""
+        MixtralForCausalLM, Ministral3ForCausalLM, Mistral4ForCausalLM) computes this one, or None."""
         windows = sorted({w for w in self.window_kinds if w is not None})
         if len(windows) > 1:
             return f"windows {windows} in one model: transformers' MinistralConfig has a single sliding_window"
+        if self.mla is not None:
+            if windows:
+                return "latent attention with a sliding window: transformers' Mistral4 attends to every key"
+            if self.llama_4_scaling is None:
+                return "latent attention without Llama 4's query scale: transformers' Mistral4 always applies it"
+        elif self.moe and (self.moe.hidden_dim or self.moe.n_shared_experts or self.moe.first_k_dense_replace
+                           or self.moe.routed_scaling_factor != 1.0):
+            return ("fine-grained experts (their own width, shared experts, dense-first layers or a routed scale) "
+                    "without latent attention: transformers has them in Mistral4ForCausalLM only")
         if self.moe and self.grouped_layers:
             return "experts with per-layer windows: transformers' MixtralConfig has one sliding_window for every layer"
-        if self.llama_4_scaling and (self.moe or self.grouped_layers):
+        if self.llama_4_scaling and self.mla is None and (self.moe or self.grouped_layers):
             return ("Llama 4's query scale with experts or per-layer windows: transformers applies it in "
-                    "Ministral3ForCausalLM only, which has neither")
+                    "Ministral3ForCausalLM and Mistral4ForCausalLM only, which have neither without latent attention")
         if (self.llama_4_scaling and self.yarn and self.yarn.original_max_position_embeddings
                 != self.llama_4_scaling.original_max_position_embeddings):
             return ("YaRN and Llama 4's query scale over different original lengths: transformers' rope_parameters "

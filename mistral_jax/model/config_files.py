@@ -14,20 +14,23 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 from typing import Any
 
-from mistral_jax.model.config_groups import ConfigError, Llama4Scaling, MoE, YaRN, to_float, yarn_mscale
+from mistral_jax.model.config_groups import (ConfigError, LatentAttention, Llama4Scaling, MoE, YaRN, to_float,
+                                             yarn_mscale)
 
 logger = logging.getLogger("mistral_jax")
 
 DEFAULT_MAX_SEQ_LEN = 32768  # what Mistral 7B's HF config.json states; params.json never says
 # rms_norm_eps when config.json omits it: transformers' default per model type
-HF_DEFAULT_EPS = {"mistral": 1e-5, "ministral": 1e-6, "mixtral": 1e-5, "ministral3": 1e-5, "llama": 1e-6}
+HF_DEFAULT_EPS = {"mistral": 1e-5, "ministral": 1e-6, "mixtral": 1e-5, "ministral3": 1e-5, "llama": 1e-6,
+                  "mistral4": 1e-6}
 HF_LAYER_TYPES = ("full_attention", "sliding_attention")
 # max_position_embeddings when config.json omits it, where transformers' default is other than
 # Mistral 7B's 32768 (it sets YaRN's factor when rope_parameters has none)
-HF_DEFAULT_LENGTH = {"ministral3": 262144, "llama": 2048}
+HF_DEFAULT_LENGTH = {"ministral3": 262144, "llama": 2048, "mistral4": 1048576}
 
 
 def parser(source: str):
@@ -56,9 +59,9 @@ def parser(source: str):
 
 def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
     """MistralConfig's fields from the config.json of MistralForCausalLM, MinistralForCausalLM,
-    MixtralForCausalLM, Ministral3ForCausalLM, LlamaForCausalLM (the same block without a window),
-    or the text model of Mistral3ForConditionalGeneration (its vision tower and projector are not
-    read)."""
+    MixtralForCausalLM, Ministral3ForCausalLM, Mistral4ForCausalLM (latent attention, fine-grained
+    experts), LlamaForCausalLM (the same block without a window), or the text model of
+    Mistral3ForConditionalGeneration (its vision tower and projector are not read)."""
     model_type = d.get("model_type", "mistral")
     if model_type == "mistral3":
         text = d.get("text_config")
@@ -79,6 +82,8 @@ def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"config.json sets {bias}: Mistral's projections have no bias")
     n_heads, n_layers = d["num_attention_heads"], d["num_hidden_layers"]
     max_seq_len = d.get("max_position_embeddings", HF_DEFAULT_LENGTH.get(model_type, DEFAULT_MAX_SEQ_LEN))
+    if model_type == "mistral4":
+        return _hf_mistral4_fields(d, max_seq_len)
     fields = dict(
         dim=d["hidden_size"], n_layers=n_layers, head_dim=d.get("head_dim") or d["hidden_size"] // n_heads,
         hidden_dim=d["intermediate_size"], n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
@@ -91,6 +96,29 @@ def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
         fields["moe"] = MoE(d["num_local_experts"], d["num_experts_per_tok"],
                             to_float("router_aux_loss_coef", d.get("router_aux_loss_coef", 0.001)))
     return fields
+
+
+def _hf_mistral4_fields(d: dict[str, Any], max_seq_len: Any) -> dict[str, Any]:
+    """Mistral4ForCausalLM's config.json (Mistral Small 4's text model): latent attention and
+    fine-grained experts with shared ones, its first first_k_dense_replace layers dense."""
+    for key, plain in (("n_group", 1), ("topk_group", 1), ("norm_topk_prob", True)):
+        if d.get(key, plain) != plain:
+            raise ConfigError(f"config.json sets {key} {d[key]!r}: only {key} {plain!r} (every Mistral release's) "
+                              "is implemented")
+    mla = LatentAttention(d["kv_lora_rank"], d["qk_nope_head_dim"], d["qk_rope_head_dim"], d["v_head_dim"],
+                          d.get("q_lora_rank"))
+    n_layers, dense = d["num_hidden_layers"], d.get("first_k_dense_replace") or 0
+    moe = None if dense >= n_layers else MoE(
+        d["n_routed_experts"], d["num_experts_per_tok"], hidden_dim=d["moe_intermediate_size"],
+        n_shared_experts=d.get("n_shared_experts") or 0,
+        routed_scaling_factor=to_float("routed_scaling_factor", d.get("routed_scaling_factor", 1.0)),
+        first_k_dense_replace=dense)
+    return dict(
+        dim=d["hidden_size"], n_layers=n_layers, head_dim=mla.qk_head_dim, hidden_dim=d["intermediate_size"],
+        n_heads=d["num_attention_heads"], n_kv_heads=d["num_attention_heads"], vocab_size=d["vocab_size"],
+        norm_eps=to_float("rms_norm_eps", d.get("rms_norm_eps", HF_DEFAULT_EPS["mistral4"])), max_seq_len=max_seq_len,
+        tied_embeddings=_flag("tie_word_embeddings", d.get("tie_word_embeddings", False)), mla=mla, moe=moe,
+        **_hf_rope(d, max_seq_len, rotary=mla.qk_rope_head_dim / mla.qk_head_dim))
 
 
 def hf_dict(config) -> dict[str, Any]:
@@ -112,6 +140,8 @@ def hf_dict(config) -> dict[str, Any]:
     if config.yarn is not None or config.llama_4_scaling is not None:
         d["rope_parameters"] = _hf_rope_parameters(config)
         del d["rope_theta"]
+    if config.mla is not None:
+        return _hf_mistral4_dict(config, d)
     if config.moe is not None:
         d.update(architectures=["MixtralForCausalLM"], model_type="mixtral", num_local_experts=config.moe.n_experts,
                  num_experts_per_tok=config.moe.n_experts_per_tok,
@@ -127,6 +157,27 @@ def hf_dict(config) -> dict[str, Any]:
     return d
 
 
+def _hf_mistral4_dict(config, d: dict[str, Any]) -> dict[str, Any]:
+    """Mistral4ForCausalLM's config.json: latent attention, experts (none: every layer dense)."""
+    m, moe = config.mla, config.moe
+    if "rope_parameters" not in d:
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+    d["rope_parameters"]["partial_rotary_factor"] = m.qk_rope_head_dim / m.qk_head_dim
+    d.update(architectures=["Mistral4ForCausalLM"], model_type="mistral4", head_dim=m.qk_head_dim,
+             num_key_value_heads=config.n_heads, q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank,
+             qk_nope_head_dim=m.qk_nope_head_dim, qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim,
+             rope_interleave=True, n_group=1, topk_group=1, norm_topk_prob=True)
+    del d["sliding_window"]
+    if moe is None:  # transformers' way of none: every layer before the first with experts
+        d.update(n_routed_experts=1, num_experts_per_tok=1, n_shared_experts=0, moe_intermediate_size=config.hidden_dim,
+                 first_k_dense_replace=config.n_layers, routed_scaling_factor=1.0)
+    else:
+        d.update(n_routed_experts=moe.n_experts, num_experts_per_tok=moe.n_experts_per_tok,
+                 n_shared_experts=moe.n_shared_experts, moe_intermediate_size=moe.hidden_dim or config.hidden_dim,
+                 first_k_dense_replace=moe.first_k_dense_replace, routed_scaling_factor=moe.routed_scaling_factor)
+    return d
+
+
 _YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
               "attention_factor", "truncate")
 # Where the query scale's length is kept when it differs from YaRN's (rope_parameters has one
@@ -134,10 +185,11 @@ _YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_s
 _LLAMA_4_LENGTH = "llama_4_scaling_original_max_position_embeddings"
 
 
-def _hf_rope(d: dict[str, Any], max_seq_len: Any) -> dict[str, Any]:
+def _hf_rope(d: dict[str, Any], max_seq_len: Any, rotary: float = 1.0) -> dict[str, Any]:
     """rope_theta, yarn and llama_4_scaling from rope_parameters (transformers >= 5) or the
     top level and rope_scaling (< 5). Any other RoPE scaling (linear, dynamic, longrope,
-    llama3) is refused rather than dropped."""
+    llama3) is refused rather than dropped, as is a partial_rotary_factor other than the
+    model's (`rotary`: 1, or latent attention's rope share of the head)."""
     rope = {}
     for key in ("rope_scaling", "rope_parameters"):
         params = d.get(key) or {}
@@ -145,6 +197,10 @@ def _hf_rope(d: dict[str, Any], max_seq_len: Any) -> dict[str, Any]:
             raise ConfigError("config.json rope_parameters / rope_scaling must be objects")
         rope.update(params)
     kind = rope.get("rope_type", rope.get("type", "default"))
+    partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial is not None and not math.isclose(to_float("partial_rotary_factor", partial), rotary):
+        raise ConfigError(f"config.json's partial_rotary_factor {partial!r}: this model rotates {rotary:g} of each "
+                          "head, which is all a Mistral release does")
     rope_theta = rope.get("rope_theta", d.get("rope_theta"))
     if rope_theta is None:
         raise ConfigError("config.json has no rope_theta (neither top level nor rope_parameters)")
@@ -223,11 +279,22 @@ def params_fields(d: dict[str, Any]) -> dict[str, Any]:
     length = d.get("max_position_embeddings", d.get("max_seq_len"))
     if length is not None:
         fields["max_seq_len"] = length
+    if d.get("qk_nope_head_dim"):  # latent attention (Mistral Large 3, Small 4)
+        fields["mla"] = LatentAttention(d["kv_lora_rank"], d["qk_nope_head_dim"], d["qk_rope_head_dim"],
+                                        d["v_head_dim"], d.get("q_lora_rank"))
+        fields.update(head_dim=fields["mla"].qk_head_dim, n_kv_heads=d["n_heads"])
     moe = d.get("moe")
     if moe is not None and not isinstance(moe, dict):
         raise ConfigError(f"params.json moe must be an object with num_experts and num_experts_per_tok, got {moe!r}")
-    if moe:
-        fields["moe"] = MoE(moe["num_experts"], moe["num_experts_per_tok"])
+    if moe := _block(d, "moe", _NATIVE_MOE_KEYS):
+        for key, plain in _NATIVE_MOE_FIXED.items():
+            if moe.get(key, plain) != plain:
+                raise ConfigError(f"params.json moe {key} {moe[key]!r}: only {plain!r} (every release's) is "
+                                  "implemented")
+        given = {field: moe[key] for key, field in _NATIVE_MOE.items() if key in moe}
+        if "routed_scaling_factor" in given:
+            given["routed_scaling_factor"] = to_float("moe routed_scale", given["routed_scaling_factor"])
+        fields["moe"] = MoE(moe["num_experts"], moe["num_experts_per_tok"], **given)
     if yarn := _block(d, "yarn", {"factor", "original_max_position_embeddings", "beta", "alpha", "apply_scale"}):
         # beta and alpha are beta_fast and beta_slow (vLLM's Mistral config remapper). apply_scale
         # (default true): cos and sin times YaRN's magnitude correction, which transformers'
@@ -242,6 +309,16 @@ def params_fields(d: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+# params.json's "moe" keys -> MoE's fields (vLLM's Mistral config remapper), and the keys whose
+# only implemented value is what every release has (parallelism hints are not read).
+_NATIVE_MOE = {"expert_hidden_dim": "hidden_dim", "num_shared_experts": "n_shared_experts",
+               "routed_scale": "routed_scaling_factor", "first_k_dense_replace": "first_k_dense_replace"}
+_NATIVE_MOE_FIXED = {"route_every_n": 1, "num_expert_groups": 1, "num_expert_groups_per_tok": 1,
+                     "use_load_balancing_bias": False, "renorm_strategy": "WEIGHTS"}
+_NATIVE_MOE_KEYS = {"num_experts", "num_experts_per_tok", "expert_parallel", "expert_model_parallel",
+                    *_NATIVE_MOE, *_NATIVE_MOE_FIXED}
+
+
 def params_dict(config) -> dict[str, Any]:
     d = {
         "dim": config.dim, "n_layers": config.n_layers, "head_dim": config.head_dim,
@@ -252,8 +329,13 @@ def params_dict(config) -> dict[str, Any]:
     }
     if config.tied_embeddings:
         d["tied_embeddings"] = True
-    if config.moe is not None:
-        d["moe"] = {"num_experts": config.moe.n_experts, "num_experts_per_tok": config.moe.n_experts_per_tok}
+    if (m := config.mla) is not None:
+        d.update(q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_nope_head_dim,
+                 qk_rope_head_dim=m.qk_rope_head_dim, v_head_dim=m.v_head_dim)
+    if (moe := config.moe) is not None:
+        d["moe"] = {"num_experts": moe.n_experts, "num_experts_per_tok": moe.n_experts_per_tok}
+        d["moe"].update({key: getattr(moe, field) for key, field in _NATIVE_MOE.items()
+                         if getattr(moe, field) != MoE.__dataclass_fields__[field].default})
     if (yarn := config.yarn) is not None:
         scale = yarn.cos_sin_scale
         if scale not in (1.0, yarn_mscale(yarn.factor)) or not yarn.truncate:

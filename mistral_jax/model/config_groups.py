@@ -1,6 +1,6 @@
 """The parts of MistralConfig that only some models have, each a small frozen dataclass that
-checks itself: a mixture of experts (`MoE`), YaRN rope scaling (`YaRN`) and Llama 4's query
-scale (`Llama4Scaling`). And what every part of the config raises on a bad value,
+checks itself: a mixture of experts (`MoE`), latent attention (`LatentAttention`), YaRN rope
+scaling (`YaRN`) and Llama 4's query scale (`Llama4Scaling`). And what every part of the config raises on a bad value,
 `ConfigError`, with the checks they share.
 
 A model without such a part has None in its place (`config.moe is None`: a dense feed-forward),
@@ -46,13 +46,21 @@ def to_float(name: str, value: Any) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class MoE:
-    """A mixture of experts in place of every dense feed-forward (Mixtral): n_experts SwiGLU
-    experts of the config's hidden_dim, each token routed to n_experts_per_tok of them
-    (model/moe.py). params.json's "moe" block; HF's num_local_experts / num_experts_per_tok."""
+    """A mixture of experts in place of the dense feed-forward (model/moe.py): n_experts SwiGLU
+    experts, each token routed to n_experts_per_tok of them by softmax, top-k, weights
+    renormalised over the k and times routed_scaling_factor. Mixtral: experts of the config's
+    hidden_dim in every layer. Fine-grained (Mistral Small 4, Large 3): narrower experts
+    (hidden_dim), n_shared_experts always on beside them (one SwiGLU n_shared_experts x
+    hidden_dim wide), and the first first_k_dense_replace layers dense (of the config's
+    hidden_dim). params.json's "moe" block; HF's num_local_experts / n_routed_experts, ..."""
 
     n_experts: int
     n_experts_per_tok: int
     router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (HF's name)
+    hidden_dim: int | None = None  # each expert's width; None: the config's hidden_dim (Mixtral)
+    n_shared_experts: int = 0
+    routed_scaling_factor: float = 1.0
+    first_k_dense_replace: int = 0
 
     def __post_init__(self):
         check_int(self, "n_experts")
@@ -61,6 +69,37 @@ class MoE:
             raise ConfigError(f"n_experts_per_tok must be between 1 and n_experts ({self.n_experts}), "
                               f"got {self.n_experts_per_tok!r}")
         check_number(self, "router_aux_loss_coef")
+        if self.hidden_dim is not None:
+            check_int(self, "hidden_dim")
+        check_int(self, "n_shared_experts", "first_k_dense_replace", low=0)
+        check_number(self, "routed_scaling_factor", positive=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentAttention:
+    """Multi-head latent attention (DeepSeek-V3's MLA: Mistral Small 4, Large 3). Queries come
+    through a low-rank q_lora_rank bottleneck (or directly, when None), split per head into
+    qk_nope_head_dim features without position and qk_rope_head_dim rotated ones; keys and
+    values come from one latent of kv_lora_rank per token (expanded per head into no-rope keys
+    and values of v_head_dim) plus one rotated key of qk_rope_head_dim shared by the heads.
+    Decoding caches the latent and that key alone (model/cache.py)."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+
+    def __post_init__(self):
+        check_int(self, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.q_lora_rank is not None:
+            check_int(self, "q_lora_rank")
+        if self.qk_rope_head_dim % 2:
+            raise ConfigError(f"qk_rope_head_dim must be even for rotary embeddings, got {self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,9 @@
-"""Mixtral's mixture-of-experts feed-forward: routing, and a dispatch whose cost follows the
-tokens each expert receives.
+"""The experts' feed-forward (Mixtral's, and Mistral Small 4's fine-grained ones): routing,
+and a dispatch whose cost follows the tokens each expert receives.
 
-Routing (HF MixtralSparseMoeBlock): router logits x @ gate in float32, softmax over all E
-experts, the top k, their weights renormalised over the k. Every token reaches its k
-experts: no capacity, nothing dropped.
+Routing (HF MixtralSparseMoeBlock; Mistral4TopkRouter with one group): router logits x @ gate
+in float32, softmax over all E experts, the top k, their weights renormalised over the k (and
+times routed_scaling_factor). Every token reaches its k experts: no capacity, nothing dropped.
 
 Dispatch: the N * k (token, expert) assignments are scattered, grouped by expert, into a
 buffer where each expert's rows start on a tile boundary (zero rows pad its last tile), so
@@ -71,13 +71,16 @@ def route(x: jax.Array, gate: jax.Array, k: int) -> tuple[jax.Array, jax.Array, 
 
 
 def feed_forward(x: jax.Array, gate: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array, k: int,
-                 kernel: str = "auto") -> tuple[jax.Array, RouterStats]:
-    """x [N, D] through its k experts: sum over them of weight * w2(silu(w1 x) * w3 x).
+                 kernel: str = "auto", scale: float = 1.0) -> tuple[jax.Array, RouterStats]:
+    """x [N, D] through its k experts: sum over them of weight * w2(silu(w1 x) * w3 x), the
+    weights times scale (routed_scaling_factor).
 
     gate [D, E]; w1, w3 [E, D, F]; w2 [E, F, D]. Under a mesh (sharding.under_mesh) with
     the experts split over `expert`, as the module docstring says; returns (y [N, D], stats).
     """
     weights, experts, stats = route(x, gate, k)
+    if scale != 1.0:
+        weights = weights * scale
     kernel = expert_kernel(kernel)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or "expert" not in mesh.axis_names:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mistral_jax.model.config_groups import Llama4Scaling, MoE, YaRN
+from mistral_jax.model.config_groups import LatentAttention, Llama4Scaling, MoE, YaRN
 
 _MISTRAL_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                    vocab_size=32000, norm_eps=1e-5, rope_theta=1e4, sliding_window=4096)
@@ -18,6 +18,11 @@ _MIXTRAL_8X22B = dict(dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_h
 _MINISTRAL_3 = dict(head_dim=128, n_heads=32, n_kv_heads=8, vocab_size=131072, norm_eps=1e-5, rope_theta=1e6,
                     max_seq_len=262144, yarn=YaRN(16.0, 16384, mscale=1.0, mscale_all_dim=1.0),
                     llama_4_scaling=Llama4Scaling(0.1, 16384))
+
+# Mistral Small 4 and Large 3: DeepSeek-V3's block (model/layers.LatentAttention, fine-grained
+# experts) with Mistral's vocabulary and Llama 4's query scale.
+_MISTRAL_LARGE_3_KIND = dict(n_heads=32, vocab_size=131072, norm_eps=1e-6, rope_theta=1e4,
+                             llama_4_scaling=Llama4Scaling(0.1, 8192))
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mistral-7b-v0.1": _MISTRAL_7B,
@@ -66,6 +71,23 @@ PRESETS: dict[str, dict[str, Any]] = {
     "devstral-2-123b": dict(dim=12288, n_layers=88, hidden_dim=28672, **{
         **_MINISTRAL_3, "n_heads": 96, "yarn": YaRN(64.0, 4096, beta_fast=4.0, mscale=1.0, mscale_all_dim=0.0),
         "llama_4_scaling": Llama4Scaling(0.0, 4096)}),
+    # mistralai/Mistral-Small-4-119B-2603 (transformers' Mistral4Config defaults are its
+    # config.json): latent attention with a low-rank query, 128 fine-grained experts (4 routed, 1
+    # shared) in every layer, YaRN over half of each query/key head (the rope slice).
+    "mistral-small-4": dict(dim=4096, n_layers=36, hidden_dim=12288, head_dim=128, n_kv_heads=32,
+                            **_MISTRAL_LARGE_3_KIND,
+                            mla=LatentAttention(256, 64, 64, 128, q_lora_rank=1024), max_seq_len=1048576,
+                            moe=MoE(128, 4, hidden_dim=2048, n_shared_experts=1),
+                            yarn=YaRN(128.0, 8192, mscale=1.0, mscale_all_dim=1.0)),
+    # mistralai/Mistral-Large-3-675B-Instruct-2512's language model (DeepSeek-V3's shape with
+    # 128 wider experts, 4 routed; three dense layers first; vLLM's MistralLarge3ForCausalLM
+    # reads its params.json): the card's 675B less its 2.5B vision encoder. max_seq_len is the
+    # card's 256k (vLLM's default --max-model-len).
+    "mistral-large-3": dict(dim=7168, n_layers=61, hidden_dim=16384, head_dim=192, n_kv_heads=128,
+                            **{**_MISTRAL_LARGE_3_KIND, "n_heads": 128},
+                            mla=LatentAttention(512, 128, 64, 128, q_lora_rank=1536), max_seq_len=262144,
+                            moe=MoE(128, 4, hidden_dim=4096, n_shared_experts=1, first_k_dense_replace=3),
+                            yarn=YaRN(36.0, 8192, mscale=1.0, mscale_all_dim=1.0)),
     # The default model of train.py: ~15.7M parameters, trained on a laptop CPU in minutes.
     "mistral-15m": dict(dim=384, n_layers=6, head_dim=64, hidden_dim=1024, n_heads=6, n_kv_heads=2,
                         vocab_size=8192, rope_theta=1e4, sliding_window=256, max_seq_len=1024),

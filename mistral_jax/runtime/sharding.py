@@ -36,6 +36,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "head_dim": None,  # d
     "mlp": "tensor",  # F of w1, w3 [D, F] and w2 [F, D], and of the experts' [E, D, F], [E, F, D]
     "expert": "expert",  # E of the experts' w1, w3 [E, D, F] and w2 [E, F, D]
+    "q_lora": None,  # Q of latent attention's wq_a [D, Q] and wq_b [Q, H, d]: small, whole
+    "kv_lora": None,  # r of its wkv_a_with_mqa [D, r + dr], wkv_b [r, H, d] and latent cache [.., 1, r]
 }
 
 
