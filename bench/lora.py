@@ -29,7 +29,8 @@ def run(bandwidth: float, peak_flops: float, names=("small",), reps: int = 3, si
     for name in names:
         hf, (config, params) = random_hf_model(CONFIGS[name])
         batch = np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32)
-        times, memory, n_adapter = _ours(config, params, batch, reps) if side == "ours" else _hf(hf, batch, reps)
+        ours = side == "ours"
+        times, memory, n_adapter = _ours(config, params, batch, reps) if ours else _hf(config, hf, batch, reps)
         full_flops = metrics.flops_per_token(config, 256) * 8 * 256
         lora_flops = metrics.flops_per_token(config, 256, lora_params=n_adapter) * 8 * 256
         who = "ours" if side == "ours" else "HF + PEFT"
@@ -60,7 +61,7 @@ def _ours(config, params, batch, reps: int):
     times, memory = {}, {}
     n_adapter = None
     for kind in ("lora", "full"):  # full last: its step donates the params it is given
-        adapters = {} if kind == "full" else dict(lora_rank=RANK, lora_targets=",".join(lora.TARGETS))
+        adapters = {} if kind == "full" else dict(lora_rank=RANK, lora_targets=",".join(lora.model_targets(config)))
         hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10, **adapters)
         tx = trainer.make_optimizer(hp)
         spec = hp.lora_spec
@@ -80,7 +81,7 @@ def _ours(config, params, batch, reps: int):
     return times, memory, n_adapter
 
 
-def _hf(model, batch, reps: int):
+def _hf(config, model, batch, reps: int):
     import peft
     import torch
 
@@ -89,7 +90,7 @@ def _hf(model, batch, reps: int):
     model.config._attn_implementation = "sdpa"
     batch = torch.from_numpy(batch).long()
     times = {"full": timed(hf_train_step(model.train(), batch), reps=reps)}
-    modules = [name.split(".")[-1] for name in lora.PEFT_NAMES.values()]
+    modules = [lora.PEFT_NAMES[target].split(".")[-1] for target in lora.model_targets(config)]
     adapted = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=RANK, lora_dropout=0.0,
                                                          target_modules=modules)).train()
     times["lora"] = timed(hf_train_step(adapted, batch), reps=reps)

@@ -81,11 +81,11 @@ def run(mesh):
     return params, logits, tokens, jax.device_get(metrics), grads, split
 
 
-LORA_HP = dataclasses.replace(HP, lora_rank=4, lora_targets=",".join(lora.TARGETS))
+LORA_HP = dataclasses.replace(HP, lora_rank=4, lora_targets=",".join(lora.model_targets(CONFIG)))
 
 
 def lora_findings(mesh, base, batch):
-    """LoRA on all seven projections over the frozen base: the adapters' gradients at random
+    """LoRA on every projection of each layer over the frozen base: the adapters' gradients at random
     adapters (b not zero, so every path of the low-rank product carries gradient), and a
     train step's loss from fresh ones."""
     spec = LORA_HP.lora_spec

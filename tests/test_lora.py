@@ -24,11 +24,17 @@ from mistral_jax.training import data, lora, metrics, trainer
 from test_train import (TINY, StopAt, dot_flops, hp, losses, run_train, tokenizer_path,  # noqa: F401 (fixtures)
                         tokens, write_small_corpus)
 
-ALL = ",".join(lora.TARGETS)
+DENSE_TARGETS = lora.model_targets(TINY)  # wq, wk, wv, wo, w1, w2, w3
+ALL = ",".join(DENSE_TARGETS)
 
 
 def adapted(config, params, adapters, spec, ids):
     return Mistral(config).apply(lora.variables(params, adapters, spec), ids)
+
+
+def pairs(adapters):
+    """Every adapter's {"a", "b"}, of every stack, module and target."""
+    return [pair for modules in adapters.values() for targets in modules.values() for pair in targets.values()]
 
 
 def random_adapters(config, spec, seed):
@@ -43,17 +49,17 @@ def test_fresh_adapters_leave_the_model_unchanged_bit_for_bit(window):
     config = TINY.replace(sliding_window=window)
     params = init_params(config, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (2, 40), 0, config.vocab_size)
-    spec = lora.LoRA(4, 16.0, tuple(lora.TARGETS))
+    spec = lora.LoRA(4, 16.0, DENSE_TARGETS)
     adapters = lora.init_adapters(config, spec, jax.random.key(2))
-    assert all(np.any(pair["a"]) and not np.any(pair["b"]) for module in adapters.values() for pair in module.values())
+    assert all(np.any(pair["a"]) and not np.any(pair["b"]) for pair in pairs(adapters))
     np.testing.assert_array_equal(jax.jit(adapted, static_argnums=(0, 3))(config, params, adapters, spec, ids),
                                   forward(config, params, ids))
 
 
 MODELS = {  # each kind of layer stack, with the targets it takes
-    "dense": (TINY, tuple(lora.TARGETS)),
-    "per-layer windows": (TINY.replace(sliding_window=(None, 16)), tuple(lora.TARGETS)),
-    "experts": (TINY.replace(moe=MoE(4, 2)), lora.DEFAULT_TARGETS),
+    "dense": (TINY, DENSE_TARGETS),
+    "per-layer windows": (TINY.replace(sliding_window=(None, 16)), DENSE_TARGETS),
+    "experts": (TINY.replace(moe=MoE(4, 2)), None),  # the default: the attention's
 }
 
 
@@ -115,7 +121,7 @@ def test_only_the_adapters_are_differentiated():
     for _ in range(3):
         state, _ = step(state, batch, base)
     jax.tree_util.tree_map(np.testing.assert_array_equal, jax.tree_util.tree_map(np.asarray, base), before)
-    assert all(np.any(pair["b"]) for module in state.params.values() for pair in module.values())
+    assert all(np.any(pair["b"]) for pair in pairs(state.params))
 
 
 def test_resume_equals_an_uninterrupted_lora_run(tokens, tmp_path):
@@ -174,7 +180,7 @@ def test_train_py_lora_against_hf_peft(hf_base, tmp_path, capsys, monkeypatch):
 
     config, base = load_checkpoint(str(base_dir))
     spec, adapters = lora.load_peft(str(out / "adapter"), config)
-    assert (spec.rank, spec.scale, spec.targets) == (4, 2.0, tuple(lora.TARGETS))
+    assert (spec.rank, spec.scale, spec.targets) == (4, 2.0, DENSE_TARGETS)
     np.testing.assert_allclose(np.asarray(adapted(config, base, adapters, spec, ids)), peft_logits, atol=1e-4)
     merged_config, merged = load_checkpoint(str(out / "model"))
     np.testing.assert_allclose(np.asarray(forward(merged_config, merged, ids)), peft_logits, atol=1e-4)
@@ -203,7 +209,9 @@ def tiny_checkpoint(tmp_path_factory, tokenizer_path):
 @pytest.mark.parametrize("argv,message", [
     (["--lora-rank", "0"], "--lora-rank must be a positive integer, got 0"),
     (["--lora-rank", "4", "--lora-targets", "wq,wx"], "--lora-targets must be distinct names among wq, wk, wv, wo, "
-                                                      "w1, w2, w3, got wq,wx"),
+                                                      "wq_a, wq_b, wkv_a_with_mqa, wkv_b, w1, w2, w3, got wq,wx"),
+    (["--lora-rank", "4", "--lora-targets", "wq,wkv_b"], "--lora-targets wkv_b: not a projection of this model; its "
+                                                         "layers have wq, wk, wv, wo, w1, w2, w3"),
     (["--lora-rank", "4", "--lora-targets", "wq,wq"], "--lora-targets must be distinct names"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "--lora-alpha must be a positive number, got 0.0"),
     (["--lora-alpha", "8"], "--lora-alpha needs --lora-rank"),
@@ -222,8 +230,9 @@ def test_bad_lora_flags(tiny_checkpoint, tmp_path, capsys, monkeypatch, argv, me
 
 def test_experts_take_adapters_on_their_attention_only():
     moe = TINY.replace(moe=MoE(4, 2))
-    assert set(lora.abstract_adapters(moe, lora.LoRA(4, targets=("wq", "wo")))) == {"attention"}
-    with pytest.raises(ValueError, match="w1,w3: a model with experts has no dense feed-forward"):
+    assert set(lora.abstract_adapters(moe, lora.LoRA(4, targets=("wq", "wo")))["layers"]) == {"attention"}
+    with pytest.raises(ValueError, match="w1,w3: a model with experts has no dense feed-forward; its layers have "
+                                         "wq, wk, wv, wo"):
         lora.abstract_adapters(moe, lora.LoRA(4, targets=("wq", "w1", "w3")))
 
 

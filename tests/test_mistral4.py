@@ -13,18 +13,21 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
 import convert_weights
-from conftest import ORIGINAL_LENGTH, forward, run_script
+from conftest import MISTRAL4, ORIGINAL_LENGTH, WEIGHT_STD, forward, run_script
 from mistral_jax.checkpoints.convert import load_pytorch
 from mistral_jax.inference.sampling import Sampler, generate, start
 from mistral_jax.model import rope
+from mistral_jax.model.cache import KVCache
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
+from mistral_jax.training import lora
 from test_family import assert_hf_round_trip
 from test_mistral3 import dequantized, quantize
 from test_parity import TOL, max_diff
@@ -228,6 +231,79 @@ def test_native_verify(mistral4, tmp_path, capsys):
     src, _ = write_native_large3(ref, tmp_path / "src", fp8_block=16)
     status, out, err = run_script(capsys, convert_weights, src, tmp_path / "jax", "--dtype", "float32", "--verify")
     assert status == 0 and "top-1 agreement 100.00%" in out, err
+
+
+def test_mistral3_with_a_mistral4_text_model(tmp_path, capsys):
+    """Mistral Small 4 as the hub has it: Mistral3ForConditionalGeneration around a mistral4
+    text model (a tiny Pixtral tower beside it). Its text model converts and verifies to the
+    wrapper's own logits, and --to-hf writes a Mistral4ForCausalLM with them."""
+    torch.manual_seed(5)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=16, image_size=32, patch_size=8)
+    config = transformers.Mistral3Config(vision_config=vision, text_config=transformers.Mistral4Config(**MISTRAL4),
+                                         tie_word_embeddings=False, attn_implementation="eager")
+    model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, WEIGHT_STD)
+    model.save_pretrained(tmp_path / "hf")
+    tokens = torch.randint(0, 256, (2, 3 * ORIGINAL_LENGTH))
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits.numpy()
+    status, out, err = run_script(capsys, convert_weights, tmp_path / "hf", tmp_path / "jax", "--dtype", "float32",
+                                  "--verify")
+    assert status == 0 and "top-1 agreement 100.00%" in out, err
+    converted, params = load_pytorch(str(tmp_path / "hf"))
+    assert converted.mla is not None and converted.moe.n_shared_experts == 1
+    np.testing.assert_allclose(np.asarray(forward(converted, params, tokens.numpy())), logits, atol=TOL)
+    assert run_script(capsys, convert_weights, tmp_path / "jax", tmp_path / "out", "--to-hf")[0] == 0
+    text_only = transformers.Mistral4ForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    with torch.no_grad():
+        np.testing.assert_allclose(text_only(tokens).logits.numpy(), logits, atol=TOL)
+
+
+def test_lora_equals_hf_peft(mistral4, tmp_path):
+    """LoRA on latent attention's every projection (the default targets), in both stacks: HF
+    PEFT loading the saved adapter onto Mistral4ForCausalLM computes our logits (the lora_B
+    rows of the query's and the key's rope features interleaved as HF's weights are), as do the
+    merged weights and the latent cache (prefill chunks, then decode steps, wkv_b's adapter
+    absorbed); loading the adapter back gives the same adapters."""
+    ref, config, params = mistral4
+    spec = lora.LoRA(4, 8.0)
+    assert spec.targets_of(config) == ("wo", "wq_a", "wq_b", "wkv_a_with_mqa", "wkv_b")
+    keys = iter(jax.random.split(jax.random.key(1), 100))
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape),
+                                      lora.init_adapters(config, spec, jax.random.key(0)))
+    assert set(adapters) == {"dense_layers", "layers"}
+    lora.save_peft(str(tmp_path / "adapter"), config, adapters, spec)
+    assert json.loads((tmp_path / "adapter" / lora.CONFIG_FILE).read_text())["target_modules"] == [
+        "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "q_a_proj", "q_b_proj"]
+    with torch.no_grad():
+        with_peft = peft.PeftModel.from_pretrained(copy.deepcopy(ref.model), tmp_path / "adapter").eval()
+        expected = with_peft(torch.from_numpy(np.asarray(ref.tokens)).long()).logits.numpy()
+    assert np.abs(expected - ref.logits).max() > 1.0  # the adapters matter
+
+    variables = lora.variables(params, adapters, spec)
+    np.testing.assert_allclose(np.asarray(Mistral(config).apply(variables, ref.tokens)), expected, atol=TOL)
+    np.testing.assert_allclose(np.asarray(forward(config, lora.merge(params, adapters, spec), ref.tokens)),
+                               expected, atol=TOL)
+
+    @jax.jit
+    def chunk(cache, tokens, start):
+        positions = jnp.broadcast_to(start + jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+        return Mistral(config).apply(variables, tokens, positions, cache)
+
+    B, T = ref.tokens.shape
+    prefill = 2 * ORIGINAL_LENGTH
+    cache, pieces = KVCache.init(config, B, T), []
+    for start in [0, prefill, *range(2 * prefill, T)]:  # two prefill chunks, then decode steps
+        logits, cache = chunk(cache, ref.tokens[:, start:start + (prefill if start < 2 * prefill else 1)], start)
+        pieces.append(logits)
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), expected, atol=TOL)
+
+    loaded_spec, loaded = lora.load_peft(str(tmp_path / "adapter"), config)
+    assert loaded_spec == lora.LoRA(4, 8.0, spec.targets_of(config))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, jax.tree_util.tree_map(np.asarray, adapters))
 
 
 # ---- presets -------------------------------------------------------------------------------------

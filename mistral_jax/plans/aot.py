@@ -167,8 +167,8 @@ class Plan:
     batch: int
     seq: int  # train: tokens per sequence; generate: context = prompt + new tokens, half each
     preset: str = "mistral-7b-v0.1"
-    lora_rank: int | None = None  # train LoRA adapters of this rank on all seven projections (lora.TARGETS), the base
-    # frozen in bf16
+    lora_rank: int | None = None  # train LoRA adapters of this rank on every projection of each layer
+    # (lora.model_targets), the base frozen in bf16
 
 
 def config_for(plan: Plan) -> MistralConfig:
@@ -188,7 +188,7 @@ def run(plan: Plan) -> list[Report]:
     try:
         if plan.program == "train":
             adapters = {} if plan.lora_rank is None else dict(lora_rank=plan.lora_rank,
-                                                               lora_targets=",".join(lora.TARGETS))
+                                                               lora_targets=",".join(lora.model_targets(config)))
             hp = trainer.Hyperparameters(batch_size=plan.batch, seq_len=plan.seq, **adapters)
             return [compile_train_step(config, hp, mesh)]
         return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2)
@@ -288,8 +288,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096, help="train: sequence length; generate: prompt + new tokens")
     p.add_argument("--preset", default="mistral-7b-v0.1")
-    p.add_argument("--lora-rank", type=int, help=f"train: LoRA adapters of this rank on {','.join(lora.TARGETS)}, the base "
-                                                 "frozen in bf16")
+    p.add_argument("--lora-rank", type=int, help="train: LoRA adapters of this rank on every projection of each layer, "
+                                                 "the base frozen in bf16")
     p.add_argument("--largest-batch", action="store_true",
                    help="search for the largest batch that fits (compiling at each batch tried; --batch ignored)")
     args = p.parse_args(argv)

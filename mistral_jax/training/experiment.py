@@ -125,6 +125,8 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
         raise OptionError("lora_rank", "needs --init-from: adapters are trained on a model's weights")
     if options.base_dtype is not None and spec is None:
         raise OptionError("base_dtype", "is the frozen base's dtype of LoRA: give it with --lora-rank")
+    if spec is not None and os.path.isdir(options.init_from):  # the default targets: the base's attention's
+        spec = dataclasses.replace(spec, targets=spec.targets_of(MistralConfig.from_dir(options.init_from)))
     checkpoints = os.path.join(options.out, "checkpoints")
     if os.path.exists(checkpoints) and not os.path.isdir(checkpoints):
         raise ValueError(f"{checkpoints} is not a directory: the run keeps its checkpoints there")

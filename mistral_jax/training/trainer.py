@@ -69,8 +69,10 @@ class Hyperparameters:
     lora_rank: int | None = option(None, "LoRA: train adapters of this rank on the frozen --init-from model "
                                          "(default: train every weight)")
     lora_alpha: float | None = option(None, "LoRA: the adapters' scale is alpha / rank (default: the rank, a scale of 1)")
-    lora_targets: str | None = option(None, "LoRA: the projections adapted, comma-separated, of wq,wk,wv,wo,w1,w2,w3 "
-                                            f"(default: {','.join(lora.DEFAULT_TARGETS)})")
+    lora_targets: str | None = option(None, "LoRA: the projections adapted, comma-separated: grouped-query "
+                                            "attention's wq,wk,wv,wo, latent attention's wq_a,wq_b,wkv_a_with_mqa,wkv_b,"
+                                            "wo, a dense feed-forward's w1,w2,w3 (default: every projection of the "
+                                            "attention)")
 
     def __post_init__(self):
         require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
@@ -101,7 +103,7 @@ class Hyperparameters:
         """The LoRA adapters trained, or None: every weight is."""
         if self.lora_rank is None:
             return None
-        targets = lora.DEFAULT_TARGETS if self.lora_targets is None else lora.LoRA.parse_targets(self.lora_targets)
+        targets = None if self.lora_targets is None else lora.LoRA.parse_targets(self.lora_targets)
         return lora.LoRA(self.lora_rank, self.lora_alpha, targets)
 
 
