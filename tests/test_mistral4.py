@@ -107,8 +107,9 @@ def test_greedy_equals_hf_generate(mistral4, decoding):
 
 @pytest.mark.parametrize("chunk,layout", [(1, "stacked"), (5, "stacked"), (64, "stacked"), (5, "per_layer")])
 def test_latent_cache_decode_equals_full_recompute(mistral4, chunk, layout):
-    """Chunk by chunk through the latent cache (attention in the latent space, the up-projections
-    absorbed): the full sequence's logits (keys and values expanded), which are HF's."""
+    """Chunk by chunk through the latent cache: the full sequence's logits, which are HF's. Chunks
+    of 1 and 5 attend in the latent space (the up-projections absorbed); one of 64 expands the
+    cache's keys and values, as a long prefill chunk does (layers.LatentAttention)."""
     ref, config, params = mistral4
     cached, cache = logits_by_chunks(*in_layout(config, params, layout), ref.tokens, chunk)
     np.testing.assert_allclose(cached, np.asarray(forward(config, params, ref.tokens)), atol=TOL)

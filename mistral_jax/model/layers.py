@@ -153,7 +153,11 @@ class LatentAttention(nn.Module):
     any others (causal_attention). With a cache, it holds each token's normed latent and rotated
     rope key ([B, C, 1, r] and [B, C, 1, dr]: config.cache_shape), and attention runs in the
     latent space (attention.latent_attention): the keys' up-projection absorbed into the queries
-    and the values' applied after, so no per-head key or value is ever made of the cache.
+    and the values' applied after, so no per-head key or value is ever made of the cache. Per
+    query and head that reads S keys with S·(2r + dr) products against the expanded form's
+    S·(n + dr + dv), which costs S·r·(n + dv) per head once per chunk to expand: a chunk of T
+    queries expands when T·(2r - n - dv) > r·(n + dv) (Small 4: T > 153), as a long prefill
+    chunk does; decode (T = 1) never does.
     """
 
     config: MistralConfig
@@ -204,9 +208,16 @@ class LatentAttention(nn.Module):
                 keys = (jnp.concatenate([latent_cache, latent], axis=1),
                         jnp.concatenate([rope_cache, rope_key], axis=1))
             w = adapted(self, "wkv_b", wkv_b)
-            q_latent = jnp.einsum("BTHn,rHn->BTHr", q_nope, w[..., :n])  # the keys' up-projection, absorbed
-            out_latent = latent_attention(q_latent, q_rope, *keys, mask, (n + dr) ** -0.5)
-            out = jnp.einsum("BTHr,rHv->BTHv", out_latent, w[..., n:])  # the values' up-projection
+            if T * (2 * r - n - dv) > r * (n + dv):  # a long prefill chunk: expanding its S keys costs less
+                latents, rope_keys = keys
+                S = latents.shape[1]
+                kv = jnp.einsum("BSr,rHd->BSHd", latents[:, :, 0], w)
+                k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(rope_keys, (B, S, H, dr))], axis=-1)
+                out = masked_attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, kv[..., n:], mask)
+            else:
+                q_latent = jnp.einsum("BTHn,rHn->BTHr", q_nope, w[..., :n])  # the keys' up-projection, absorbed
+                out_latent = latent_attention(q_latent, q_rope, *keys, mask, (n + dr) ** -0.5)
+                out = jnp.einsum("BTHr,rHv->BTHv", out_latent, w[..., n:])  # the values' up-projection
         return project(self, "wo", "NHv,HvD->ND", out.reshape(B * T, H, dv), wo).reshape(B, T, D), cache
 
 
