@@ -11,7 +11,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from mistral_jax.model.config import MistralConfig, MoE  # noqa: E402
+from mistral_jax.model.config import LatentAttention, MistralConfig, MoE  # noqa: E402
 
 CONFIGS = {
     "tiny": MistralConfig(dim=256, n_layers=8, head_dim=32, hidden_dim=768, n_heads=8, n_kv_heads=2,
@@ -24,6 +24,12 @@ CONFIGS = {
 # with as many parameters active per token (F = 2 x 2048; less the router's D x E).
 CONFIGS["small-moe"] = CONFIGS["small"].replace(moe=MoE(8, 2, router_aux_loss_coef=0.02))
 CONFIGS["small-active"] = CONFIGS["small"].replace(hidden_dim=2 * CONFIGS["small"].hidden_dim)
+# Mistral Small 4 with its attention as it is (32 heads of latent attention, kv_lora_rank 256,
+# its YaRN and query scale) and the rest scaled down: 4 layers of width 1024, 32 experts of
+# 512 (4 routed, 1 shared), a low-rank query of 256 (bench/latent.py).
+CONFIGS["small-latent"] = MistralConfig.preset(
+    "mistral-small-4", dim=1024, n_layers=4, hidden_dim=3072, vocab_size=32000, max_seq_len=8192,
+    mla=LatentAttention(256, 64, 64, 128, q_lora_rank=256), moe=MoE(32, 4, hidden_dim=512, n_shared_experts=1))
 
 
 def _busy_jiffies() -> tuple[int, int]:
@@ -108,18 +114,21 @@ def memory_bandwidth() -> float:
 
 
 def random_hf_model(config: MistralConfig, seed: int = 0):
-    """transformers' MistralForCausalLM (MixtralForCausalLM with experts) of config with
-    default random init, and the same weights as our (config, params)."""
+    """transformers' model of config (MistralForCausalLM, MixtralForCausalLM with experts,
+    Mistral4ForCausalLM with latent attention, ...) with default random init, and the same
+    weights as our (config, params)."""
     import tempfile
 
     import torch
     import transformers
 
     from mistral_jax.checkpoints.convert import load_pytorch
+    from mistral_jax.checkpoints.verify import HF_CLASSES
 
     torch.manual_seed(seed)
-    kind = "Mixtral" if config.moe else "Mistral"
-    hf_config = getattr(transformers, f"{kind}Config")(**config.to_hf_dict())
+    hf_dict = config.to_hf_dict()
+    kind = HF_CLASSES[hf_dict["model_type"]]
+    hf_config = getattr(transformers, f"{kind}Config")(**hf_dict)
     model = getattr(transformers, f"{kind}ForCausalLM")(hf_config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)

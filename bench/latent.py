@@ -1,0 +1,121 @@
+"""Mistral Small 4's latent attention and fine-grained experts (small-latent: its attention as
+it is, the rest scaled down) against HF transformers' Mistral4ForCausalLM: forward (8 x 512),
+train step (8 x 256), a cached prefill (4 x 1024 and its first token) and the decode step at
+batch 4 after 32 and after 1024 tokens of context.
+
+Both sides cache the latent alone per token (kv_lora_rank + qk_rope_head_dim values per layer);
+HF expands every cached latent into per-head keys and values at each decode step, ours attends
+in the latent space with the up-projections absorbed (layers.LatentAttention), so the step's
+cost grows with the context by S·(2r + dr) products per head rather than by an expansion of
+S·r·(n + dv) and an attention of S·(n + dr + dv). Decode tokens/s counts B tokens per step: the
+step time is the difference of two decode lengths over the extra steps, prefill excluded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from bench.common import CONFIGS, hf_train_step, random_hf_model, timed
+
+BATCH, CONTEXTS, STEPS = 4, (32, 1024), 16
+
+
+def run(bandwidth: float, peak_flops: float, names=("small-latent",), reps: int = 3, side: str = "ours") -> list[dict]:
+    del bandwidth, peak_flops
+    import torch
+
+    torch.set_num_threads(os.cpu_count())
+    rows = []
+    for name in names:
+        if CONFIGS[name].mla is None:
+            raise ValueError(f"the latent suite runs configs with latent attention (small-latent), not {name}")
+        hf, (config, params) = random_hf_model(CONFIGS[name])
+        times = _ours(config, params, reps) if side == "ours" else _hf(hf, config, reps)
+        mla = config.mla
+        latent = 4 * (mla.kv_lora_rank + mla.qk_rope_head_dim)
+        expanded = 4 * config.n_heads * (mla.qk_head_dim + mla.v_head_dim)
+        for workload, tokens in (("forward 8x512", 8 * 512), ("train step 8x256", 8 * 256),
+                                 (f"prefill {BATCH}x{CONTEXTS[-1]} + first token", BATCH * CONTEXTS[-1]),
+                                 *((f"decode step b{BATCH} at context {c}", BATCH) for c in CONTEXTS)):
+            row = dict(workload=f"{workload} {name}", unit="tok/s", **{side: tokens / times[workload]})
+            if workload.startswith("decode") and side == "ours":
+                row["note"] = (f"ours: step {1e3 * times[workload]:.1f} ms; cache {latent} B/token/layer "
+                               f"(expanded: {expanded} B)")
+            elif workload.startswith("decode"):
+                row["note"] = f"HF: step {1e3 * times[workload]:.1f} ms"
+            rows.append(row)
+        del hf, params
+    return rows
+
+
+def _prompts(config, context: int) -> np.ndarray:
+    return np.random.default_rng(context).integers(3, config.vocab_size, (BATCH, context)).astype(np.int32)
+
+
+def _ours(config, params, reps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from bench.decode import decode_step_seconds
+    from mistral_jax.inference.sampling import generate
+    from mistral_jax.model.transformer import Mistral
+    from mistral_jax.runtime.sharding import make_mesh
+    from mistral_jax.training import trainer
+
+    times = {}
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 512)).astype(np.int32)
+    forward = jax.jit(lambda p, t: Mistral(config).apply({"params": p}, t))
+    times["forward 8x512"] = timed(lambda: forward(params, tokens).block_until_ready(), reps=reps)
+
+    prompts = _prompts(config, CONTEXTS[-1]).tolist()
+    times[f"prefill {BATCH}x{CONTEXTS[-1]} + first token"] = timed(
+        lambda: generate(config, params, prompts, 1, eos_id=None), reps=reps)
+    for context in CONTEXTS:
+        times[f"decode step b{BATCH} at context {context}"] = decode_step_seconds(
+            config, params, _prompts(config, context), 8 + STEPS, reps)
+
+    batch = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32))
+    hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10)
+    tx = trainer.make_optimizer(hp)
+    mesh = make_mesh("", jax.devices()[:1])
+    state = [trainer.init_state(config, tx, mesh, params=params)]
+    step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]))
+
+    def our_step():
+        state[0], metrics = step(state[0], batch)
+        jax.block_until_ready(metrics["loss"])
+    times["train step 8x256"] = timed(our_step, reps=reps)  # last: the step donates the params it was given
+    return times
+
+
+def _hf(model, config, reps: int) -> dict:
+    import torch
+
+    times = {}
+    model.config._attn_implementation = "sdpa"
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, config.vocab_size, (8, 512))).long()
+
+    def forward():
+        with torch.no_grad():
+            model(tokens, use_cache=False)
+    times["forward 8x512"] = timed(forward, reps=reps)
+
+    def generate(prompts, new):
+        with torch.no_grad():
+            model.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+
+    prompts = torch.from_numpy(_prompts(config, CONTEXTS[-1])).long()
+    times[f"prefill {BATCH}x{CONTEXTS[-1]} + first token"] = timed(lambda: generate(prompts, 1), reps=reps)
+    for context in CONTEXTS:
+        prompts = torch.from_numpy(_prompts(config, context)).long()
+        times[f"decode step b{BATCH} at context {context}"] = (
+            timed(lambda: generate(prompts, 1 + STEPS), reps=reps) - timed(lambda: generate(prompts, 1), reps=reps)
+        ) / STEPS
+
+    batch = torch.from_numpy(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257))).long()
+    times["train step 8x256"] = timed(hf_train_step(model.train(), batch), reps=reps)
+    model.eval()
+    return times
