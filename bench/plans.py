@@ -1,6 +1,7 @@
 """Every row of docs/SCALING.md: the train step and generate of Mistral 7B, Ministral 8B,
-Mistral Nemo 12B and Mixtral 8x7B, 7B's LoRA fine-tune, Ministral 3 8B at 128k context and
-Devstral 2 123B's generation, compiled ahead of time for TPU slices and the 8-device CPU
+Mistral Nemo 12B and Mixtral 8x7B, 7B's LoRA fine-tune, Ministral 3 8B at 128k context,
+Devstral 2 123B's generation, Mistral Small 4's generation and LoRA fine-tune and Large 3's
+generation, compiled ahead of time for TPU slices and the 8-device CPU
 stand-in (mistral_jax.plans.aot), per-device memory from XLA.
 
   python -m bench.plans                      # compiles and prints every row
@@ -71,8 +72,21 @@ MISTRAL3_PLANS = [
     aot.Plan("v5p-32", "data=2,tensor=8", "generate", 16, 8192, "devstral-2-123b"),
     aot.Plan("cpu-8", "tensor=8", "generate", 8, 8192, "devstral-2-123b"),
 ]
+# Latent attention with fine-grained experts: Mistral Small 4 (119B, bf16 238 GB) generating
+# 32k-token contexts with its heads or its experts over the chips, fine-tuned with rank-16 LoRA
+# on its attention's projections (the base frozen in bf16); Large 3 (673B, 1.35 TB in bf16)
+# generating over 16 chips, and over the 8-GPU stand-in, which cannot hold it.
+MISTRAL4_PLANS = [
+    aot.Plan("v5p-8", "tensor=4", "generate", 16, 32768, "mistral-small-4"),
+    aot.Plan("v5p-8", "expert=4", "generate", 16, 32768, "mistral-small-4"),
+    aot.Plan("cpu-8", "tensor=8", "generate", 16, 32768, "mistral-small-4"),
+    aot.Plan("v5p-32", "fsdp=16", "train", 16, 4096, "mistral-small-4", lora_rank=16),
+    aot.Plan("cpu-8", "fsdp=8", "train", 8, 4096, "mistral-small-4", lora_rank=16),
+    aot.Plan("v5p-32", "tensor=16", "generate", 4, 8192, "mistral-large-3"),
+    aot.Plan("cpu-8", "tensor=8", "generate", 4, 8192, "mistral-large-3"),
+]
 TABLES = {"dense": ("aot", PLANS), "experts": ("aot:experts", EXPERT_PLANS), "lora": ("aot:lora", LORA_PLANS),
-          "mistral3": ("aot:mistral3", MISTRAL3_PLANS)}
+          "mistral3": ("aot:mistral3", MISTRAL3_PLANS), "mistral4": ("aot:mistral4", MISTRAL4_PLANS)}
 
 
 def main() -> None:
