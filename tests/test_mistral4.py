@@ -20,8 +20,9 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import convert_weights
-from conftest import MISTRAL4, ORIGINAL_LENGTH, WEIGHT_STD, forward, run_script
+from conftest import MISTRAL4, ORIGINAL_LENGTH, WEIGHT_STD, build_reference, forward, run_script
 from mistral_jax.checkpoints.convert import load_pytorch
+from mistral_jax.checkpoints.store import save_checkpoint
 from mistral_jax.inference.sampling import Sampler, generate, start
 from mistral_jax.model import rope
 from mistral_jax.model.cache import KVCache
@@ -184,7 +185,7 @@ def write_native_large3(ref, out_dir, fp8_block: int | None = None):
                       "route_every_n": 1, "num_expert_groups": 1, "num_expert_groups_per_tok": 1},
               "yarn": {"factor": rope["factor"], "original_max_position_embeddings":
                        rope["original_max_position_embeddings"], "beta": rope["beta_fast"], "alpha": rope["beta_slow"],
-                       "apply_scale": False},
+                       "apply_scale": True},  # mscale_all_dim 1: the softmax's mscale² (vLLM's deepseek_yarn)
               "llama_4_scaling": {"beta": rope["llama_4_scaling_beta"],
                                   "original_max_position_embeddings": rope["original_max_position_embeddings"]}}
     if fp8_block:
@@ -214,6 +215,50 @@ def test_native_large3_files(mistral4, tmp_path):
     logits = np.asarray(forward(fp8_config, fp8_params, ref.tokens))
     np.testing.assert_allclose(logits, expected, atol=TOL)
     assert np.abs(logits - ref.logits).max() > 100 * TOL  # FP8's rounding is in them
+
+
+def test_native_yarn_apply_scale(mistral4):
+    """params.json's yarn apply_scale for latent attention, as vLLM reads it: true (or absent)
+    is the softmax's mscale² with cos and sin as they are (transformers' mscale_all_dim 1, as in
+    Small 4's config.json), false no magnitude correction at all; each written back as read."""
+    _, config, _ = mistral4
+    native = config.to_params_dict()
+    assert native["yarn"]["apply_scale"] is True
+    for apply_scale, softmax in ((True, 1.0), (False, None)):
+        yarn = MistralConfig.from_params_dict({**native, "yarn": {**native["yarn"], "apply_scale": apply_scale}}).yarn
+        assert (yarn.cos_sin_scale, yarn.mscale_all_dim) == (1.0, softmax)
+        assert MistralConfig.from_params_dict(native).replace(yarn=yarn).to_params_dict()["yarn"] == {
+            **native["yarn"], "apply_scale": apply_scale}
+
+
+def test_rope_interleave_false(tmp_path, capsys):
+    """An HF config with rope_interleave false (rotate-half rope rows, as transformers then
+    computes): read with the reference's logits, and --verify agrees."""
+    ref = build_reference(tmp_path / "src", seed=10, window=None, kind="Mistral4", seq_len=2 * ORIGINAL_LENGTH,
+                          **{**MISTRAL4, "rope_interleave": False})
+    config, params = load_pytorch(ref.dir)
+    np.testing.assert_allclose(np.asarray(forward(config, params, ref.tokens)), ref.logits, atol=TOL)
+    status, out, err = run_script(capsys, convert_weights, ref.dir, tmp_path / "jax", "--dtype", "float32", "--verify")
+    assert status == 0 and "top-1 agreement 100.00%" in out, err
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(yarn=None), "latent attention without YaRN"), (dict(norm_eps=1e-5), "latent attention with norm_eps 1e-05"),
+    ("no shared expert", "latent attention with experts and no shared expert")])
+def test_configs_transformers_computes_otherwise_are_refused(mistral4, tmp_path, capsys, change, reason):
+    """--to-hf refuses in one line a latent-attention config that Mistral4ForCausalLM would
+    compute otherwise (its default rope rotates the whole head; its latent norms take eps 1e-6;
+    it always has a shared expert), writing nothing."""
+    _, config, params = mistral4
+    if change == "no shared expert":
+        change = dict(moe=dataclasses.replace(config.moe, n_shared_experts=0))
+        params = {**params, "layers": {**params["layers"], "feed_forward": {
+            k: v for k, v in params["layers"]["feed_forward"].items() if k != "shared_experts"}}}
+    save_checkpoint(tmp_path / "jax", config.replace(**change), params)
+    status, _, err = run_script(capsys, convert_weights, tmp_path / "jax", tmp_path / "hf", "--to-hf")
+    errors = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    assert status != 0 and len(errors) == 1 and reason in errors[0] and "Traceback" not in err, err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_hf_jax_hf_round_trip_and_verify(ref_mistral4, tmp_path, capsys):

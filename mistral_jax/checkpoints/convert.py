@@ -67,7 +67,9 @@ def find_source(path: str) -> Source:
         raise CheckpointError(f"{file}: {e}") from None
     text = d.get("text_config") if isinstance(d.get("text_config"), dict) else d
     interleave = text.get("rope_interleave", True) if layout == "hf" else True
-    return Source(path, layout, tuple(files), config, multimodal, block, interleave is not False)
+    if interleave is not None and not isinstance(interleave, bool):
+        raise CheckpointError(f"{file}: rope_interleave must be true or false, got {interleave!r}")
+    return Source(path, layout, tuple(files), config, multimodal, block, bool(interleave))  # null: as transformers
 
 
 # ---- finding checkpoints --------------------------------------------------------------------

@@ -207,7 +207,8 @@ def row_order(leaf: str, config: MistralConfig, layout: str, rope_interleave: bo
 
 
 def rotate_half_rows(n_rows: int, n_heads: int) -> np.ndarray:
-    """[N*d] the row each row of a Mistral-native wq/wk goes to: pair (2i, 2i+1) of each head
+    """[N*d] the row each row of an interleaved rope layout (Mistral-native wq/wk, latent
+    attention's rope rows: row_order) goes to: pair (2i, 2i+1) of each head
     becomes (i, i + d/2), the same permutation as transformers' convert_mistral_weights_to_hf.py."""
     half = n_rows // n_heads // 2
     head, pair, member = np.unravel_index(np.arange(n_rows), (n_heads, half, 2))

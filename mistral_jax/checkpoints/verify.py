@@ -62,8 +62,9 @@ def pytorch_model(src: str, config: MistralConfig):
         if w.dtype in fp8.FLOAT8:
             scale = scales[tensor.name]
             w = fp8.dequantize(scale, w, to_numpy(contents[scale][scale]), source.fp8_block)
-        model_order, hf_order = (row_order(leaf, config, layout, source.rope_interleave if layout == source.layout
-                                           else True) for layout in (source.layout, "hf"))
+        # The model built here interleaves its rope rows (to_hf_dict), whatever the source does.
+        model_order = row_order(leaf, config, source.layout, source.rope_interleave)
+        hf_order = row_order(leaf, config, "hf")
         if model_order is not None:
             w = np.asarray(w)[np.argsort(model_order)]  # the model's row order, as the converter writes it
         return w if hf_order is None else np.asarray(w)[..., hf_order, :]

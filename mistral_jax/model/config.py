@@ -210,14 +210,15 @@ class MistralConfig:
     @parser("config.json")
     def from_hf_dict(cls, d: dict[str, Any], **overrides) -> MistralConfig:
         """The config.json of MistralForCausalLM, MinistralForCausalLM, MixtralForCausalLM,
-        Ministral3ForCausalLM or LlamaForCausalLM, or of the text model of
+        Ministral3ForCausalLM, Mistral4ForCausalLM or LlamaForCausalLM, or of the text model of
         Mistral3ForConditionalGeneration (its vision tower and projector are not read)."""
         return cls(**{**config_files.hf_fields(d), **overrides})
 
     def to_hf_dict(self) -> dict[str, Any]:
         """MistralForCausalLM's config.json, MixtralForCausalLM's for experts,
         MinistralForCausalLM's for per-layer windows, Ministral3ForCausalLM's for Llama 4's
-        query scale (beyond those, see hf_obstacle: what we read back and transformers does not)."""
+        query scale, Mistral4ForCausalLM's for latent attention (beyond those, see hf_obstacle:
+        what we read back and transformers does not)."""
         return config_files.hf_dict(self)
 
     @property
@@ -232,6 +233,13 @@ class MistralConfig:
                 return "latent attention with a sliding window: transformers' Mistral4 attends to every key"
             if self.llama_4_scaling is None:
                 return "latent attention without Llama 4's query scale: transformers' Mistral4 always applies it"
+            if self.yarn is None:  # its default rope ignores partial_rotary_factor
+                return "latent attention without YaRN: transformers' Mistral4 would rotate the whole of each head"
+            if self.norm_eps != 1e-6:
+                return (f"latent attention with norm_eps {self.norm_eps:g}: transformers' Mistral4 norms the "
+                        "latents with 1e-6 whatever rms_norm_eps says")
+            if self.moe and not self.moe.n_shared_experts:
+                return "latent attention with experts and no shared expert: transformers' Mistral4 always has one"
         elif self.moe and (self.moe.hidden_dim or self.moe.n_shared_experts or self.moe.first_k_dense_replace
                            or self.moe.routed_scaling_factor != 1.0):
             return ("fine-grained experts (their own width, shared experts, dense-first layers or a routed scale) "

@@ -297,12 +297,18 @@ def params_fields(d: dict[str, Any]) -> dict[str, Any]:
         fields["moe"] = MoE(moe["num_experts"], moe["num_experts_per_tok"], **given)
     if yarn := _block(d, "yarn", {"factor", "original_max_position_embeddings", "beta", "alpha", "apply_scale"}):
         # beta and alpha are beta_fast and beta_slow (vLLM's Mistral config remapper). apply_scale
-        # (default true): cos and sin times YaRN's magnitude correction, which transformers'
-        # conversion writes as mscale 1, mscale_all_dim 0; false: times 1 (mscale_all_dim 1).
+        # (default true) is YaRN's magnitude correction: for grouped-query attention, cos and sin
+        # times it (transformers' conversion writes mscale 1, mscale_all_dim 0), false: times 1
+        # (mscale_all_dim 1); for latent attention, the softmax's scale times its square (vLLM's
+        # deepseek_yarn: mscale_all_dim 1, as Small 4's config.json), false: no correction at all.
         apply_scale = _flag("yarn apply_scale", yarn.get("apply_scale", True))
+        if "mla" in fields:
+            correction = dict(mscale=1.0, mscale_all_dim=1.0) if apply_scale else dict(attention_factor=1.0)
+        else:
+            correction = dict(mscale=1.0, mscale_all_dim=0.0 if apply_scale else 1.0)
         fields["yarn"] = YaRN(to_float("yarn factor", yarn["factor"]), yarn["original_max_position_embeddings"],
                               to_float("yarn beta", yarn.get("beta", 32)), to_float("yarn alpha", yarn.get("alpha", 1)),
-                              mscale=1.0, mscale_all_dim=0.0 if apply_scale else 1.0)
+                              **correction)
     if scaling := _block(d, "llama_4_scaling", {"beta", "original_max_position_embeddings"}):
         fields["llama_4_scaling"] = Llama4Scaling(to_float("llama_4_scaling beta", scaling["beta"]),
                                                   scaling["original_max_position_embeddings"])
@@ -338,11 +344,16 @@ def params_dict(config) -> dict[str, Any]:
                          if getattr(moe, field) != MoE.__dataclass_fields__[field].default})
     if (yarn := config.yarn) is not None:
         scale = yarn.cos_sin_scale
-        if scale not in (1.0, yarn_mscale(yarn.factor)) or not yarn.truncate:
-            raise ConfigError(f"params.json's yarn block cannot say this YaRN (cos and sin times {scale:g}"
-                              f"{', untruncated' if not yarn.truncate else ''}): write config.json")
+        if config.mla is not None:  # apply_scale: the softmax's mscale² (from_params_dict)
+            sayable, apply_scale = scale == 1.0 and yarn.mscale_all_dim in (None, 0.0, 1.0), bool(yarn.mscale_all_dim)
+        else:
+            sayable, apply_scale = scale in (1.0, yarn_mscale(yarn.factor)), scale != 1.0
+        if not sayable or not yarn.truncate:
+            raise ConfigError(f"params.json's yarn block cannot say this YaRN (cos and sin times {scale:g}, "
+                              f"mscale_all_dim {yarn.mscale_all_dim}{', untruncated' if not yarn.truncate else ''}): "
+                              "write config.json")
         d["yarn"] = {"factor": yarn.factor, "original_max_position_embeddings": yarn.original_max_position_embeddings,
-                     "beta": yarn.beta_fast, "alpha": yarn.beta_slow, "apply_scale": scale != 1.0}
+                     "beta": yarn.beta_fast, "alpha": yarn.beta_slow, "apply_scale": apply_scale}
     if (scaling := config.llama_4_scaling) is not None:
         d["llama_4_scaling"] = {"beta": scaling.beta,
                                 "original_max_position_embeddings": scaling.original_max_position_embeddings}

@@ -70,9 +70,9 @@ class Hyperparameters:
                                          "(default: train every weight)")
     lora_alpha: float | None = option(None, "LoRA: the adapters' scale is alpha / rank (default: the rank, a scale of 1)")
     lora_targets: str | None = option(None, "LoRA: the projections adapted, comma-separated: grouped-query "
-                                            "attention's wq,wk,wv,wo, latent attention's wq_a,wq_b,wkv_a_with_mqa,wkv_b,"
-                                            "wo, a dense feed-forward's w1,w2,w3 (default: every projection of the "
-                                            "attention)")
+                                            "attention's wq,wk,wv,wo, latent attention's "
+                                            "wq_a,wq_b,wkv_a_with_mqa,wkv_b,wo, a dense feed-forward's w1,w2,w3 "
+                                            "(default: every projection of the attention)")
 
     def __post_init__(self):
         require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
