@@ -157,7 +157,8 @@ class LatentAttention(nn.Module):
     query and head that reads S keys with S·(2r + dr) products against the expanded form's
     S·(n + dr + dv), which costs S·r·(n + dv) per head once per chunk to expand: a chunk of T
     queries expands when T·(2r - n - dv) > r·(n + dv) (Small 4: T > 153), as a long prefill
-    chunk does; decode (T = 1) never does.
+    chunk does; decode (T = 1) never does. (Left out: the absorbed form's own T·r·(n + dv) per
+    head, which only favours expanding.)
     """
 
     config: MistralConfig

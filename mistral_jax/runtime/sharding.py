@@ -3,8 +3,8 @@
 Mesh axes: `data` (pure data parallelism), `fsdp` (data parallelism with weights, gradients
 and optimizer state sharded), `expert` (a mixture's experts split across devices, which are
 data parallel elsewhere: model/moe.py), `tensor` (heads / mlp / vocab split across devices).
-The logical names are declared where the arrays are made (model/transformer.py for
-parameters, model/cache.py for the KV cache); this module only maps them.
+The logical names are declared where the arrays are made (model/layers.py and
+model/transformer.py for parameters, model/cache.py for the KV cache); this module only maps them.
 
 Rule for dimensions that do not divide: a tensor dimension is split over its mesh axes only
 when their size divides it; otherwise that dimension is replicated. So with GQA and
