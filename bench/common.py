@@ -100,6 +100,30 @@ def hf_train_step(model, batch, aux_loss_coef: float = 0.0):
     return step
 
 
+def our_train_step_seconds(config: MistralConfig, params, batch, reps: int) -> float:
+    """Median seconds of our full train step (trainer.make_train_step, AdamW, one device) on
+    batch [B, T+1] from params, as train.py runs it: hf_train_step's counterpart. The step
+    donates the params it is given: call it last on them."""
+    import jax
+    import jax.numpy as jnp
+
+    from mistral_jax.runtime.sharding import make_mesh
+    from mistral_jax.training import trainer
+
+    B, T = batch.shape[0], batch.shape[1] - 1
+    hp = trainer.Hyperparameters(steps=1000, batch_size=B, seq_len=T, warmup=10)
+    tx = trainer.make_optimizer(hp)
+    mesh = make_mesh("", jax.devices()[:1])
+    state = [trainer.init_state(config, tx, mesh, params=params)]
+    step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]))
+    batch = jnp.asarray(batch)
+
+    def our_step():
+        state[0], metrics = step(state[0], batch)
+        jax.block_until_ready(metrics["loss"])
+    return timed(our_step, reps=reps)
+
+
 def memory_bandwidth() -> float:
     """Streaming bytes/s of a fused triad a = b + s * c over 3 x 256 MiB, into a reused output.
 

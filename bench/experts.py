@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, hf_train_step, random_hf_model, timed
+from bench.common import CONFIGS, hf_train_step, our_train_step_seconds, random_hf_model, timed
 
 PROMPT, NEW = 32, 64
 
@@ -49,12 +49,9 @@ def run(bandwidth: float, peak_flops: float, names=("small-moe",), reps: int = 3
 
 def _ours(config, params, reps: int) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from mistral_jax.inference.sampling import generate
     from mistral_jax.model.transformer import Mistral
-    from mistral_jax.runtime.sharding import make_mesh
-    from mistral_jax.training import trainer
 
     times = {}
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 512)).astype(np.int32)
@@ -65,17 +62,8 @@ def _ours(config, params, reps: int) -> dict:
         prompt = [np.random.default_rng(2).integers(3, config.vocab_size, PROMPT).tolist()]
         times["decode"] = timed(lambda: generate(config, params, prompt, NEW, eos_id=None), reps=reps)
 
-    batch = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32))
-    hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10)
-    tx = trainer.make_optimizer(hp)
-    mesh = make_mesh("", jax.devices()[:1])
-    state = [trainer.init_state(config, tx, mesh, params=params)]
-    step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]))
-
-    def our_step():
-        state[0], metrics = step(state[0], batch)
-        jax.block_until_ready(metrics["loss"])
-    times["train step"] = timed(our_step, reps=reps)  # last: the step donates the params it was given
+    batch = np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32)
+    times["train step"] = our_train_step_seconds(config, params, batch, reps)  # last: it donates params
     return times
 
 

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, hf_train_step, random_hf_model, timed
+from bench.common import CONFIGS, hf_train_step, our_train_step_seconds, random_hf_model, timed
 
 BATCH, CONTEXTS, STEPS = 4, (32, 1024), 16
 CACHED = 4096  # the decode attention rows' context
@@ -65,13 +65,10 @@ def _prompts(config, context: int) -> np.ndarray:
 
 def _ours(config, params, reps: int) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from bench.decode import decode_step_seconds
     from mistral_jax.inference.sampling import generate
     from mistral_jax.model.transformer import Mistral
-    from mistral_jax.runtime.sharding import make_mesh
-    from mistral_jax.training import trainer
 
     times = {}
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (8, 512)).astype(np.int32)
@@ -85,18 +82,9 @@ def _ours(config, params, reps: int) -> dict:
         times[f"decode step b{BATCH} at context {context}"] = decode_step_seconds(
             config, params, _prompts(config, context), 8 + STEPS, reps)
 
-    batch = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32))
-    hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10)
-    tx = trainer.make_optimizer(hp)
-    mesh = make_mesh("", jax.devices()[:1])
-    state = [trainer.init_state(config, tx, mesh, params=params)]
-    step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]))
-
-    def our_step():
-        state[0], metrics = step(state[0], batch)
-        jax.block_until_ready(metrics["loss"])
-    times["train step 8x256"] = timed(our_step, reps=reps)  # last: the step donates the params it was given
     times.update(_decode_attention(config, reps))
+    batch = np.random.default_rng(1).integers(0, config.vocab_size, (8, 257)).astype(np.int32)
+    times["train step 8x256"] = our_train_step_seconds(config, params, batch, reps)  # last: it donates params
     return times
 
 

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, hf_train_step, random_hf_model, timed
+from bench.common import CONFIGS, hf_train_step, our_train_step_seconds, random_hf_model, timed
 
 
 def _hf_with_attention(hf, attention: str):
@@ -22,12 +22,10 @@ def _hf_with_attention(hf, attention: str):
 def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int = 3, side: str = "ours") -> list[dict]:
     """One side's rows: ours (tok/s, fraction of peak) or torch's (tok/s, note)."""
     import jax
-    import jax.numpy as jnp
     import torch
 
     from mistral_jax.model.transformer import Mistral
-    from mistral_jax.runtime.sharding import make_mesh
-    from mistral_jax.training import metrics, trainer
+    from mistral_jax.training import metrics
 
     torch.set_num_threads(os.cpu_count())
     rows = []
@@ -63,17 +61,7 @@ def run(bandwidth: float, peak_flops: float, names=("tiny", "small"), reps: int 
         flops = metrics.flops_per_token(config, 256) * n_tokens
         row = dict(workload=f"train step {name} 8x256", unit="tok/s")
         if side == "ours":
-            hp = trainer.Hyperparameters(steps=1000, batch_size=8, seq_len=256, warmup=10)
-            tx = trainer.make_optimizer(hp)
-            mesh = make_mesh("", jax.devices()[:1])
-            state = [trainer.init_state(config, tx, mesh, params=params)]
-            step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state[0]))
-            device_batch = jnp.asarray(batch)
-
-            def our_step():
-                state[0], metrics = step(state[0], device_batch)
-                jax.block_until_ready(metrics["loss"])
-            seconds = timed(our_step, reps=reps)
+            seconds = our_train_step_seconds(config, params, batch, reps)
             row.update(ours=n_tokens / seconds, limit=flops / seconds / peak_flops)
         else:
             hf_times = {}

@@ -197,9 +197,8 @@ class LatentAttention(nn.Module):
 
         if cache is None:
             kv = project(self, "wkv_b", "NR,RHd->NHd", latent.reshape(B * T, r), wkv_b).reshape(B, T, H, n + dv)
-            k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(rope_key, (B, T, H, dr))], axis=-1)
-            out = causal_attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, kv[..., n:], self.window,
-                                   c.attention, c.attention_block)
+            out = causal_attention(jnp.concatenate([q_nope, q_rope], axis=-1), *_keys_values(kv, rope_key, n),
+                                   self.window, c.attention, c.attention_block)
         else:
             latent_cache, rope_cache = cache
             cache = rolling_update(latent_cache, slots, latent), rolling_update(rope_cache, slots, rope_key)
@@ -211,15 +210,22 @@ class LatentAttention(nn.Module):
             w = adapted(self, "wkv_b", wkv_b)
             if T * (2 * r - n - dv) > r * (n + dv):  # a long prefill chunk: expanding its S keys costs less
                 latents, rope_keys = keys
-                S = latents.shape[1]
                 kv = jnp.einsum("BSr,rHd->BSHd", latents[:, :, 0], w)
-                k = jnp.concatenate([kv[..., :n], jnp.broadcast_to(rope_keys, (B, S, H, dr))], axis=-1)
-                out = masked_attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, kv[..., n:], mask)
+                q = jnp.concatenate([q_nope, q_rope], axis=-1)
+                out = masked_attention(q, *_keys_values(kv, rope_keys, n), mask)
             else:
                 q_latent = jnp.einsum("BTHn,rHn->BTHr", q_nope, w[..., :n])  # the keys' up-projection, absorbed
                 out_latent = latent_attention(q_latent, q_rope, *keys, mask, (n + dr) ** -0.5)
                 out = jnp.einsum("BTHr,rHv->BTHv", out_latent, w[..., n:])  # the values' up-projection
         return project(self, "wo", "NHv,HvD->ND", out.reshape(B * T, H, dv), wo).reshape(B, T, D), cache
+
+
+def _keys_values(kv: jnp.ndarray, rope_key: jnp.ndarray, n: int) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Latent attention's expanded keys and values from the latents through wkv_b, kv [B, S, H, n
+    + dv], and the shared rope key [B, S, 1, dr]: keys [B, S, H, n + dr] (each head's no-rope part
+    beside the rope key), values [B, S, H, dv]."""
+    rope_keys = jnp.broadcast_to(rope_key, kv.shape[:-1] + rope_key.shape[-1:])
+    return jnp.concatenate([kv[..., :n], rope_keys], axis=-1), kv[..., n:]
 
 
 class Experts(nn.Module):
