@@ -1,0 +1,313 @@
+"""Continuous batching: requests come and go through a fixed number of slots of one batched
+rolling cache (JetStream's prefill / insert / generate split).
+
+Two compiled programs, whatever the mix of requests:
+- `admit` prefills a batch of new prompts (chunked, as generate does) into a fresh cache of
+  their own and writes its rows into free slots of the batched one, sampling each first token;
+- `advance` runs `steps_per_call` decode steps over every slot at once; a free or finished
+  slot feeds position -1 (padding: nothing written, nothing attended).
+Shapes never depend on which slots are busy, so nothing recompiles as requests come and go
+(admit compiles once per bucket of batch and prompt length).
+
+A request's tokens do not depend on its neighbours: each slot samples with its own settings
+and its own key, fold_in(key(seed), i) for its i-th token, as generate() does for one prompt,
+so greedy and seeded runs give what generate() gives for the request alone.
+
+The Engine is driven by one thread (`run`, or `step` in a loop); `submit` and `cancel` may be
+called from any thread. Tokens go back through each request's `emit` callback, on the
+engine's thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import threading
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mistral_jax.inference.sampling import (PREFILL_CHUNK, Sampler, _bucket, chunk_size, decoding_layout,
+                                            prefill)
+from mistral_jax.model.cache import KVCache
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import Mistral
+
+FREE = -1  # SlotState.position of a slot with no request
+
+
+@flax.struct.dataclass
+class SlotState:
+    """What the device holds per slot, S slots."""
+
+    cache: KVCache  # S rows
+    last: jax.Array  # [S] int32: the token to feed next
+    position: jax.Array  # [S] int32: its position
+    count: jax.Array  # [S] int32: tokens the slot's request has generated (its next key index)
+    budget: jax.Array  # [S] int32: the most tokens it may generate
+    live: jax.Array  # [S] bool: decoding (busy, not finished)
+    keys: jax.Array  # [S] PRNG keys, key(seed) of each request
+    temperature: jax.Array  # [S] float32, 0 greedy
+    top_k: jax.Array  # [S] int32, 0 off
+    top_p: jax.Array  # [S] float32, 0 off
+
+
+@dataclasses.dataclass
+class Request:
+    """A prompt and how to continue it. `emit(tokens, finish)` receives the new tokens (eos
+    excluded) after each engine step, with finish None while it runs, then "stop" (eos) or
+    "length" (max_tokens reached); it returns False to end the request there (a stop string
+    was seen, the client left). Greedy at temperature 0; seed None for a random one."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[list[int], str | None], bool]
+    sampler: Sampler = Sampler()
+    seed: int = 0
+    cancelled: bool = False
+    generated: int = 0
+
+
+def choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
+           top_p: jax.Array) -> jax.Array:
+    """sampling.sample_logits with settings per row: logits [B, V] -> tokens [B]. A row's token
+    is the one sample_logits gives that row alone with Sampler(temperature, top_k or None,
+    top_p or None) and its key: the same operations on the same values."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled():
+        x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        use_k, use_p = (top_k > 0)[:, None], (top_p > 0)[:, None]
+
+        def filtered(x):  # filter_logits, each cut where its row asks for it
+            ordered = -jnp.sort(-x, axis=-1)
+            kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, x.shape[-1] - 1)[:, None], axis=-1)
+            x = jnp.where(use_k & (x < kth), -jnp.inf, x)
+            ordered = jnp.where(use_k & (ordered < kth), -jnp.inf, ordered)  # == x sorted again
+            probs = jax.nn.softmax(ordered, axis=-1)
+            keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
+            threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+            return jnp.where(use_p & (x < threshold), -jnp.inf, x)
+
+        x = jax.lax.cond(jnp.any(use_k | use_p), filtered, lambda x: x, x)
+        # One row at a time as generate draws it for a batch of one: the same noise.
+        draw = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys, x)
+        return jnp.where(temperature > 0, draw.astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+
+
+def _write_rows(big: jax.Array, rows: jax.Array, small: jax.Array, batch_axis: int) -> jax.Array:
+    """big with small's rows written at rows along batch_axis (rows out of range dropped)."""
+    index = (slice(None),) * batch_axis + (rows,)
+    return big.at[index].set(small.astype(big.dtype), mode="drop")
+
+
+def _insert(slots: KVCache, rows: jax.Array, new: KVCache) -> KVCache:
+    """The cache of `new` (b rows) written into rows of `slots`: k and v are [..., B, C, K, d],
+    positions [B, C]."""
+    def kv(big, small):
+        return _write_rows(big, rows, small, big.ndim - 4)
+
+    return KVCache(k=jax.tree_util.tree_map(kv, slots.k, new.k), v=jax.tree_util.tree_map(kv, slots.v, new.v),
+                   positions=tuple(_write_rows(big, rows, small, 0)
+                                   for big, small in zip(slots.positions, new.positions)))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "slots", "max_len", "mesh"))
+def empty_slots(config: MistralConfig, *, slots: int, max_len: int, mesh: Mesh | None = None) -> SlotState:
+    cache = KVCache.init(config, slots, max_len)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
+    zeros = jnp.zeros((slots,), jnp.int32)
+    return SlotState(cache=cache, last=zeros, position=zeros + FREE, count=zeros, budget=zeros,
+                     live=jnp.zeros((slots,), bool), keys=jax.random.split(jax.random.key(0), slots),
+                     temperature=jnp.zeros((slots,), jnp.float32), top_k=zeros,
+                     top_p=jnp.zeros((slots,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_len", "chunk", "eos_id", "mesh"),
+                   donate_argnames=("state",))
+def admit(params, config: MistralConfig, state: SlotState, prompts: jax.Array, lengths: jax.Array,
+          rows: jax.Array, seeds: jax.Array, budget: jax.Array, temperature: jax.Array, top_k: jax.Array,
+          top_p: jax.Array, *, max_len: int, chunk: int, eos_id: int,
+          mesh: Mesh | None = None) -> tuple[SlotState, jax.Array]:
+    """Prefills prompts [b, P] (right-padded to a multiple of chunk; rows of length 0 are
+    padding) into slots `rows` [b] (S for a padding row) and samples each first token [b]."""
+    cache = KVCache.init(config, prompts.shape[0], max_len)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
+    logits, cache = prefill(params, config, prompts, lengths, cache, chunk)
+    keys = jax.random.wrap_key_data(seeds)
+    first = choose(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), temperature, top_k, top_p)
+
+    def put(array, values):
+        return array.at[rows].set(values.astype(array.dtype), mode="drop")
+
+    live = (first != eos_id) & (budget > 1)
+    state = SlotState(cache=_insert(state.cache, rows, cache), last=put(state.last, first),
+                      position=put(state.position, lengths), count=put(state.count, jnp.ones_like(lengths)),
+                      budget=put(state.budget, budget), live=put(state.live, live),
+                      keys=state.keys.at[rows].set(keys, mode="drop"), temperature=put(state.temperature, temperature),
+                      top_k=put(state.top_k, top_k), top_p=put(state.top_p, top_p))
+    return state, first
+
+
+@functools.partial(jax.jit, static_argnames=("config", "steps", "eos_id"), donate_argnames=("state",))
+def advance(params, config: MistralConfig, state: SlotState, keep: jax.Array, *, steps: int,
+            eos_id: int) -> tuple[SlotState, jax.Array]:
+    """Up to `steps` decode steps of every live slot that `keep` [S] still holds. Returns the
+    state and the tokens [S, steps], -1 where a slot generated none."""
+    model = Mistral(config)
+    S = state.last.shape[0]
+    state = state.replace(live=state.live & keep)
+
+    def cond(carry):
+        i, s, _ = carry
+        return (i < steps) & jnp.any(s.live)
+
+    def body(carry):
+        i, s, out = carry
+        logits, cache = model.apply({"params": params}, s.last[:, None], jnp.where(s.live, s.position, FREE)[:, None],
+                                    s.cache)
+        keys = jax.vmap(jax.random.fold_in)(s.keys, s.count)
+        token = choose(logits[:, 0], keys, s.temperature, s.top_k, s.top_p)
+        count = s.count + s.live
+        finished = s.live & ((token == eos_id) | (count >= s.budget))
+        s = s.replace(cache=cache, last=jnp.where(s.live, token, s.last), position=s.position + s.live,
+                      count=count, live=s.live & ~finished)
+        return i + 1, s, out.at[:, i].set(jnp.where(carry[1].live, token, -1))
+
+    _, state, out = jax.lax.while_loop(cond, body, (0, state, jnp.full((S, steps), -1, jnp.int32)))
+    return state, out
+
+
+class Engine:
+    """Continuous batching over `slots` rows of one rolling cache of `max_len` tokens each (a
+    request needs len(prompt) + max_tokens <= max_len). Requests are admitted between decode
+    calls of `steps_per_call` steps, as many at once as there are free slots."""
+
+    def __init__(self, config: MistralConfig, params, *, slots: int = 8, max_len: int | None = None,
+                 steps_per_call: int = 4, eos_id: int | None = 2, prefill_chunk: int = PREFILL_CHUNK,
+                 mesh: Mesh | None = None):
+        max_len = config.max_seq_len if max_len is None else max_len
+        if not 2 <= max_len <= config.max_seq_len:
+            raise ValueError(f"max_len must be in [2, the model's max_seq_len {config.max_seq_len}], got {max_len}")
+        if slots < 1 or steps_per_call < 1:
+            raise ValueError(f"slots and steps_per_call must be positive, got {slots} and {steps_per_call}")
+        self.config, self.params = decoding_layout(config, params, mesh)
+        self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
+        self.eos_id, self.prefill_chunk, self.mesh = -1 if eos_id is None else eos_id, prefill_chunk, mesh
+        self._state = empty_slots(self.config, slots=slots, max_len=max_len, mesh=mesh)
+        self._busy: list[Request | None] = [None] * slots
+        self._pending: collections.deque[Request] = collections.deque()
+        self._wake = threading.Condition()
+
+    def check(self, request: Request) -> None:
+        """A ValueError saying why the engine cannot run request (generate's checks, and this
+        engine's max_len)."""
+        prompt = request.prompt
+        if not prompt or not all(isinstance(t, (int, np.integer)) for t in prompt):
+            raise ValueError("a prompt is a non-empty list of token ids")
+        if min(prompt) < 0 or max(prompt) >= self.config.vocab_size:
+            raise ValueError(f"the prompt has token ids outside [0, {self.config.vocab_size})")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        if len(prompt) + request.max_tokens > self.max_len:
+            raise ValueError(f"the prompt's {len(prompt)} tokens and max_tokens {request.max_tokens} are more than "
+                             f"the {self.max_len} tokens a slot holds")
+        if request.sampler.top_k is not None and request.sampler.top_k > self.config.vocab_size:
+            raise ValueError(f"top_k must be in [1, {self.config.vocab_size}], got {request.sampler.top_k}")
+
+    def submit(self, request: Request) -> None:
+        """Queues request (checked first); any thread."""
+        self.check(request)
+        with self._wake:
+            self._pending.append(request)
+            self._wake.notify()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self._busy)
+
+    def wake(self) -> None:
+        """Ends a `run` loop's wait for work (after setting its stop condition)."""
+        with self._wake:
+            self._wake.notify_all()
+
+    def run(self, stop: Callable[[], bool]) -> None:
+        """Steps until stop() is true, waiting while there is nothing to do."""
+        while not stop():
+            with self._wake:
+                if not self._pending and not self.active:
+                    self._wake.wait()
+                    continue
+            self.step()
+
+    def step(self) -> bool:
+        """Admits what fits, then one decode call. Returns whether requests remain."""
+        self._drop_cancelled()
+        free = [slot for slot, r in enumerate(self._busy) if r is None]
+        if free and self._pending:
+            with self._wake:
+                new = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
+            self._admit(new, free[:len(new)])
+        if self.active:
+            keep = np.array([r is not None for r in self._busy])
+            self._state, out = advance(self.params, self.config, self._state, keep, steps=self.steps_per_call,
+                                       eos_id=self.eos_id)
+            out = np.asarray(out)
+            for slot, request in enumerate(self._busy):
+                if request is not None:
+                    self._emit(slot, [int(t) for t in out[slot] if t >= 0])
+        return bool(self.active or self._pending)
+
+    def _drop_cancelled(self) -> None:
+        for slot, request in enumerate(self._busy):
+            if request is not None and request.cancelled:
+                self._busy[slot] = None
+        with self._wake:
+            self._pending = collections.deque(r for r in self._pending if not r.cancelled)
+
+    def _admit(self, requests: list[Request], slots: list[int]) -> None:
+        longest = max(len(r.prompt) for r in requests)
+        chunk = chunk_size(self.config, longest, self.prefill_chunk)
+        b = min(_bucket(len(requests)), self.slots)
+        prompts = np.zeros((b, chunk * _bucket(-(-longest // chunk))), np.int32)
+        lengths, rows = np.zeros(b, np.int32), np.full(b, self.slots, np.int32)
+        seeds = np.zeros((b, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
+        budget, top_k = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        temperature, top_p = np.zeros(b, np.float32), np.zeros(b, np.float32)
+        for i, (request, slot) in enumerate(zip(requests, slots)):
+            prompts[i, :len(request.prompt)] = request.prompt
+            lengths[i], rows[i], budget[i] = len(request.prompt), slot, request.max_tokens
+            seeds[i] = jax.random.key_data(jax.random.key(request.seed))
+            temperature[i] = request.sampler.temperature
+            top_k[i], top_p[i] = request.sampler.top_k or 0, request.sampler.top_p or 0.0
+            self._busy[slot] = request
+        self._state, first = admit(self.params, self.config, self._state, prompts, lengths, rows, seeds, budget,
+                                   temperature, top_k, top_p, max_len=self.max_len, chunk=chunk, eos_id=self.eos_id, mesh=self.mesh)
+        first = np.asarray(first)
+        for i, slot in enumerate(slots[:len(requests)]):
+            self._emit(slot, [int(first[i])])
+
+    def _emit(self, slot: int, tokens: list[int]) -> None:
+        """Hands a slot's new tokens to its request, freeing the slot when it is done."""
+        request = self._busy[slot]
+        finish = None
+        if self.eos_id in tokens:
+            tokens, finish = tokens[:tokens.index(self.eos_id)], "stop"
+        request.generated += len(tokens)
+        if finish is None and request.generated >= request.max_tokens:
+            finish = "length"
+        if not request.emit(tokens, finish) or finish is not None or request.cancelled:
+            self._busy[slot] = None
