@@ -295,7 +295,8 @@ class Engine:
             top_k[i], top_p[i] = request.sampler.top_k or 0, request.sampler.top_p or 0.0
             self._busy[slot] = request
         self._state, first = admit(self.params, self.config, self._state, prompts, lengths, rows, seeds, budget,
-                                   temperature, top_k, top_p, max_len=self.max_len, chunk=chunk, eos_id=self.eos_id, mesh=self.mesh)
+                                   temperature, top_k, top_p, max_len=self.max_len, chunk=chunk, eos_id=self.eos_id,
+                                   mesh=self.mesh)
         first = np.asarray(first)
         for i, slot in enumerate(slots[:len(requests)]):
             self._emit(slot, [int(first[i])])

@@ -1,0 +1,281 @@
+"""serve.py's OpenAI-compatible server, driven by OpenAI's own Python client and httpx: answers
+equal to HF's greedy choice and to generate() of each request alone, streams, stop strings,
+concurrent and late requests, disconnects, every bad request's status and JSON error, SIGTERM."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from starlette.testclient import TestClient
+
+import serve
+from conftest import REPO, assert_one_line_error, run_script
+from mistral_jax import load_checkpoint
+from mistral_jax.inference.engine import Engine
+from mistral_jax.inference.sampling import generate
+from mistral_jax.serving.server import ServeOptions, Service, create_app, listen
+from test_engine import hf_greedy_recompute
+from test_sample_cli import V7, chat_ids, convert_with_tokenizer
+
+MAX_LEN = 512  # the model's window is 8: a long slot costs nothing
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A random model with the v7 instruct tokenizer, converted, served in this process on a
+    free port with 4 slots: (base url, HF reference, checkpoint dir, the Service)."""
+    ref, checkpoint = convert_with_tokenizer(tmp_path_factory.mktemp("serve"), V7, "tokenizer.model.v7", 32768, 7)
+    options = ServeOptions(checkpoint=str(checkpoint), port=0, slots=4, max_len=MAX_LEN, steps_per_call=2,
+                           max_queue=32, model_name="tiny")
+    sock = listen(options)
+    service = Service(options)
+    server = uvicorn.Server(uvicorn.Config(create_app(options, service), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    wait_until_ready(url)
+    yield url, ref, str(checkpoint), service
+    server.should_exit = True
+    thread.join(60)
+
+
+def wait_until_ready(url, process=None):
+    while True:  # compiling takes what it takes; a dead server process ends the wait
+        assert process is None or process.poll() is None, process.communicate()
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def client(url):
+    return openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+
+
+def decoded(ids):
+    return MistralTokenizer.from_file(V7).decode(ids)
+
+
+def test_models_and_health(served):
+    url, _, _, _ = served
+    assert [m.id for m in client(url).models.list().data] == ["tiny"]
+    health = httpx.get(url + "/health").json()
+    assert health["status"] == "ready" and health["slots"] == 4
+
+
+def test_completions_equal_hf_greedy_streamed_or_not(served):
+    url, ref, _, _ = served
+    prompt = "The capital of France is"
+    ids = MistralTokenizer.from_file(V7).instruct_tokenizer.tokenizer.encode(prompt, bos=True, eos=False)
+    want = decoded(hf_greedy_recompute(ref.model, ids, 24, eos=2))
+    c = client(url)
+    whole = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0)
+    assert whole.choices[0].text == want
+    assert whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (len(ids), 24)
+    pieces = list(c.completions.create(model="tiny", prompt=ids, max_tokens=24, temperature=0, stream=True))
+    assert "".join(p.choices[0].text for p in pieces) == want
+    assert len(pieces) > 2 and pieces[-1].choices[0].finish_reason == "length"
+    # A stop string: the text before it, finish "stop", no stop string in it.
+    stop = want[len(want) // 2:len(want) // 2 + 3]
+    cut = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=["\u00a7", stop])
+    assert cut.choices[0].text == want[:want.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = c.completions.create(model="tiny", prompt=prompt, max_tokens=24, temperature=0, stop=stop, stream=True)
+    assert "".join(p.choices[0].text for p in streamed) == want[:want.index(stop)]
+
+
+def test_chat_completions_equal_hf_greedy_in_the_chat_format(served):
+    url, ref, _, _ = served
+    messages = [("system", "Answer in one word."), ("user", "Name a prime.")]
+    ids = chat_ids(V7, messages)
+    want = decoded(hf_greedy_recompute(ref.model, ids, 20, eos=2))
+    c = client(url)
+    reply = c.chat.completions.create(model="tiny", messages=[{"role": r, "content": t} for r, t in messages],
+                                      max_tokens=20, temperature=0)
+    assert reply.choices[0].message.content == want and reply.choices[0].message.role == "assistant"
+    assert reply.usage.prompt_tokens == len(ids)
+    chunks = list(c.chat.completions.create(model="tiny", messages=[{"role": r, "content": t} for r, t in messages],
+                                            max_tokens=20, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens and not chunks[-1].choices
+
+
+def test_sixteen_concurrent_requests_each_get_their_solo_result(served):
+    """16 requests at once (4 slots: most wait, join and leave mid-run), mixed prompt and answer
+    lengths, greedy and sampled with their own seeds: each equals generate() of it alone."""
+    url, _, checkpoint, _ = served
+    config, params = load_checkpoint(checkpoint)
+    rng = np.random.default_rng(3)
+    settings = [dict(temperature=0), dict(temperature=0.8), dict(temperature=1.0, top_p=0.9),
+                dict(temperature=0.7, extra_body={"top_k": 30})]
+    requests = [dict(prompt=rng.integers(3, 32768, int(rng.integers(1, 40))).tolist(),
+                     max_tokens=int(rng.integers(1, 30)), seed=int(i), **settings[i % 4]) for i in range(16)]
+
+    async def ask_all():
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as c:
+            return await asyncio.gather(*(c.completions.create(model="tiny", **r) for r in requests))
+
+    answers = asyncio.run(ask_all())
+    for r, answer in zip(requests, answers):
+        alone = generate(config, params, [r["prompt"]], r["max_tokens"], temperature=r["temperature"],
+                         top_p=r.get("top_p"), top_k=r.get("extra_body", {}).get("top_k"), seed=r["seed"], eos_id=2)
+        assert answer.choices[0].text == decoded(alone[0]), r
+
+
+def test_a_request_arriving_mid_decode_starts_before_the_running_one_ends(served):
+    """A long stream is running; a short request sent after its first piece finishes while the
+    long one is still streaming (the order of events as the client sees them)."""
+    url, _, _, _ = served
+    events = []
+
+    async def stream(c, name, max_tokens, started=None):
+        async with c.stream("POST", "/v1/completions", json={
+                "model": "tiny", "prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0,
+                "stream": True}) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    events.append((name, line[6:]))
+                    if started is not None and not started.is_set():
+                        started.set()
+
+    async def main():
+        async with httpx.AsyncClient(base_url=url, timeout=None) as c:
+            started = asyncio.Event()
+            long = asyncio.create_task(stream(c, "long", MAX_LEN - 8, started))
+            await started.wait()
+            await stream(c, "short", 3)
+            await long
+
+    asyncio.run(main())
+    order = [name for name, data in events if data == "[DONE]"]
+    assert order == ["short", "long"]
+    first_short = next(i for i, (name, _) in enumerate(events) if name == "short")
+    assert any(name == "long" for name, _ in events[first_short:])  # the long one streamed on meanwhile
+
+
+def test_a_client_that_leaves_frees_its_slot(served):
+    url, _, _, service = served
+    before = service.cancelled
+    with httpx.stream("POST", url + "/v1/completions", json={
+            "model": "tiny", "prompt": "Tell me everything.", "max_tokens": MAX_LEN - 16, "temperature": 0,
+            "stream": True}) as response:
+        next(response.iter_lines())
+    while service.cancelled == before:  # the server sees the disconnect and cancels; a hang fails by timeout
+        time.sleep(0.05)
+    while httpx.get(url + "/health").json()["active"]:
+        time.sleep(0.05)
+    answer = client(url).completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0)
+    assert answer.choices[0].finish_reason == "length"
+
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": [1, 40000]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "seed": -1}, 400, "seed"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": MAX_LEN}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny", "prompt": list(range(3, 3 + MAX_LEN))}, 413, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": 5}, 400,
+     "tools"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", BAD, ids=[f"{s}-{p}" for _, _, s, p in BAD])
+def test_bad_requests_get_their_status_and_json_error(served, path, body, status, param):
+    url, _, _, _ = served
+    sent = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(url + path, content=sent, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_the_server_keeps_serving_after_bad_requests_and_unknown_paths(served):
+    url, _, _, _ = served
+    assert httpx.get(url + "/v1/nothing").status_code == 404
+    assert httpx.get(url + "/v1/completions").status_code == 405
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client(url).completions.create(model="other", prompt="hi", max_tokens=2)
+    assert client(url).completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
+
+
+def test_a_full_queue_is_429(served, monkeypatch):
+    url, _, _, _ = served
+    monkeypatch.setattr(Engine, "pending", property(lambda self: 32))  # the queue as full as --max-queue 32
+    with pytest.raises(openai.RateLimitError):
+        client(url).completions.create(model="tiny", prompt="hi", max_tokens=2)
+
+
+def test_while_loading_requests_get_503(tmp_path):
+    """No lifespan run: the model never starts loading."""
+    http = TestClient(create_app(ServeOptions(checkpoint=str(tmp_path), model_name="m")))
+    assert http.get("/health").status_code == 503
+    response = http.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert response.status_code == 503 and response.json()["error"]["type"] == "service_unavailable"
+
+
+def test_sigterm_with_a_stream_in_flight_finishes_it_and_exits(served):
+    """serve.py as a process: --port 0 prints the address; SIGTERM while a stream runs lets it
+    end with [DONE], then the process exits 0."""
+    _, _, checkpoint, _ = served
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--checkpoint", checkpoint,
+                                "--port", "0", "--slots", "2", "--max-len", "256"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    try:
+        line = process.stdout.readline()
+        assert line.startswith(f"serving {os.path.basename(checkpoint)} at http://127.0.0.1:"), line
+        url = line.split(" at ")[1].strip()
+        wait_until_ready(url, process)
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", timeout=None, json={
+                "model": os.path.basename(checkpoint), "prompt": "hi", "max_tokens": 200, "stream": True}) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 3:
+                    process.send_signal(signal.SIGTERM)
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+        assert process.wait(120) == 0, process.stderr.read()
+    finally:
+        process.kill()
+
+
+def test_a_checkpoint_that_cannot_serve_is_one_line_error(tmp_path, capsys):
+    status, _, err = run_script(capsys, serve, "--checkpoint", tmp_path / "missing")
+    assert_one_line_error(status, err, "missing not found")
+    status, _, err = run_script(capsys, serve, "--checkpoint", tmp_path, "--slots", "0")
+    assert_one_line_error(status, err, "--slots must be a positive integer")
+    # A directory with no model in it: said once loading fails, after listening.
+    process = subprocess.run([sys.executable, os.path.join(REPO, "serve.py"), "--checkpoint", str(tmp_path),
+                              "--tokenizer", V7, "--port", "0"], capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert_one_line_error(process.returncode, process.stderr, "not found|config")
+
