@@ -72,21 +72,56 @@ class SamplingState:
     key: jax.Array
 
 
-def filter_logits(logits: jax.Array, temperature: float, top_k: int | None = None,
-                  top_p: float | None = None) -> jax.Array:
-    """logits [B, V] / temperature, with -inf outside the top_k, then outside the smallest set
-    of tokens whose probability reaches top_p (the most likely token always stays)."""
-    logits = logits.astype(jnp.float32) / temperature
+def filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> jax.Array:
+    """logits [B, V] / temperature, with -inf outside the top_k most likely tokens, then outside
+    the smallest set of tokens whose probability reaches top_p (the most likely token always
+    stays). temperature, top_k and top_p are each one number for every row or an array [B] of
+    one per row (top_k 0, top_p 0: that row uncut); None: no cut.
+
+    Both cuts are thresholds found by bisection over the floats' order, exact as a sort would
+    find them: XLA:CPU took 105 ms to sort 16 x 32000 logits, 32 counting passes take 5."""
+    logits = logits.astype(jnp.float32) / _per_row(temperature, logits)
     if top_k is not None:
-        kth_largest = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
+        k = _per_row(top_k, logits)
+        # The k-th largest: the largest t with at least k logits >= t.
+        kth = _bisect(_order(logits), lambda t: jnp.sum(_order(logits) >= t, axis=-1, keepdims=True) >= k)
+        logits = jnp.where((k > 0) & (_order(logits) < kth), -jnp.inf, logits)
     if top_p is not None:
-        sorted_logits = -jnp.sort(-logits, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        keep = jnp.cumsum(probs, axis=-1) - probs < top_p
-        threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+        p = _per_row(top_p, logits)
+        probs = jax.nn.softmax(logits, axis=-1)
+        # A token stays if the tokens above it hold less than p: keys >= the least t where
+        # the probability above t is under p (the largest t where it is not, plus one).
+        last_short = _bisect(_order(logits), lambda t: jnp.sum(jnp.where(_order(logits) > t, probs, 0.0), axis=-1,
+                                                                 keepdims=True) >= p)
+        logits = jnp.where((p > 0) & (_order(logits) <= last_short), -jnp.inf, logits)
     return logits
+
+
+def _per_row(value, logits: jax.Array) -> jax.Array:
+    """value as a column [B, 1] (or [1, 1]) against logits [B, V]."""
+    value = jnp.asarray(value)
+    return value.reshape(-1, 1) if value.ndim else value.reshape(1, 1)
+
+
+def _order(x: jax.Array) -> jax.Array:
+    """int32 keys in the order of the floats x (so a bisection over them is exact)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _bisect(keys: jax.Array, holds) -> jax.Array:
+    """Per row [B, 1], the largest int32 t for which holds(t) (true at the least int32 and
+    false from some t on), in 32 halvings."""
+    lo = jnp.full((keys.shape[0], 1), jnp.iinfo(jnp.int32).min, jnp.int32)
+    hi = jnp.full((keys.shape[0], 1), jnp.iinfo(jnp.int32).max, jnp.int32)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)  # floor((lo + hi) / 2) without overflow
+        ok = holds(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    return jax.lax.fori_loop(0, 32, halve, (lo, hi))[0]
 
 
 def sample_logits(logits: jax.Array, key: jax.Array, sampler: Sampler) -> jax.Array:
