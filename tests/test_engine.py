@@ -65,6 +65,8 @@ def test_requests_through_few_slots_get_their_solo_results(model):
     eos = int(np.bincount(np.ravel(generate(config, params, prompts, 12, eos_id=None))).argmax())
     runs = [Collected(p, int(rng.integers(1, 24)), samplers[i % 5], seed=100 + i) for i, p in enumerate(prompts)]
     engine = Engine(config, params, slots=4, max_len=64, steps_per_call=3, eos_id=eos)
+    engine.compile()
+    programs = engine_module.advance._cache_size()
     for run in runs:
         engine.submit(run.request)
     busy = []
@@ -83,7 +85,7 @@ def test_requests_through_few_slots_get_their_solo_results(model):
         if s.temperature == 0:
             assert run.tokens == hf_greedy_recompute(ref.model, r.prompt, r.max_tokens, eos)
     assert stopped >= 2  # eos did end some requests early
-    assert engine_module.advance._cache_size() == 1  # one decode program for every mix of busy slots
+    assert engine_module.advance._cache_size() == programs  # nothing compiled as requests came and went
 
 
 def test_cancel_and_stop_free_the_slot_for_the_next_request(model):

@@ -24,6 +24,8 @@ from conftest import REPO, assert_one_line_error, run_script
 from mistral_jax import load_checkpoint
 from mistral_jax.inference.engine import Engine
 from mistral_jax.inference.sampling import generate
+from mistral_jax.text.tokenizer import Tokenizer
+from mistral_jax.serving import api
 from mistral_jax.serving.server import ServeOptions, Service, create_app, listen
 from test_engine import hf_greedy_recompute
 from test_sample_cli import V7, chat_ids, convert_with_tokenizer
@@ -279,3 +281,40 @@ def test_a_checkpoint_that_cannot_serve_is_one_line_error(tmp_path, capsys):
                              env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert_one_line_error(process.returncode, process.stderr, "not found|config")
 
+
+
+def test_reply_text_holds_back_what_may_start_a_stop_string():
+    """Pushed a token at a time, the pieces join to the text before the first stop string, even
+    where the stop string spans tokens; without a match, to the whole text."""
+    tokenizer = Tokenizer(V7)
+    text = "The quick brown fox jumps over the lazy dog, then sleeps."
+    ids = tokenizer.encode(text, bos=False)
+    for stop, want in [(("lazy d", "zzz"), text[:text.index("lazy d")]), (("jumps!",), text),
+                       (("s over t",), text[:text.index("s over t")])]:
+        reply = api.ReplyText(tokenizer, stop, chat=False)
+        pieces = [piece for token in ids for _, piece in reply.push([token])] + [p for _, p in reply.flush()]
+        assert "".join(pieces) == want
+        assert reply.stopped == (want != text)
+
+
+def test_tool_calls_come_back_in_openai_form():
+    """The tool call of an assistant turn as mistral-common encodes it (v7: [TOOL_CALLS] then a
+    JSON list) is read back into OpenAI's tool_calls, finish reason tool_calls."""
+    tokenizer = Tokenizer(V7)
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                               "parameters": parameters}}]
+    call = {"id": "abcdefghi", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    ids = tokenizer.encode_chat([{"role": "user", "content": "Weather in Paris?"},
+                                 {"role": "assistant", "content": None, "tool_calls": [call]},
+                                 {"role": "tool", "tool_call_id": "abcdefghi", "content": "22 C"}], tools=tools)
+    start = ids.index(tokenizer.control_id("[TOOL_CALLS]"))
+    turn = ids[start:ids.index(tokenizer.eos_id, start)]  # what the model writes for that turn
+    reply = api.ReplyText(tokenizer, (), chat=True)
+    assert reply.push(turn) + reply.flush() == []  # no content: a call only
+    assert reply.tool_calls() == [call]
+    job = api.Job(prompt=[1], max_tokens=5, sampler=None, seed=0, stop=(), stream=False, include_usage=False,
+                  chat=True)
+    message = api.response(job, "x", "m", "", "", reply.tool_calls(), "tool_calls", 3)["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": None, "tool_calls": [call]}

@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mistral_jax.inference.sampling import (PREFILL_CHUNK, Sampler, _bucket, chunk_size, decoding_layout,
-                                            prefill)
+                                            filter_logits, prefill)
 from mistral_jax.model.cache import KVCache
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
@@ -77,24 +77,13 @@ def choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
            top_p: jax.Array) -> jax.Array:
     """sampling.sample_logits with settings per row: logits [B, V] -> tokens [B]. A row's token
     is the one sample_logits gives that row alone with Sampler(temperature, top_k or None,
-    top_p or None) and its key: the same operations on the same values."""
+    top_p or None) and its key: the same filter_logits on the same values, a draw per row."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled():
-        x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        use_k, use_p = (top_k > 0)[:, None], (top_p > 0)[:, None]
-
-        def filtered(x):  # filter_logits, each cut where its row asks for it
-            ordered = -jnp.sort(-x, axis=-1)
-            kth = jnp.take_along_axis(ordered, jnp.clip(top_k - 1, 0, x.shape[-1] - 1)[:, None], axis=-1)
-            x = jnp.where(use_k & (x < kth), -jnp.inf, x)
-            ordered = jnp.where(use_k & (ordered < kth), -jnp.inf, ordered)  # == x sorted again
-            probs = jax.nn.softmax(ordered, axis=-1)
-            keep = jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]
-            threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-            return jnp.where(use_p & (x < threshold), -jnp.inf, x)
-
-        x = jax.lax.cond(jnp.any(use_k | use_p), filtered, lambda x: x, x)
+        scale = jnp.where(temperature > 0, temperature, 1.0)
+        cut = jnp.any((top_k > 0) | (top_p > 0))  # a row without cuts is left as filter_logits leaves it
+        x = jax.lax.cond(cut, lambda: filter_logits(logits, scale, top_k, top_p), lambda: filter_logits(logits, scale))
         # One row at a time as generate draws it for a batch of one: the same noise.
         draw = jax.vmap(lambda key, row: jax.random.categorical(key, row[None], axis=-1)[0])(keys, x)
         return jnp.where(temperature > 0, draw.astype(jnp.int32), greedy)
@@ -102,21 +91,23 @@ def choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: ja
     return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
 
 
-def _write_rows(big: jax.Array, rows: jax.Array, small: jax.Array, batch_axis: int) -> jax.Array:
-    """big with small's rows written at rows along batch_axis (rows out of range dropped)."""
-    index = (slice(None),) * batch_axis + (rows,)
-    return big.at[index].set(small.astype(big.dtype), mode="drop")
+def _batch_axis(x: jax.Array, path) -> int:
+    """The slot axis of a SlotState leaf: k and v are [..., S, C, K, d], the rest [S, ...]."""
+    return x.ndim - 4 if len(path) > 1 and path[0].name == "cache" and path[1].name in ("k", "v") else 0
 
 
-def _insert(slots: KVCache, rows: jax.Array, new: KVCache) -> KVCache:
-    """The cache of `new` (b rows) written into rows of `slots`: k and v are [..., B, C, K, d],
-    positions [B, C]."""
-    def kv(big, small):
-        return _write_rows(big, rows, small, big.ndim - 4)
+def put_rows(state, rows: jax.Array, new):
+    """state (a SlotState or KVCache) with new's rows written at slots rows (S: dropped)."""
+    def put(path, big, small):
+        index = (slice(None),) * _batch_axis(big, path) + (rows,)
+        return big.at[index].set(small if small.dtype == big.dtype else small.astype(big.dtype), mode="drop")
+    return jax.tree_util.tree_map_with_path(put, state, new)
 
-    return KVCache(k=jax.tree_util.tree_map(kv, slots.k, new.k), v=jax.tree_util.tree_map(kv, slots.v, new.v),
-                   positions=tuple(_write_rows(big, rows, small, 0)
-                                   for big, small in zip(slots.positions, new.positions)))
+
+def take_rows(state: SlotState, rows: jax.Array) -> SlotState:
+    """The slots rows of state (S: a copy of the last slot, to be dropped by put_rows)."""
+    rows = jnp.minimum(rows, state.last.shape[0] - 1)
+    return jax.tree_util.tree_map_with_path(lambda path, x: jnp.take(x, rows, axis=_batch_axis(x, path)), state)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "slots", "max_len", "mesh"))
@@ -146,26 +137,22 @@ def admit(params, config: MistralConfig, state: SlotState, prompts: jax.Array, l
     keys = jax.random.wrap_key_data(seeds)
     first = choose(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), temperature, top_k, top_p)
 
-    def put(array, values):
-        return array.at[rows].set(values.astype(array.dtype), mode="drop")
-
-    live = (first != eos_id) & (budget > 1)
-    state = SlotState(cache=_insert(state.cache, rows, cache), last=put(state.last, first),
-                      position=put(state.position, lengths), count=put(state.count, jnp.ones_like(lengths)),
-                      budget=put(state.budget, budget), live=put(state.live, live),
-                      keys=state.keys.at[rows].set(keys, mode="drop"), temperature=put(state.temperature, temperature),
-                      top_k=put(state.top_k, top_k), top_p=put(state.top_p, top_p))
-    return state, first
+    new = SlotState(cache=cache, last=first, position=lengths, count=jnp.ones_like(lengths), budget=budget,
+                    live=(first != eos_id) & (budget > 1), keys=keys, temperature=temperature, top_k=top_k, top_p=top_p)
+    return put_rows(state, rows, new), first
 
 
 @functools.partial(jax.jit, static_argnames=("config", "steps", "eos_id"), donate_argnames=("state",))
-def advance(params, config: MistralConfig, state: SlotState, keep: jax.Array, *, steps: int,
+def advance(params, config: MistralConfig, state: SlotState, rows: jax.Array, *, steps: int,
             eos_id: int) -> tuple[SlotState, jax.Array]:
-    """Up to `steps` decode steps of every live slot that `keep` [S] still holds. Returns the
-    state and the tokens [S, steps], -1 where a slot generated none."""
+    """Up to `steps` decode steps of the live slots among rows [b] (S pads; b = S: every slot in
+    order, the slots not listed given S). Returns the state and the tokens [b, steps] of each
+    row, -1 where it generated none. A b below S decodes only those rows (gathered, then put
+    back): a step's work follows the busy slots, one program per b."""
     model = Mistral(config)
-    S = state.last.shape[0]
-    state = state.replace(live=state.live & keep)
+    S, b = state.last.shape[0], rows.shape[0]
+    active = take_rows(state, rows) if b < S else state
+    active = active.replace(live=active.live & (rows < S))
 
     def cond(carry):
         i, s, _ = carry
@@ -183,8 +170,8 @@ def advance(params, config: MistralConfig, state: SlotState, keep: jax.Array, *,
                       count=count, live=s.live & ~finished)
         return i + 1, s, out.at[:, i].set(jnp.where(carry[1].live, token, -1))
 
-    _, state, out = jax.lax.while_loop(cond, body, (0, state, jnp.full((S, steps), -1, jnp.int32)))
-    return state, out
+    _, active, out = jax.lax.while_loop(cond, body, (0, active, jnp.full((b, steps), -1, jnp.int32)))
+    return (put_rows(state, rows, active) if b < S else active), out
 
 
 class Engine:
@@ -261,15 +248,34 @@ class Engine:
             with self._wake:
                 new = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
             self._admit(new, free[:len(new)])
-        if self.active:
-            keep = np.array([r is not None for r in self._busy])
-            self._state, out = advance(self.params, self.config, self._state, keep, steps=self.steps_per_call,
-                                       eos_id=self.eos_id)
+        busy = [slot for slot, r in enumerate(self._busy) if r is not None]
+        if busy:
+            self._state, out = advance(self.params, self.config, self._state, self._rows(busy),
+                                       steps=self.steps_per_call, eos_id=self.eos_id)
             out = np.asarray(out)
-            for slot, request in enumerate(self._busy):
-                if request is not None:
-                    self._emit(slot, [int(t) for t in out[slot] if t >= 0])
+            for i, slot in enumerate(busy if len(out) < self.slots else range(self.slots)):
+                if self._busy[slot] is not None:
+                    self._emit(slot, [int(t) for t in out[i] if t >= 0])
         return bool(self.active or self._pending)
+
+    def _rows(self, busy: list[int]) -> np.ndarray:
+        """advance's rows for these busy slots: the busy ones padded to a bucket, or with every
+        slot, each slot in order, the free ones given S."""
+        b = min(_bucket(len(busy)), self.slots)
+        if b == self.slots:
+            return np.array([s if self._busy[s] is not None else self.slots for s in range(self.slots)], np.int32)
+        return np.array(busy + [self.slots] * (b - len(busy)), np.int32)
+
+    def compile(self) -> None:
+        """Compiles the decode program of each bucket of busy slots (1, 2, 4, ..., slots), so none
+        compiles while requests come and go."""
+        b = 1
+        while True:
+            self._state, _ = advance(self.params, self.config, self._state, np.full(b, self.slots, np.int32),
+                                     steps=self.steps_per_call, eos_id=self.eos_id)
+            if b == self.slots:
+                return
+            b = min(2 * b, self.slots)
 
     def _drop_cancelled(self) -> None:
         for slot, request in enumerate(self._busy):

@@ -108,9 +108,10 @@ class Service:
         self.engine = Engine(config, params, slots=options.slots, max_len=options.max_len,
                              steps_per_call=options.steps_per_call, eos_id=self.tokenizer.eos_id)
         self.max_len = self.engine.max_len
+        self.engine.compile()
         warm = Request([self.tokenizer.bos_id], 2, lambda tokens, finish: True)
         self.engine.submit(warm)
-        while self.engine.step():  # compiles admit's first bucket and the decode step
+        while self.engine.step():  # compiles admit's smallest bucket
             pass
 
     def _main(self) -> None:
