@@ -1,7 +1,8 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 by test_sharding.py: the
 forward pass, the gradients (with the XLA and the splash attention kernels; of LoRA adapters), a train
 step (and a LoRA one), and generate
-(decoding per layer, as on CPU, and over the stacked layers, as on TPU and GPU) under several
+(decoding per layer, as on CPU, and over the stacked layers, as on TPU and GPU) and the
+continuous-batching engine (dense models) under several
 meshes against one device; `experts` as argv[1]: a mixture of experts, its experts split
 over the `expert` axis (and its train step with the router's losses); `latent`: Mistral Small
 4's shape, latent attention and fine-grained experts with a shared one, the first layer dense.
@@ -14,6 +15,7 @@ import sys
 import jax
 import numpy as np
 
+from mistral_jax.inference.engine import Engine, Request
 from mistral_jax.inference.sampling import Sampler, generate, start
 from mistral_jax.model.config import LatentAttention, Llama4Scaling, MistralConfig, MoE, YaRN
 from mistral_jax.model.transformer import Mistral, unstack_layers
@@ -45,6 +47,17 @@ BATCH = rng.integers(0, 256, (8, 25)).astype(np.int32)
 PROMPTS = [rng.integers(3, 256, n).tolist() for n in (3, 11, 20, 6)]
 
 
+def engine_tokens(params, mesh):
+    engine = Engine(CONFIG, params, slots=2, max_len=40, eos_id=None, mesh=mesh)
+    out = [[] for _ in PROMPTS]
+    for prompt, tokens in zip(PROMPTS, out):
+        engine.submit(Request(prompt, 12, lambda new, finish, tokens=tokens: tokens.extend(new) or True))
+    while engine.step():
+        pass
+    assert engine._state.cache.k[0][0].sharding.mesh == mesh  # the cache stayed on the mesh
+    return out
+
+
 def run(mesh):
     tx = trainer.make_optimizer(HP)
     state = trainer.init_state(CONFIG, tx, mesh, seed=0)
@@ -58,6 +71,8 @@ def run(mesh):
         w1 = state.params["layers"]["feed_forward"]["w1"]
         split["w1_shard"] = list(w1.addressable_shards[0].data.shape)
     tokens = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None, mesh=mesh)  # per layer, as on CPU
+    if not EXPERTS:  # serve.py --mesh: 4 requests through 2 slots of the sharded engine
+        split["engine_tokens_equal"] = engine_tokens(state.params, mesh) == tokens
     if not EXPERTS:  # (the experts' stacked decode is tested on one device: test_experts.py)
         decode_per_layer, platforms.decode_per_layer = platforms.decode_per_layer, lambda platform: False
         split["stacked_tokens_equal"] = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None, mesh=mesh) == tokens
@@ -139,6 +154,7 @@ for spec in MESHES:
         "aux_loss": float(metrics.get("aux_loss", 0)),
         "cache_shard": split.pop("cache_shard"),
         "stacked_tokens_equal": split.pop("stacked_tokens_equal", None),
+        "engine_tokens_equal": split.pop("engine_tokens_equal", None),
         "per_layer_wq_shard": split.pop("per_layer_wq_shard"),
         "wq": split,
     }

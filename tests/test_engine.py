@@ -111,6 +111,22 @@ def test_cancel_and_stop_free_the_slot_for_the_next_request(model):
     assert waiting.finishes[-1] == "length"
 
 
+def test_the_prefill_budget_spreads_a_burst_over_steps(model):
+    """Three 10-token prompts (padded to 16) with room for 16 prefill tokens per step: one is
+    admitted per step, the others decoding meanwhile; each still gets its solo result."""
+    _, config, params = model
+    engine = Engine(config, params, slots=4, max_len=64, steps_per_call=2, eos_id=None, prefill_budget=16)
+    runs = [Collected(list(range(3 + i, 13 + i)), 12) for i in range(3)]
+    for run in runs:
+        engine.submit(run.request)
+    admitted = []
+    while engine.step():
+        admitted.append(engine.active)
+    assert admitted[:3] == [1, 2, 3]
+    for run in runs:
+        assert run.tokens == generate(config, params, [run.request.prompt], 12, eos_id=None)[0]
+
+
 def test_choose_is_sample_logits_per_row():
     """Per-row settings draw exactly what sampling.sample_logits draws for each row alone."""
     from mistral_jax.inference.sampling import sample_logits

@@ -195,6 +195,7 @@ BAD = [
     ("/v1/completions", {"model": "tiny", "prompt": ["a", "b"]}, 400, "prompt"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "temperature": 3}, 400, "temperature"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"model": "tiny", "prompt": "hi", "top_k": 40000}, 400, "top_k"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
     ("/v1/completions", {"model": "tiny", "prompt": "hi", "seed": -1}, 400, "seed"),

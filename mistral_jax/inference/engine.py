@@ -1,20 +1,22 @@
 """Continuous batching: requests come and go through a fixed number of slots of one batched
 rolling cache (JetStream's prefill / insert / generate split).
 
-Two compiled programs, whatever the mix of requests:
+Two compiled programs:
 - `admit` prefills a batch of new prompts (chunked, as generate does) into a fresh cache of
   their own and writes its rows into free slots of the batched one, sampling each first token;
-- `advance` runs `steps_per_call` decode steps over every slot at once; a free or finished
-  slot feeds position -1 (padding: nothing written, nothing attended).
-Shapes never depend on which slots are busy, so nothing recompiles as requests come and go
-(admit compiles once per bucket of batch and prompt length).
+- `advance` runs `steps_per_call` decode steps of the busy slots, gathered and padded to a
+  power of two (or all slots in place); a free or finished slot feeds position -1 (padding:
+  nothing written, nothing attended).
+Their shapes depend only on how many requests there are, in buckets, never on which slots
+they hold: Engine.compile compiles advance for every bucket before requests come; admit
+compiles once per bucket of batch and prompt length, as it first meets one.
 
 A request's tokens do not depend on its neighbours: each slot samples with its own settings
 and its own key, fold_in(key(seed), i) for its i-th token, as generate() does for one prompt,
 so greedy and seeded runs give what generate() gives for the request alone.
 
-The Engine is driven by one thread (`run`, or `step` in a loop); `submit` and `cancel` may be
-called from any thread. Tokens go back through each request's `emit` callback, on the
+The Engine is driven by one thread (`run`, or `step` in a loop); `submit`, and setting a
+request's `cancelled`, may be done from any thread. Tokens go back through each request's `emit` callback, on the
 engine's thread.
 """
 
@@ -32,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mistral_jax.inference.sampling import (PREFILL_CHUNK, Sampler, _bucket, chunk_size, decoding_layout,
-                                            filter_logits, prefill)
+from mistral_jax.inference.sampling import (PREFILL_CHUNK, Sampler, bucket, decoding_layout, filter_logits, prefill,
+                                            prompt_layout)
 from mistral_jax.model.cache import KVCache
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
@@ -62,7 +64,7 @@ class Request:
     """A prompt and how to continue it. `emit(tokens, finish)` receives the new tokens (eos
     excluded) after each engine step, with finish None while it runs, then "stop" (eos) or
     "length" (max_tokens reached); it returns False to end the request there (a stop string
-    was seen, the client left). Greedy at temperature 0; seed None for a random one."""
+    was seen, the client left). Its tokens are drawn with key(seed), greedy at temperature 0."""
 
     prompt: list[int]
     max_tokens: int
@@ -177,19 +179,24 @@ def advance(params, config: MistralConfig, state: SlotState, rows: jax.Array, *,
 class Engine:
     """Continuous batching over `slots` rows of one rolling cache of `max_len` tokens each (a
     request needs len(prompt) + max_tokens <= max_len). Requests are admitted between decode
-    calls of `steps_per_call` steps, as many at once as there are free slots."""
+    calls of `steps_per_call` steps, in order, as many at once as there are free slots and as
+    fit in prefill_budget tokens (padded; the first always goes in): the budget bounds how long
+    an admission holds up the requests decoding, and how long a burst's first arrivals wait for
+    the last ones' prefill."""
 
     def __init__(self, config: MistralConfig, params, *, slots: int = 8, max_len: int | None = None,
                  steps_per_call: int = 4, eos_id: int | None = 2, prefill_chunk: int = PREFILL_CHUNK,
-                 mesh: Mesh | None = None):
+                 prefill_budget: int = 2 * PREFILL_CHUNK, mesh: Mesh | None = None):
         max_len = config.max_seq_len if max_len is None else max_len
         if not 2 <= max_len <= config.max_seq_len:
             raise ValueError(f"max_len must be in [2, the model's max_seq_len {config.max_seq_len}], got {max_len}")
-        if slots < 1 or steps_per_call < 1:
-            raise ValueError(f"slots and steps_per_call must be positive, got {slots} and {steps_per_call}")
+        if min(slots, steps_per_call, prefill_budget) < 1:
+            raise ValueError(f"slots, steps_per_call and prefill_budget must be positive, got {slots}, "
+                             f"{steps_per_call} and {prefill_budget}")
         self.config, self.params = decoding_layout(config, params, mesh)
         self.slots, self.max_len, self.steps_per_call = slots, max_len, steps_per_call
         self.eos_id, self.prefill_chunk, self.mesh = -1 if eos_id is None else eos_id, prefill_chunk, mesh
+        self.prefill_budget = prefill_budget
         self._state = empty_slots(self.config, slots=slots, max_len=max_len, mesh=mesh)
         self._busy: list[Request | None] = [None] * slots
         self._pending: collections.deque[Request] = collections.deque()
@@ -244,9 +251,15 @@ class Engine:
         """Admits what fits, then one decode call. Returns whether requests remain."""
         self._drop_cancelled()
         free = [slot for slot, r in enumerate(self._busy) if r is None]
-        if free and self._pending:
-            with self._wake:
-                new = [self._pending.popleft() for _ in range(min(len(free), len(self._pending)))]
+        new: list[Request] = []
+        with self._wake:
+            while self._pending and len(new) < len(free):
+                longest = max(len(r.prompt) for r in [*new, self._pending[0]])
+                padded = prompt_layout(self.config, longest, self.prefill_chunk)[1]
+                if new and min(bucket(len(new) + 1), self.slots) * padded > self.prefill_budget:
+                    break
+                new.append(self._pending.popleft())
+        if new:
             self._admit(new, free[:len(new)])
         busy = [slot for slot, r in enumerate(self._busy) if r is not None]
         if busy:
@@ -261,7 +274,7 @@ class Engine:
     def _rows(self, busy: list[int]) -> np.ndarray:
         """advance's rows for these busy slots: the busy ones padded to a bucket, or with every
         slot, each slot in order, the free ones given S."""
-        b = min(_bucket(len(busy)), self.slots)
+        b = min(bucket(len(busy)), self.slots)
         if b == self.slots:
             return np.array([s if self._busy[s] is not None else self.slots for s in range(self.slots)], np.int32)
         return np.array(busy + [self.slots] * (b - len(busy)), np.int32)
@@ -285,10 +298,9 @@ class Engine:
             self._pending = collections.deque(r for r in self._pending if not r.cancelled)
 
     def _admit(self, requests: list[Request], slots: list[int]) -> None:
-        longest = max(len(r.prompt) for r in requests)
-        chunk = chunk_size(self.config, longest, self.prefill_chunk)
-        b = min(_bucket(len(requests)), self.slots)
-        prompts = np.zeros((b, chunk * _bucket(-(-longest // chunk))), np.int32)
+        chunk, padded = prompt_layout(self.config, max(len(r.prompt) for r in requests), self.prefill_chunk)
+        b = min(bucket(len(requests)), self.slots)
+        prompts = np.zeros((b, padded), np.int32)
         lengths, rows = np.zeros(b, np.int32), np.full(b, self.slots, np.int32)
         seeds = np.zeros((b, *jax.random.key_data(jax.random.key(0)).shape), np.uint32)
         budget, top_k = np.zeros(b, np.int32), np.zeros(b, np.int32)

@@ -209,10 +209,17 @@ def decoding_layout(config: MistralConfig, params, mesh: Mesh | None = None) -> 
 def chunk_size(config: MistralConfig, longest: int, limit: int = PREFILL_CHUNK) -> int:
     """Prefill chunk for prompts of up to `longest` tokens: at most `limit` and the smallest
     window (a chunk must not wrap a rolling cache onto itself)."""
-    return min(limit, *(w for w in config.window_kinds if w is not None), _bucket(longest))
+    return min(limit, *(w for w in config.window_kinds if w is not None), bucket(longest))
 
 
-def _bucket(n: int) -> int:
+def prompt_layout(config: MistralConfig, longest: int, limit: int = PREFILL_CHUNK) -> tuple[int, int]:
+    """(chunk, padded length) of a prefill of prompts of up to `longest` tokens: chunk_size's
+    chunk and a power of two of chunks, the lengths that share one compiled program."""
+    chunk = chunk_size(config, longest, limit)
+    return chunk, chunk * bucket(-(-longest // chunk))
+
+
+def bucket(n: int) -> int:
     """Next power of two: the padded lengths that share one compiled program."""
     return 1 << max(0, (n - 1).bit_length())
 
@@ -254,8 +261,7 @@ def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[in
     _validate(config, prompts, max_new_tokens, sampler, seed)
     config, params = decoding_layout(config, params, mesh)
     longest = max(len(p) for p in prompts)
-    chunk = chunk_size(config, longest, prefill_chunk)
-    padded_len = chunk * _bucket(-(-longest // chunk))
+    chunk, padded_len = prompt_layout(config, longest, prefill_chunk)
     tokens = np.zeros((len(prompts), padded_len), np.int32)
     for row, prompt in enumerate(prompts):
         tokens[row, :len(prompt)] = prompt
@@ -263,7 +269,7 @@ def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[in
     eos_id = -1 if eos_id is None else eos_id
 
     state = start(params, config, tokens, lengths, jax.random.key(seed), sampler=sampler, eos_id=eos_id,
-                  chunk=chunk, max_tokens=_bucket(max_new_tokens), mesh=mesh)
+                  chunk=chunk, max_tokens=bucket(max_new_tokens), mesh=mesh)
     emitted = 0
     while True:
         tokens, step, done = fetch(state.tokens, state.step, state.done)  # one host sync per call

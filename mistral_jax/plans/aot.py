@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -25,7 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.inference import sampling
+from mistral_jax.inference import engine, sampling
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import init_params, param_shardings
 from mistral_jax.runtime.cli import run as run_cli
@@ -157,13 +158,45 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
     return reports
 
 
+def compile_serve(config: MistralConfig, mesh, slots: int, max_len: int, steps_per_call: int = 4) -> list[Report]:
+    """serve.py's two programs (inference/engine.py) for `slots` slots of max_len tokens: admit
+    (a prefill of new prompts of max_len / 2 tokens into every slot at once, the most a step
+    admits) and the decode step of every slot, the slots' cache sharded as KVCache.shardings
+    says and held across calls (donated, so the step writes it in place)."""
+    params = jax.tree_util.tree_map(
+        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, jnp.dtype(config.param_dtype), sharding=s),
+        jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = jax.eval_shape(functools.partial(engine.empty_slots, config, slots=slots, max_len=max_len))
+    cache_shardings = state.cache.shardings(mesh)
+    state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
+    state = state.replace(cache=jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.cache, cache_shardings))
+
+    def rows(dtype, *shape):
+        return jax.ShapeDtypeStruct((slots, *shape), dtype, sharding=replicated)
+
+    prompt_len = max_len // 2
+    chunk = sampling.chunk_size(config, prompt_len)
+    seeds = rows(jnp.uint32, *jax.random.key_data(jax.random.key(0)).shape)
+    start = time.perf_counter()
+    admit = engine.admit.lower(params, config, state, rows(jnp.int32, prompt_len), rows(jnp.int32),
+                               rows(jnp.int32), seeds, rows(jnp.int32), rows(jnp.float32), rows(jnp.int32),
+                               rows(jnp.float32), max_len=max_len, chunk=chunk, eos_id=2, mesh=mesh).compile()
+    reports = [memory_report("serve: admit", admit, time.perf_counter() - start, params=_bytes_per_device(params))]
+    start = time.perf_counter()
+    step = engine.advance.lower(params, config, state, rows(jnp.bool_), steps=steps_per_call, eos_id=2).compile()
+    reports.append(memory_report("serve: step", step, time.perf_counter() - start, params=_bytes_per_device(params)))
+    return reports
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """One row of docs/SCALING.md."""
 
     target: str
     mesh: str
-    program: str  # "train" or "generate"
+    program: str  # "train", "generate" or "serve" (batch: slots, seq: the tokens each holds)
     batch: int
     seq: int  # train: tokens per sequence; generate: context = prompt + new tokens, half each
     preset: str = "mistral-7b-v0.1"
@@ -191,6 +224,8 @@ def run(plan: Plan) -> list[Report]:
                                                                lora_targets=",".join(lora.model_targets(config)))
             hp = trainer.Hyperparameters(batch_size=plan.batch, seq_len=plan.seq, **adapters)
             return [compile_train_step(config, hp, mesh)]
+        if plan.program == "serve":
+            return compile_serve(config, mesh, plan.batch, plan.seq)
         return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
@@ -284,7 +319,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--target", choices=sorted(TARGETS), default="cpu-8")
     p.add_argument("--mesh", default="", help="e.g. fsdp=16 or data=2,tensor=8 (default: all devices on fsdp)")
-    p.add_argument("--program", choices=["train", "generate"], default="train")
+    p.add_argument("--program", choices=["train", "generate", "serve"], default="train")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=4096, help="train: sequence length; generate: prompt + new tokens")
     p.add_argument("--preset", default="mistral-7b-v0.1")

@@ -90,7 +90,7 @@ def completion_job(body: Mapping, tokenizer: Tokenizer, max_len: int) -> Job:
         raise ApiError(400, "one prompt per request: send a batch as concurrent requests", "prompt")
     else:
         raise ApiError(400, "'prompt' must be a non-empty string or list of token ids", "prompt")
-    return _job(body, ids, max_len, chat=False)
+    return _job(body, ids, max_len, tokenizer.vocab_size, chat=False)
 
 
 def chat_job(body: Mapping, tokenizer: Tokenizer, max_len: int) -> Job:
@@ -108,10 +108,10 @@ def chat_job(body: Mapping, tokenizer: Tokenizer, max_len: int) -> Job:
         ids = tokenizer.encode_chat(messages, tools=tools or None, reasoning_effort=effort)
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e).strip().splitlines()[0], "messages") from None
-    return _job(body, ids, max_len, chat=True)
+    return _job(body, ids, max_len, tokenizer.vocab_size, chat=True)
 
 
-def _job(body: Mapping, prompt: list[int], max_len: int, chat: bool) -> Job:
+def _job(body: Mapping, prompt: list[int], max_len: int, vocab_size: int, chat: bool) -> Job:
     for field, default in UNSUPPORTED.items():
         value = body.get(field)
         if value is not None and value != default and not (default is None and not value):  # {} and false pass
@@ -128,7 +128,8 @@ def _job(body: Mapping, prompt: list[int], max_len: int, chat: bool) -> Job:
                             f"server's context of {max_len} tokens", "max_tokens", "context_length_exceeded")
     temperature = _field(body, "temperature", _is_number, "a number in [0, 2]", lambda v: 0 <= v <= 2)
     top_p = _field(body, "top_p", _is_number, "a number in (0, 1]", lambda v: 0 < v <= 1)
-    top_k = _field(body, "top_k", _is_int, "a positive integer (or -1: off)", lambda v: v >= 1 or v == -1)
+    top_k = _field(body, "top_k", _is_int, f"an integer in [1, {vocab_size}] (or -1: off)",
+                   lambda v: 1 <= v <= vocab_size or v == -1)
     seed = _field(body, "seed", _is_int, "an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)
     stream = _field(body, "stream", lambda v: isinstance(v, bool), "true or false") or False
     options = body.get("stream_options")

@@ -31,6 +31,9 @@ from starlette.routing import Route
 
 from mistral_jax.checkpoints.store import load_checkpoint
 from mistral_jax.inference.engine import Engine, Request
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.transformer import param_shardings
+from mistral_jax.runtime.sharding import make_mesh
 from mistral_jax.runtime.options import OptionError, option, require_positive
 from mistral_jax.serving import api
 from mistral_jax.text.tokenizer import Tokenizer, find_tokenizer
@@ -51,12 +54,16 @@ class ServeOptions:
     max_len: int | None = option(None, "tokens a slot holds, prompt and answer together (default: the model's "
                                        "max_seq_len)")
     steps_per_call: int = option(4, "decode steps per compiled call: new requests join between calls")
+    prefill_budget: int = option(1024, "prompt tokens (padded) prefilled at most between two decode calls; the "
+                                       "first waiting request always goes in")
     max_queue: int = option(64, "requests waiting for a slot before more are refused with 429")
     dtype: str | None = option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
+    mesh: str = option("", "the devices as a mesh, e.g. tensor=4: weights and cache split over them as the sharding "
+                           "rules say (default: one device)")
     shutdown_timeout: float = option(30.0, "seconds requests in flight may take to finish after SIGTERM")
 
     def __post_init__(self):
-        require_positive(self, "slots", "steps_per_call", "max_queue")
+        require_positive(self, "slots", "steps_per_call", "prefill_budget", "max_queue")
         if not 0 <= self.port < 65536:
             raise OptionError("port", f"must be in [0, 65535], got {self.port}")
         if self.max_len is not None and self.max_len < 2:
@@ -101,15 +108,19 @@ class Service:
         if path is None:
             raise ValueError(f"{options.checkpoint} has no tokenizer file; pass --tokenizer")
         self.tokenizer = Tokenizer(path)
-        config, params = load_checkpoint(options.checkpoint, options.dtype)
+        mesh = make_mesh(options.mesh) if options.mesh else None
+        # Read straight onto the mesh: no device holds the whole model.
+        shardings = None if mesh is None else param_shardings(MistralConfig.from_dir(options.checkpoint), mesh)
+        config, params = load_checkpoint(options.checkpoint, options.dtype, shardings=shardings)
         if self.tokenizer.vocab_size != config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary is "
                              f"{config.vocab_size}: they do not belong together")
         self.engine = Engine(config, params, slots=options.slots, max_len=options.max_len,
-                             steps_per_call=options.steps_per_call, eos_id=self.tokenizer.eos_id)
+                             steps_per_call=options.steps_per_call, prefill_budget=options.prefill_budget,
+                             eos_id=self.tokenizer.eos_id, mesh=mesh)
         self.max_len = self.engine.max_len
         self.engine.compile()
-        warm = Request([self.tokenizer.bos_id], 2, lambda tokens, finish: True)
+        warm = Request([self.tokenizer.bos_id], 1, lambda tokens, finish: True)
         self.engine.submit(warm)
         while self.engine.step():  # compiles admit's smallest bucket
             pass
@@ -149,8 +160,11 @@ class Service:
         if self.engine.pending >= self.options.max_queue:
             raise api.ApiError(429, f"{self.engine.pending} requests are waiting for a slot; retry later")
         run = Run(job, self.tokenizer, asyncio.get_running_loop(), self._ended)
+        try:
+            self.engine.submit(run.request)
+        except ValueError as e:  # what the engine cannot run (a top_k above the vocabulary, ...)
+            raise api.ApiError(400, str(e)) from None
         self._runs.add(run)
-        self.engine.submit(run.request)
         return run
 
 
