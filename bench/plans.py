@@ -1,7 +1,7 @@
 """Every row of docs/SCALING.md: the train step and generate of Mistral 7B, Ministral 8B,
 Mistral Nemo 12B and Mixtral 8x7B, 7B's LoRA fine-tune, Ministral 3 8B at 128k context,
-Devstral 2 123B's generation, Mistral Small 4's generation and LoRA fine-tune and Large 3's
-generation, compiled ahead of time for TPU slices and the 8-device CPU
+Devstral 2 123B's generation, Mistral Small 4's generation and LoRA fine-tune, Large 3's
+generation and serve.py's programs for 7B and Ministral 3 8B, compiled ahead of time for TPU slices and the 8-device CPU
 stand-in (mistral_jax.plans.aot), per-device memory from XLA.
 
   python -m bench.plans                      # compiles and prints every row
@@ -85,8 +85,19 @@ MISTRAL4_PLANS = [
     aot.Plan("v5p-32", "tensor=16", "generate", 4, 8192, "mistral-large-3"),
     aot.Plan("cpu-8", "tensor=8", "generate", 4, 8192, "mistral-large-3"),
 ]
+# serve.py's programs (inference/engine.py) with N slots of L tokens, tensor-parallel over the
+# chips: Mistral 7B with slots of its 4096-token window, Ministral 3 8B with 32k-token slots.
+SERVE_PLANS = [
+    aot.Plan("v5e-8", "tensor=8", "serve", 128, 4096),
+    aot.Plan("v4-8", "tensor=4", "serve", 64, 4096),
+    aot.Plan("cpu-8", "tensor=8", "serve", 64, 4096),
+    aot.Plan("v5e-8", "tensor=8", "serve", 8, 32768, "ministral-3-8b"),
+    aot.Plan("v5p-8", "tensor=4", "serve", 32, 32768, "ministral-3-8b"),
+    aot.Plan("cpu-8", "tensor=8", "serve", 16, 32768, "ministral-3-8b"),
+]
 TABLES = {"dense": ("aot", PLANS), "experts": ("aot:experts", EXPERT_PLANS), "lora": ("aot:lora", LORA_PLANS),
-          "mistral3": ("aot:mistral3", MISTRAL3_PLANS), "mistral4": ("aot:mistral4", MISTRAL4_PLANS)}
+          "mistral3": ("aot:mistral3", MISTRAL3_PLANS), "mistral4": ("aot:mistral4", MISTRAL4_PLANS),
+          "serve": ("aot:serve", SERVE_PLANS)}
 
 
 def main() -> None:

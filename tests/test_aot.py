@@ -1,4 +1,4 @@
-"""The 7B, Ministral and Mixtral plans, checked by compiling them: on 8 fake CPU devices
+"""The 7B, Ministral and Mixtral plans (and 7B serving), checked by compiling them: on 8 fake CPU devices
 (the guards on the sharding rules and the layouts) and for a TPU v5e-16 slice through libtpu's topology description (splash attention
 really in the program). Each in a subprocess: they need 8 CPU devices or libtpu's backend."""
 
@@ -77,3 +77,29 @@ def test_7b_train_step_compiles_for_tpu_v5e_16_with_splash_attention():
     assert r["kernels"] == ["splash_mqa_dkv_no_residuals", "splash_mqa_dq_no_residuals", "splash_mqa_fwd_residuals"]
     assert r["params"] == pytest.approx(r["num_params"] * 4 / 16, rel=0.01)
     assert r["total"] < 16 * GiB, r["total"] / GiB
+
+
+SERVE = """
+import dataclasses, json, sys
+from mistral_jax.plans import aot
+plan = aot.Plan(*json.loads(sys.argv[1]))
+print(json.dumps([{**dataclasses.asdict(r), "total": r.total} for r in aot.run(plan)]))
+"""
+
+
+def test_7b_serving_splits_its_slots_over_tensor_on_v5e_8():
+    """serve.py's admit and decode step for 128 slots of 4096 tokens on a v5e-8 (tensor=8),
+    compiled by the TPU compiler: each chip holds an eighth of the weights and one kv head of
+    every slot (4096 x 32 layers x 128 x 2 x 2 bytes = 64 MiB a slot), donated, so the step
+    adds next to nothing to them."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    out = subprocess.run([sys.executable, "-c", SERVE, json.dumps(["v5e-8", "tensor=8", "serve", 128, 4096])],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    admit, step = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (admit["program"], step["program"]) == ("serve: admit", "serve: step")
+    slots = 128 * 4096 * 32 * 128 * 2 * 2
+    for r in (admit, step):
+        assert r["arguments"] - r["params"] == pytest.approx(slots, rel=0.01), r  # the slots' cache and little else
+        assert r["aliased"] == pytest.approx(slots, rel=0.01), r  # written in place
+        assert r["total"] < 11 * GiB, r["total"] / GiB

@@ -41,6 +41,7 @@ from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
 
 FREE = -1  # SlotState.position of a slot with no request
+PREFILL_BUDGET = 2 * PREFILL_CHUNK  # prompt tokens (padded) admitted at most between two decode calls
 
 
 @flax.struct.dataclass
@@ -186,7 +187,7 @@ class Engine:
 
     def __init__(self, config: MistralConfig, params, *, slots: int = 8, max_len: int | None = None,
                  steps_per_call: int = 4, eos_id: int | None = 2, prefill_chunk: int = PREFILL_CHUNK,
-                 prefill_budget: int = 2 * PREFILL_CHUNK, mesh: Mesh | None = None):
+                 prefill_budget: int = PREFILL_BUDGET, mesh: Mesh | None = None):
         max_len = config.max_seq_len if max_len is None else max_len
         if not 2 <= max_len <= config.max_seq_len:
             raise ValueError(f"max_len must be in [2, the model's max_seq_len {config.max_seq_len}], got {max_len}")

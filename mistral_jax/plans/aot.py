@@ -160,9 +160,9 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
 
 def compile_serve(config: MistralConfig, mesh, slots: int, max_len: int, steps_per_call: int = 4) -> list[Report]:
     """serve.py's two programs (inference/engine.py) for `slots` slots of max_len tokens: admit
-    (a prefill of new prompts of max_len / 2 tokens into every slot at once, the most a step
-    admits) and the decode step of every slot, the slots' cache sharded as KVCache.shardings
-    says and held across calls (donated, so the step writes it in place)."""
+    of prompts of max_len / 2 tokens, as many as its default prefill budget takes at once (at
+    least one), and the decode step of every slot; the slots' cache sharded as
+    KVCache.shardings says and held across calls (donated, so both write it in place)."""
     params = jax.tree_util.tree_map(
         lambda shape, s: jax.ShapeDtypeStruct(shape.shape, jnp.dtype(config.param_dtype), sharding=s),
         jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
@@ -173,19 +173,22 @@ def compile_serve(config: MistralConfig, mesh, slots: int, max_len: int, steps_p
     state = state.replace(cache=jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.cache, cache_shardings))
 
-    def rows(dtype, *shape):
-        return jax.ShapeDtypeStruct((slots, *shape), dtype, sharding=replicated)
+    chunk, prompt_len = sampling.prompt_layout(config, max_len // 2)
+    new = max(1, engine.PREFILL_BUDGET // prompt_len)
 
-    prompt_len = max_len // 2
-    chunk = sampling.chunk_size(config, prompt_len)
-    seeds = rows(jnp.uint32, *jax.random.key_data(jax.random.key(0)).shape)
+    def admitted(dtype, *shape):
+        return jax.ShapeDtypeStruct((new, *shape), dtype, sharding=replicated)
+
+    seeds = admitted(jnp.uint32, *jax.random.key_data(jax.random.key(0)).shape)
     start = time.perf_counter()
-    admit = engine.admit.lower(params, config, state, rows(jnp.int32, prompt_len), rows(jnp.int32),
-                               rows(jnp.int32), seeds, rows(jnp.int32), rows(jnp.float32), rows(jnp.int32),
-                               rows(jnp.float32), max_len=max_len, chunk=chunk, eos_id=2, mesh=mesh).compile()
+    admit = engine.admit.lower(params, config, state, admitted(jnp.int32, prompt_len), admitted(jnp.int32),
+                               admitted(jnp.int32), seeds, admitted(jnp.int32), admitted(jnp.float32),
+                               admitted(jnp.int32), admitted(jnp.float32), max_len=max_len, chunk=chunk, eos_id=2,
+                               mesh=mesh).compile()
     reports = [memory_report("serve: admit", admit, time.perf_counter() - start, params=_bytes_per_device(params))]
     start = time.perf_counter()
-    step = engine.advance.lower(params, config, state, rows(jnp.bool_), steps=steps_per_call, eos_id=2).compile()
+    every_slot = jax.ShapeDtypeStruct((slots,), jnp.int32, sharding=replicated)
+    step = engine.advance.lower(params, config, state, every_slot, steps=steps_per_call, eos_id=2).compile()
     reports.append(memory_report("serve: step", step, time.perf_counter() - start, params=_bytes_per_device(params)))
     return reports
 

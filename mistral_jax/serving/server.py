@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from mistral_jax.checkpoints.store import load_checkpoint
-from mistral_jax.inference.engine import Engine, Request
+from mistral_jax.inference.engine import PREFILL_BUDGET, Engine, Request
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import param_shardings
 from mistral_jax.runtime.sharding import make_mesh
@@ -54,7 +54,7 @@ class ServeOptions:
     max_len: int | None = option(None, "tokens a slot holds, prompt and answer together (default: the model's "
                                        "max_seq_len)")
     steps_per_call: int = option(4, "decode steps per compiled call: new requests join between calls")
-    prefill_budget: int = option(1024, "prompt tokens (padded) prefilled at most between two decode calls; the "
+    prefill_budget: int = option(PREFILL_BUDGET, "prompt tokens (padded) prefilled at most between two decode calls; the "
                                        "first waiting request always goes in")
     max_queue: int = option(64, "requests waiting for a slot before more are refused with 429")
     dtype: str | None = option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
