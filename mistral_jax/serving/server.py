@@ -54,8 +54,8 @@ class ServeOptions:
     max_len: int | None = option(None, "tokens a slot holds, prompt and answer together (default: the model's "
                                        "max_seq_len)")
     steps_per_call: int = option(4, "decode steps per compiled call: new requests join between calls")
-    prefill_budget: int = option(PREFILL_BUDGET, "prompt tokens (padded) prefilled at most between two decode calls; the "
-                                       "first waiting request always goes in")
+    prefill_budget: int = option(PREFILL_BUDGET, "prompt tokens (padded) prefilled at most between two decode "
+                                                 "calls; the first waiting request always goes in")
     max_queue: int = option(64, "requests waiting for a slot before more are refused with 429")
     dtype: str | None = option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
     mesh: str = option("", "the devices as a mesh, e.g. tensor=4: weights and cache split over them as the sharding "
