@@ -3,6 +3,9 @@ generate() with fixed batches, on the same random model and the same requests.
 
   python -m bench.serving [--config tiny] [--requests 32] [--concurrency 1 4 16] [--write]
 
+HF's server needs FastAPI (`pip install fastapi`, as `transformers[serving]` would install it);
+it is a benchmark's dependency only.
+
 Each server runs in its own process on this machine; `concurrency` clients (httpx, streaming,
 greedy) take the requests in order, each sending its next as soon as its previous one ends.
 Prompts are slices of Python's own `os.py` source of 20 to 150 words, answers 16 to 128 tokens

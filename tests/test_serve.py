@@ -8,25 +8,23 @@ import os
 import signal
 import subprocess
 import sys
-import threading
+import tempfile
 import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from starlette.testclient import TestClient
 
 import serve
 from conftest import REPO, assert_one_line_error, run_script
 from mistral_jax import load_checkpoint
-from mistral_jax.inference.engine import Engine
 from mistral_jax.inference.sampling import generate
 from mistral_jax.text.tokenizer import Tokenizer
 from mistral_jax.serving import api
-from mistral_jax.serving.server import ServeOptions, Service, create_app, listen
+from mistral_jax.serving.server import ServeOptions, Service, create_app
 from test_engine import hf_greedy_recompute
 from test_sample_cli import V7, chat_ids, convert_with_tokenizer
 
@@ -35,26 +33,39 @@ MAX_LEN = 512  # the model's window is 8: a long slot costs nothing
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A random model with the v7 instruct tokenizer, converted, served in this process on a
-    free port with 4 slots: (base url, HF reference, checkpoint dir, the Service)."""
+    """A random model with the v7 instruct tokenizer, converted, served by serve.py on a free
+    port with 4 slots: (base url, HF reference, checkpoint dir)."""
     ref, checkpoint = convert_with_tokenizer(tmp_path_factory.mktemp("serve"), V7, "tokenizer.model.v7", 32768, 7)
-    options = ServeOptions(checkpoint=str(checkpoint), port=0, slots=4, max_len=MAX_LEN, steps_per_call=2,
-                           max_queue=32, model_name="tiny")
-    sock = listen(options)
-    service = Service(options)
-    server = uvicorn.Server(uvicorn.Config(create_app(options, service), log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    wait_until_ready(url)
-    yield url, ref, str(checkpoint), service
-    server.should_exit = True
-    thread.join(60)
+    process, url = start_server(str(checkpoint), "--slots", 4, "--max-len", MAX_LEN, "--steps-per-call", 2,
+                                "--max-queue", 32, "--model-name", "tiny")
+    yield url, ref, str(checkpoint)
+    process.terminate()
+    process.wait(120)
+
+
+def start_server(checkpoint, *flags):
+    """serve.py --port 0 as a process, ready: (the process, its base url from the line it prints)."""
+    log = tempfile.TemporaryFile("w+")  # stderr (a pipe nobody reads could fill and block the server)
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--checkpoint", checkpoint,
+                                "--port", "0", *map(str, flags)], stdout=subprocess.PIPE, stderr=log, text=True,
+                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    process.log = log
+    name = flags[flags.index("--model-name") + 1] if "--model-name" in flags else os.path.basename(checkpoint)
+    line = process.stdout.readline()
+    assert line.startswith(f"serving {name} at http://127.0.0.1:"), (line, errors_of(process))
+    url = line.split(" at ")[1].strip()
+    wait_until_ready(url, process)
+    return process, url
+
+
+def errors_of(process) -> str:
+    process.log.seek(0)
+    return process.log.read()[-3000:]
 
 
 def wait_until_ready(url, process=None):
     while True:  # compiling takes what it takes; a dead server process ends the wait
-        assert process is None or process.poll() is None, process.communicate()
+        assert process is None or process.poll() is None, errors_of(process)
         try:
             if httpx.get(url + "/health").status_code == 200:
                 return
@@ -72,14 +83,14 @@ def decoded(ids):
 
 
 def test_models_and_health(served):
-    url, _, _, _ = served
+    url, _, _ = served
     assert [m.id for m in client(url).models.list().data] == ["tiny"]
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ready" and health["slots"] == 4
 
 
 def test_completions_equal_hf_greedy_streamed_or_not(served):
-    url, ref, _, _ = served
+    url, ref, _ = served
     prompt = "The capital of France is"
     ids = MistralTokenizer.from_file(V7).instruct_tokenizer.tokenizer.encode(prompt, bos=True, eos=False)
     want = decoded(hf_greedy_recompute(ref.model, ids, 24, eos=2))
@@ -100,7 +111,7 @@ def test_completions_equal_hf_greedy_streamed_or_not(served):
 
 
 def test_chat_completions_equal_hf_greedy_in_the_chat_format(served):
-    url, ref, _, _ = served
+    url, ref, _ = served
     messages = [("system", "Answer in one word."), ("user", "Name a prime.")]
     ids = chat_ids(V7, messages)
     want = decoded(hf_greedy_recompute(ref.model, ids, 20, eos=2))
@@ -120,7 +131,7 @@ def test_chat_completions_equal_hf_greedy_in_the_chat_format(served):
 def test_sixteen_concurrent_requests_each_get_their_solo_result(served):
     """16 requests at once (4 slots: most wait, join and leave mid-run), mixed prompt and answer
     lengths, greedy and sampled with their own seeds: each equals generate() of it alone."""
-    url, _, checkpoint, _ = served
+    url, _, checkpoint = served
     config, params = load_checkpoint(checkpoint)
     rng = np.random.default_rng(3)
     settings = [dict(temperature=0), dict(temperature=0.8), dict(temperature=1.0, top_p=0.9),
@@ -142,7 +153,7 @@ def test_sixteen_concurrent_requests_each_get_their_solo_result(served):
 def test_a_request_arriving_mid_decode_starts_before_the_running_one_ends(served):
     """A long stream is running; a short request sent after its first piece finishes while the
     long one is still streaming (the order of events as the client sees them)."""
-    url, _, _, _ = served
+    url, _, _ = served
     events = []
 
     async def stream(c, name, max_tokens, started=None):
@@ -171,13 +182,13 @@ def test_a_request_arriving_mid_decode_starts_before_the_running_one_ends(served
 
 
 def test_a_client_that_leaves_frees_its_slot(served):
-    url, _, _, service = served
-    before = service.cancelled
+    url, _, _ = served
+    before = httpx.get(url + "/health").json()["cancelled"]
     with httpx.stream("POST", url + "/v1/completions", json={
             "model": "tiny", "prompt": "Tell me everything.", "max_tokens": MAX_LEN - 16, "temperature": 0,
             "stream": True}) as response:
         next(response.iter_lines())
-    while service.cancelled == before:  # the server sees the disconnect and cancels; a hang fails by timeout
+    while httpx.get(url + "/health").json()["cancelled"] == before:  # the server cancels it; a hang fails by timeout
         time.sleep(0.05)
     while httpx.get(url + "/health").json()["active"]:
         time.sleep(0.05)
@@ -213,7 +224,7 @@ BAD = [
 
 @pytest.mark.parametrize("path, body, status, param", BAD, ids=[f"{s}-{p}" for _, _, s, p in BAD])
 def test_bad_requests_get_their_status_and_json_error(served, path, body, status, param):
-    url, _, _, _ = served
+    url, _, _ = served
     sent = body if isinstance(body, bytes) else json.dumps(body).encode()
     response = httpx.post(url + path, content=sent, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
@@ -222,7 +233,7 @@ def test_bad_requests_get_their_status_and_json_error(served, path, body, status
 
 
 def test_the_server_keeps_serving_after_bad_requests_and_unknown_paths(served):
-    url, _, _, _ = served
+    url, _, _ = served
     assert httpx.get(url + "/v1/nothing").status_code == 404
     assert httpx.get(url + "/v1/completions").status_code == 405
     with pytest.raises(openai.NotFoundError, match="does not exist"):
@@ -230,11 +241,23 @@ def test_the_server_keeps_serving_after_bad_requests_and_unknown_paths(served):
     assert client(url).completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].text is not None
 
 
-def test_a_full_queue_is_429(served, monkeypatch):
-    url, _, _, _ = served
-    monkeypatch.setattr(Engine, "pending", property(lambda self: 32))  # the queue as full as --max-queue 32
-    with pytest.raises(openai.RateLimitError):
-        client(url).completions.create(model="tiny", prompt="hi", max_tokens=2)
+def test_a_full_queue_is_429(served):
+    """A service whose engine is not stepping (the model loaded here, in this process): requests
+    wait until --max-queue of them do, then the next is refused with 429."""
+    _, _, checkpoint = served
+    service = Service(ServeOptions(checkpoint=checkpoint, slots=1, max_len=32, max_queue=2))
+    service.load()
+    job = api.completion_job({"model": "m", "prompt": "hi", "max_tokens": 2}, service.tokenizer, service.max_len)
+
+    async def submit_three():
+        service.submit(job), service.submit(job)
+        with pytest.raises(api.ApiError) as refused:
+            service.submit(job)
+        return refused.value
+
+    refused = asyncio.run(submit_three())
+    assert refused.status == 429 and refused.body()["error"]["type"] == "rate_limit_exceeded"
+    assert service.engine.pending == 2
 
 
 def test_while_loading_requests_get_503(tmp_path):
@@ -248,16 +271,9 @@ def test_while_loading_requests_get_503(tmp_path):
 def test_sigterm_with_a_stream_in_flight_finishes_it_and_exits(served):
     """serve.py as a process: --port 0 prints the address; SIGTERM while a stream runs lets it
     end with [DONE], then the process exits 0."""
-    _, _, checkpoint, _ = served
-    process = subprocess.Popen([sys.executable, os.path.join(REPO, "serve.py"), "--checkpoint", checkpoint,
-                                "--port", "0", "--slots", "2", "--max-len", "256"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    _, _, checkpoint = served
+    process, url = start_server(checkpoint, "--slots", 2, "--max-len", 256)
     try:
-        line = process.stdout.readline()
-        assert line.startswith(f"serving {os.path.basename(checkpoint)} at http://127.0.0.1:"), line
-        url = line.split(" at ")[1].strip()
-        wait_until_ready(url, process)
         lines = []
         with httpx.stream("POST", url + "/v1/completions", timeout=None, json={
                 "model": os.path.basename(checkpoint), "prompt": "hi", "max_tokens": 200, "stream": True}) as r:
@@ -266,7 +282,7 @@ def test_sigterm_with_a_stream_in_flight_finishes_it_and_exits(served):
                 if len(lines) == 3:
                     process.send_signal(signal.SIGTERM)
         assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
-        assert process.wait(120) == 0, process.stderr.read()
+        assert process.wait(120) == 0, errors_of(process)
     finally:
         process.kill()
 

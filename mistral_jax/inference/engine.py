@@ -240,12 +240,14 @@ class Engine:
             self._wake.notify_all()
 
     def run(self, stop: Callable[[], bool]) -> None:
-        """Steps until stop() is true, waiting while there is nothing to do."""
-        while not stop():
-            with self._wake:
-                if not self._pending and not self.active:
+        """Steps until stop() is true, waiting while there is nothing to do (whoever makes stop()
+        true then calls wake())."""
+        while True:
+            with self._wake:  # stop() is read under the lock wake() takes: its notify cannot be missed
+                while not stop() and not self._pending and not self.active:
                     self._wake.wait()
-                    continue
+                if stop():
+                    return
             self.step()
 
     def step(self) -> bool:

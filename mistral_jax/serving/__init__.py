@@ -1,0 +1,1 @@
+"""Serving: OpenAI's HTTP API over the continuous-batching engine (serve.py)."""

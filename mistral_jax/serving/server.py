@@ -94,12 +94,16 @@ class Service:
         self._thread.start()
 
     def stop(self, timeout: float = 60.0) -> None:
+        """Stops the engine's thread (after its call in flight); requests still running end
+        with an error."""
         self._stopping = True
         for run in list(self._runs):
             run.request.cancelled = True
         if self.engine is not None:
             self.engine.wake()
         self._thread.join(timeout)
+        for run in list(self._runs):
+            run.fail("the server stopped")
 
     def load(self) -> None:
         """The tokenizer, the model, its engine, and the programs a first request needs compiled."""
@@ -188,11 +192,18 @@ class Run:
             finish = "stop" if self.text.stopped else finish
             if finish == "stop" and self.text.tool_calls():
                 finish = "tool_calls"
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (pieces, finish, None))
-        return not self.text.stopped
+        return self._put((pieces, finish, None)) and not self.text.stopped
 
     def fail(self, message: str) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, ([], "error", message))
+        self._put(([], "error", message))
+
+    def _put(self, item) -> bool:
+        """Hands item to the handler's queue; False once the event loop is gone (shut down)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed
+            return False
+        return True
 
     def cancel(self) -> None:
         self.request.cancelled = True
