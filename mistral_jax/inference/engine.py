@@ -115,6 +115,7 @@ def take_rows(state: SlotState, rows: jax.Array) -> SlotState:
 
 @functools.partial(jax.jit, static_argnames=("config", "slots", "max_len", "mesh"))
 def empty_slots(config: MistralConfig, *, slots: int, max_len: int, mesh: Mesh | None = None) -> SlotState:
+    """Every slot free, its cache empty (sharded over mesh as KVCache.shardings says)."""
     cache = KVCache.init(config, slots, max_len)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
