@@ -20,8 +20,6 @@ from starlette.testclient import TestClient
 
 import serve
 from conftest import REPO, assert_one_line_error, run_script
-from mistral_jax import load_checkpoint
-from mistral_jax.inference.sampling import generate
 from mistral_jax.text.tokenizer import Tokenizer
 from mistral_jax.serving import api
 from mistral_jax.serving.server import ServeOptions, Service, create_app
@@ -130,24 +128,29 @@ def test_chat_completions_equal_hf_greedy_in_the_chat_format(served):
 
 def test_sixteen_concurrent_requests_each_get_their_solo_result(served):
     """16 requests at once (4 slots: most wait, join and leave mid-run), mixed prompt and answer
-    lengths, greedy and sampled with their own seeds: each equals generate() of it alone."""
-    url, _, checkpoint = served
-    config, params = load_checkpoint(checkpoint)
+    lengths, greedy and sampled with their own seeds: each gets what it gets sent alone, the
+    greedy ones HF's greedy text. (The engine's equality to generate() of each request alone is
+    tests/test_engine.py's; compiling generate here crashed XLA's compiler late in the full suite.)"""
+    url, ref, _ = served
     rng = np.random.default_rng(3)
     settings = [dict(temperature=0), dict(temperature=0.8), dict(temperature=1.0, top_p=0.9),
                 dict(temperature=0.7, extra_body={"top_k": 30})]
     requests = [dict(prompt=rng.integers(3, 32768, int(rng.integers(1, 40))).tolist(),
                      max_tokens=int(rng.integers(1, 30)), seed=int(i), **settings[i % 4]) for i in range(16)]
 
-    async def ask_all():
+    async def ask(concurrently):
         async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0) as c:
-            return await asyncio.gather(*(c.completions.create(model="tiny", **r) for r in requests))
+            if concurrently:
+                return await asyncio.gather(*(c.completions.create(model="tiny", **r) for r in requests))
+            return [await c.completions.create(model="tiny", **r) for r in requests]
 
-    answers = asyncio.run(ask_all())
-    for r, answer in zip(requests, answers):
-        alone = generate(config, params, [r["prompt"]], r["max_tokens"], temperature=r["temperature"],
-                         top_p=r.get("top_p"), top_k=r.get("extra_body", {}).get("top_k"), seed=r["seed"], eos_id=2)
-        assert answer.choices[0].text == decoded(alone[0]), r
+    together, alone = asyncio.run(ask(True)), asyncio.run(ask(False))
+    for r, answer, solo in zip(requests, together, alone):
+        assert answer.choices[0].text == solo.choices[0].text, r
+        assert answer.choices[0].finish_reason == solo.choices[0].finish_reason, r
+        if r["temperature"] == 0:
+            assert answer.choices[0].text == decoded(hf_greedy_recompute(ref.model, r["prompt"], r["max_tokens"], 2))
+    assert len({a.choices[0].text for a in together}) == 16  # seeds and prompts differ: so do the answers
 
 
 def test_a_request_arriving_mid_decode_starts_before_the_running_one_ends(served):
