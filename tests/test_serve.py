@@ -130,7 +130,7 @@ def test_sixteen_concurrent_requests_each_get_their_solo_result(served):
     """16 requests at once (4 slots: most wait, join and leave mid-run), mixed prompt and answer
     lengths, greedy and sampled with their own seeds: each gets what it gets sent alone, the
     greedy ones HF's greedy text. (The engine's equality to generate() of each request alone is
-    tests/test_engine.py's; compiling generate here crashed XLA's compiler late in the full suite.)"""
+    tests/test_engine.py's.)"""
     url, ref, _ = served
     rng = np.random.default_rng(3)
     settings = [dict(temperature=0), dict(temperature=0.8), dict(temperature=1.0, top_p=0.9),
