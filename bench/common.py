@@ -137,6 +137,21 @@ def memory_bandwidth() -> float:
     return 3 * 4 * n / seconds
 
 
+def hf_forward_seconds(model, config: MistralConfig, reps: int) -> float:
+    """Median seconds of an HF model's forward over a random [8, 512] batch, no cache, sdpa
+    attention (which the model is switched to)."""
+    import numpy as np
+    import torch
+
+    model.config._attn_implementation = "sdpa"
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, config.vocab_size, (8, 512))).long()
+
+    def forward():
+        with torch.no_grad():
+            model(tokens, use_cache=False)
+    return timed(forward, reps=reps)
+
+
 def random_hf_model(config: MistralConfig, seed: int = 0):
     """transformers' model of config (MistralForCausalLM, MixtralForCausalLM with experts,
     Mistral4ForCausalLM with latent attention, ...) with default random init, and the same

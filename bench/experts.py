@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, hf_train_step, our_train_step_seconds, random_hf_model, timed
+from bench.common import CONFIGS, hf_forward_seconds, hf_train_step, our_train_step_seconds, random_hf_model, timed
 
 PROMPT, NEW = 32, 64
 
@@ -70,14 +70,7 @@ def _ours(config, params, reps: int) -> dict:
 def _hf(model, config, reps: int) -> dict:
     import torch
 
-    times = {}
-    model.config._attn_implementation = "sdpa"
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, config.vocab_size, (8, 512))).long()
-
-    def forward():
-        with torch.no_grad():
-            model(tokens, use_cache=False)
-    times["forward"] = timed(forward, reps=reps)
+    times = {"forward": hf_forward_seconds(model, config, reps)}
 
     batch = torch.from_numpy(np.random.default_rng(1).integers(0, config.vocab_size, (8, 257))).long()
     step = hf_train_step(model.train(), batch, config.moe.router_aux_loss_coef if config.moe else 0.0)

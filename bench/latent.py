@@ -18,7 +18,8 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, hf_train_step, our_train_step_seconds, random_hf_model, timed
+from bench.common import (CONFIGS, hf_forward_seconds, hf_train_step, our_train_step_seconds, random_hf_model,
+                          timed)
 
 BATCH, CONTEXTS, STEPS = 4, (32, 1024), 16
 CACHED = 4096  # the decode attention rows' context
@@ -130,14 +131,7 @@ def _decode_attention(config, reps: int) -> dict:
 def _hf(model, config, reps: int) -> dict:
     import torch
 
-    times = {}
-    model.config._attn_implementation = "sdpa"
-    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, config.vocab_size, (8, 512))).long()
-
-    def forward():
-        with torch.no_grad():
-            model(tokens, use_cache=False)
-    times["forward 8x512"] = timed(forward, reps=reps)
+    times = {"forward 8x512": hf_forward_seconds(model, config, reps)}
 
     def generate(prompts, new):
         with torch.no_grad():

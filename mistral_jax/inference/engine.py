@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from mistral_jax.inference.sampling import (PREFILL_CHUNK, Sampler, bucket, decoding_layout, filter_logits, prefill,
-                                            prompt_layout)
+from mistral_jax.inference.sampling import (PREFILL_CHUNK, Sampler, bucket, decoding_layout, empty_cache,
+                                            filter_logits, prefill, prompt_layout)
 from mistral_jax.model.cache import KVCache
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
@@ -116,9 +116,7 @@ def take_rows(state: SlotState, rows: jax.Array) -> SlotState:
 @functools.partial(jax.jit, static_argnames=("config", "slots", "max_len", "mesh"))
 def empty_slots(config: MistralConfig, *, slots: int, max_len: int, mesh: Mesh | None = None) -> SlotState:
     """Every slot free, its cache empty (sharded over mesh as KVCache.shardings says)."""
-    cache = KVCache.init(config, slots, max_len)
-    if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
+    cache = empty_cache(config, slots, max_len, mesh)
     zeros = jnp.zeros((slots,), jnp.int32)
     return SlotState(cache=cache, last=zeros, position=zeros + FREE, count=zeros, budget=zeros,
                      live=jnp.zeros((slots,), bool), keys=jax.random.split(jax.random.key(0), slots),
@@ -134,9 +132,7 @@ def admit(params, config: MistralConfig, state: SlotState, prompts: jax.Array, l
           mesh: Mesh | None = None) -> tuple[SlotState, jax.Array]:
     """Prefills prompts [b, P] (right-padded to a multiple of chunk; rows of length 0 are
     padding) into slots `rows` [b] (S for a padding row) and samples each first token [b]."""
-    cache = KVCache.init(config, prompts.shape[0], max_len)
-    if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
+    cache = empty_cache(config, prompts.shape[0], max_len, mesh)
     logits, cache = prefill(params, config, prompts, lengths, cache, chunk)
     keys = jax.random.wrap_key_data(seeds)
     first = choose(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), temperature, top_k, top_p)
@@ -299,7 +295,8 @@ class Engine:
             if request is not None and request.cancelled:
                 self._busy[slot] = None
         with self._wake:
-            self._pending = collections.deque(r for r in self._pending if not r.cancelled)
+            if any(r.cancelled for r in self._pending):
+                self._pending = collections.deque(r for r in self._pending if not r.cancelled)
 
     def _admit(self, requests: list[Request], slots: list[int]) -> None:
         chunk, padded = prompt_layout(self.config, max(len(r.prompt) for r in requests), self.prefill_chunk)

@@ -161,15 +161,19 @@ def prefill(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Arra
     return jax.lax.fori_loop(0, n_chunks, body, init)
 
 
+def empty_cache(config: MistralConfig, batch: int, max_len: int, mesh: Mesh | None = None) -> KVCache:
+    """KVCache.init, born sharded over mesh (KVCache.shardings) when there is one; inside jit."""
+    cache = KVCache.init(config, batch, max_len)
+    return cache if mesh is None else jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
+
+
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "eos_id", "chunk", "max_tokens", "mesh"))
 def start(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array, key: jax.Array, *,
           sampler: Sampler, eos_id: int, chunk: int, max_tokens: int, mesh: Mesh | None = None) -> SamplingState:
     """Prefills the prompts and samples the first token; max_tokens is the output bucket.
     With a mesh, the cache is born sharded over it (KVCache.shardings)."""
     B, P = prompts.shape
-    cache = KVCache.init(config, B, P + max_tokens)
-    if mesh is not None:
-        cache = jax.lax.with_sharding_constraint(cache, cache.shardings(mesh))
+    cache = empty_cache(config, B, P + max_tokens, mesh)
     logits, cache = prefill(params, config, prompts, lengths, cache, chunk)
     first = sample_logits(logits, jax.random.fold_in(key, 0), sampler)
     tokens = jnp.zeros((B, max_tokens), jnp.int32).at[:, 0].set(first)

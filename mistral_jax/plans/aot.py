@@ -131,13 +131,18 @@ def train_program(lora_rank: int | None) -> str:
     return "train" if lora_rank is None else f"train LoRA r{lora_rank}"
 
 
+def _abstract_params(config: MistralConfig, mesh):
+    """The params as abstract arrays in config.param_dtype, sharded as param_shardings says."""
+    return jax.tree_util.tree_map(
+        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, jnp.dtype(config.param_dtype), sharding=s),
+        jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
+
+
 def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, new_tokens: int) -> list[Report]:
     """Prefill of prompts [batch, prompt_len] then the decode loop up to new_tokens, params in
     config.param_dtype and the layers stacked (as accelerators decode), the KV cache sharded
     as KVCache.shardings says."""
-    params = jax.tree_util.tree_map(
-        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, jnp.dtype(config.param_dtype), sharding=s),
-        jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
+    params = _abstract_params(config, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=replicated)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
@@ -163,9 +168,7 @@ def compile_serve(config: MistralConfig, mesh, slots: int, max_len: int, steps_p
     of prompts of max_len / 2 tokens, as many as its default prefill budget takes at once (at
     least one), and the decode step of every slot; the slots' cache sharded as
     KVCache.shardings says and held across calls (donated, so both write it in place)."""
-    params = jax.tree_util.tree_map(
-        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, jnp.dtype(config.param_dtype), sharding=s),
-        jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
+    params = _abstract_params(config, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = jax.eval_shape(functools.partial(engine.empty_slots, config, slots=slots, max_len=max_len))
     cache_shardings = state.cache.shardings(mesh)
