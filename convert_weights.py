@@ -64,7 +64,8 @@ def main():
         config, params = load_checkpoint(args.dst)
         result = compare_with_pytorch(args.src, config, params, args.verify_tokens)
         print(f"verify: max |logit diff| {result.max_abs_diff:.3g} (logits up to {result.logit_scale:.3g}), "
-              f"top-1 agreement {100 * result.top1_agreement:.2f}% over {result.n_tokens} tokens")
+              f"top-1 agreement {100 * result.top1_agreement:.2f}% over {result.n_tokens} tokens"
+              + (f", with images ({result.n_images})" if result.n_images else ""))
         if not result.ok(args.verify_tol):
             print(f"error: logits differ by more than {args.verify_tol:g} x their scale", file=sys.stderr)
             return 1

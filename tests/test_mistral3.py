@@ -9,7 +9,6 @@ the query scale and YaRN's interpolation both matter."""
 import copy
 import dataclasses
 import json
-import logging
 import math
 import os
 
@@ -179,22 +178,24 @@ def mistral3_ministral3(tmp_path_factory):
     return out, tokens.numpy(), logits
 
 
-def test_mistral3_with_a_ministral3_text_model(mistral3_ministral3, tmp_path, capsys, caplog):
-    """Its text model equals HF's (the vision tower skipped, said with its count), --verify
-    passes, and --to-hf writes a Ministral3ForCausalLM that transformers loads to the same logits."""
+def test_mistral3_with_a_ministral3_text_model(mistral3_ministral3, tmp_path, capsys):
+    """Its text model equals HF's, --verify passes (text, and images), and --to-hf writes a
+    Mistral3ForConditionalGeneration around a Ministral3 text model that transformers loads to the
+    same logits."""
     out, tokens, logits = mistral3_ministral3
     vision = [n for n in load_file(out / "model.safetensors") if "vision_tower" in n or "multi_modal" in n]
-    with caplog.at_level(logging.WARNING, logger="mistral_jax"):
-        config, params = load_pytorch(str(out))
-    assert f"skipping its {len(vision)} vision encoder and projector tensors" in caplog.text
+    config, params = load_pytorch(str(out))
+    assert len(jax.tree_util.tree_leaves(params["vision"])) == len(vision) and config.vision.act == "gelu"
     assert config.yarn is not None and config.llama_4_scaling is not None and config.tied_embeddings
     assert np.abs(np.asarray(forward(config, params, tokens)) - logits).max() < TOL
     status, stdout, _ = run_script(capsys, convert_weights, out, tmp_path / "jax", "--dtype", "float32", "--verify")
     assert status == 0 and "top-1 agreement 100.00%" in stdout
     assert run_script(capsys, convert_weights, tmp_path / "jax", tmp_path / "hf", "--to-hf")[0] == 0
-    text_only = transformers.Ministral3ForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager")
+    exported = transformers.Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "hf",
+                                                                            attn_implementation="eager")
+    assert exported.config.text_config.model_type == "ministral3"
     with torch.no_grad():
-        assert np.abs(text_only(torch.tensor(tokens)).logits.numpy() - logits).max() < TOL
+        assert np.abs(exported(torch.tensor(tokens)).logits.numpy() - logits).max() < TOL
 
 
 # ---- LlamaForCausalLM ----------------------------------------------------------------------------

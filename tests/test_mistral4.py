@@ -282,7 +282,7 @@ def test_native_verify(mistral4, tmp_path, capsys):
 def test_mistral3_with_a_mistral4_text_model(tmp_path, capsys):
     """Mistral Small 4 as the hub has it: Mistral3ForConditionalGeneration around a mistral4
     text model (a tiny Pixtral tower beside it). Its text model converts and verifies to the
-    wrapper's own logits, and --to-hf writes a Mistral4ForCausalLM with them."""
+    wrapper's own logits, and --to-hf writes the wrapper back with them."""
     torch.manual_seed(5)
     vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                               num_attention_heads=2, head_dim=16, image_size=32, patch_size=8)
@@ -303,9 +303,11 @@ def test_mistral3_with_a_mistral4_text_model(tmp_path, capsys):
     assert converted.mla is not None and converted.moe.n_shared_experts == 1
     np.testing.assert_allclose(np.asarray(forward(converted, params, tokens.numpy())), logits, atol=TOL)
     assert run_script(capsys, convert_weights, tmp_path / "jax", tmp_path / "out", "--to-hf")[0] == 0
-    text_only = transformers.Mistral4ForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager")
+    exported = transformers.Mistral3ForConditionalGeneration.from_pretrained(tmp_path / "out",
+                                                                            attn_implementation="eager")
+    assert exported.config.text_config.model_type == "mistral4"
     with torch.no_grad():
-        np.testing.assert_allclose(text_only(tokens).logits.numpy(), logits, atol=TOL)
+        np.testing.assert_allclose(exported(tokens).logits.numpy(), logits, atol=TOL)
 
 
 def test_lora_equals_hf_peft(mistral4, tmp_path):

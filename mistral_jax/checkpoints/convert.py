@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator, Mapping
@@ -23,16 +22,13 @@ import ml_dtypes
 import numpy as np
 
 from mistral_jax.checkpoints import fp8
-from mistral_jax.checkpoints.layouts import IGNORED, VISION, row_order, source_names, tensor_names, torch_view
+from mistral_jax.checkpoints.layouts import IGNORED, rows_of, source_names, tensor_names, torch_view
 from mistral_jax.checkpoints.store import atomic_directory, check_destination, load_checkpoint, save_checkpoint
 from mistral_jax.checkpoints.tensor_files import (TensorFileError, aligned_empty, read_tensor_file, to_numpy,
                                                   write_safetensors)
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import abstract_params
 from mistral_jax.text.tokenizer import Tokenizer, checkpoint_name, find_tokenizer
-
-logger = logging.getLogger("mistral_jax")
-
 
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be read as a Mistral model."""
@@ -46,7 +42,6 @@ class Source:
     layout: str  # "hf" or "native"
     files: tuple[str, ...]  # the weight files
     config: MistralConfig
-    multimodal: bool  # a vision-language model's: its text model is read, the rest skipped
     fp8_block: tuple[int, int]  # the block of FP8 block scales (fp8.py)
     rope_interleave: bool = True  # latent attention's rope rows stored as interleaved pairs
 
@@ -57,10 +52,7 @@ def find_source(path: str) -> Source:
     d = _read_json(file)
     if not isinstance(d, dict):
         raise CheckpointError(f"{file} does not hold a JSON object")
-    if layout == "hf":
-        config, multimodal = MistralConfig.from_hf_dict(d), d.get("model_type") == "mistral3"
-    else:
-        config, multimodal = MistralConfig.from_params_dict(d), bool(d.get("vision_encoder"))
+    config = MistralConfig.from_hf_dict(d) if layout == "hf" else MistralConfig.from_params_dict(d)
     try:
         block = fp8.block_size(d.get("quantization_config"))
     except fp8.ScaleError as e:
@@ -69,7 +61,7 @@ def find_source(path: str) -> Source:
     interleave = text.get("rope_interleave", True) if layout == "hf" else True
     if interleave is not None and not isinstance(interleave, bool):
         raise CheckpointError(f"{file}: rope_interleave must be true or false, got {interleave!r}")
-    return Source(path, layout, tuple(files), config, multimodal, block, bool(interleave))  # null: as transformers
+    return Source(path, layout, tuple(files), config, block, bool(interleave))  # null: as transformers
 
 
 # ---- finding checkpoints --------------------------------------------------------------------
@@ -134,15 +126,10 @@ def iter_flax_params(source: Source, sources: Mapping[str, Mapping[str, object]]
     """Yields (Flax path, numpy array in dtype) per parameter, layers stacked, one at a time.
 
     sources maps each tensor name to the file mapping that holds it; a tensor is mapped
-    from its file only while it is converted. A multimodal checkpoint's text model is read,
-    its vision tensors skipped (said); FP8 weights are dequantized with their scales.
+    from its file only while it is converted. FP8 weights are dequantized with their scales.
     """
     present = {k for k in sources if not IGNORED.match(k)}
-    names, skipped = source_names(source.layout, config, present, source.multimodal)
-    vision = [name for name in skipped if VISION.match(name)]
-    if vision:
-        logger.warning("reading the text model of a multimodal checkpoint; skipping its %d vision encoder "
-                       "and projector tensors", len(vision))
+    names, skipped = source_names(source.layout, config, present)
     scales, activation_scales = fp8.scales_of(present)
     unread = set(skipped) | {scale for weight, scale in scales.items() if weight in skipped}  # with their scales
     scales = {weight: scale for weight, scale in scales.items() if weight not in unread}
@@ -160,13 +147,13 @@ def iter_flax_params(source: Source, sources: Mapping[str, Mapping[str, object]]
     np_dtype = jnp.dtype(dtype)
 
     def load(key: tuple[tuple, tuple], kernel: np.ndarray) -> None:
-        tensor, leaf = names[key], key[0][-1]
+        tensor, path = names[key], key[0]
         name = tensor.name
         w = tensor.rows(to_numpy(sources[name][name]))
-        view = torch_view(leaf, kernel)  # the kernel in PyTorch's layout: what is written there lands in it
+        view = torch_view(path[-1], kernel)  # the kernel in PyTorch's layout: what is written there lands in it
         if tuple(w.shape) != view.shape:
             raise CheckpointError(f"tensor {name} has shape {tuple(w.shape)}, the config expects {view.shape}")
-        order = row_order(leaf, config, source.layout, source.rope_interleave)  # where each source row goes
+        order = rows_of(path, config, source.layout, source.rope_interleave)  # where each source row goes
         into = lambda rows: rows if order is None else order[rows]  # noqa: E731
         if w.dtype in fp8.FLOAT8:
             if name not in scales:
@@ -241,8 +228,8 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
             max_shard_bytes: int = HF_SHARD_BYTES, on_tensor: Callable[[str], None] = lambda name: None
             ) -> list[str]:
     """Writes config.json and model.safetensors (sharded with an index above max_shard_bytes),
-    as transformers' MistralForCausalLM (Ministral..., Mixtral..., Ministral3..., Mistral4...)
-    .from_pretrained reads them. Returns the files written."""
+    as transformers' MistralForCausalLM (Ministral..., Mixtral..., Ministral3..., Mistral4...,
+    Mistral3ForConditionalGeneration with a vision encoder) .from_pretrained reads them. Returns the files written."""
     if config.hf_obstacle:
         raise CheckpointError(f"{config.hf_obstacle}, so no HF model holds this one")
     np_dtype = jnp.dtype(dtype) if dtype else None
@@ -256,7 +243,7 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
         leaf = arrays
         for key in path:
             leaf = leaf[key]
-        view, order = torch_view(path[-1], leaf[index]), row_order(path[-1], config, "hf")
+        view, order = torch_view(path[-1], leaf[index]), rows_of(path, config, "hf")
         return view if order is None else view[order]
 
     entries = []

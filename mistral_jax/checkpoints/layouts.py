@@ -78,9 +78,29 @@ HF_TEXT_PREFIXES = {
     "model.language_model.embed_tokens.weight": ("model.language_model.", ""),
     "language_model.model.embed_tokens.weight": ("language_model.model.", "language_model."),
 }
-# What a multimodal checkpoint holds beside its text model (HF and native names), not read.
-VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\.|"
-                    r"(vision_encoder|vision_language_adapter|patch_merger|pre_mm_projector_norm)\.")
+# The vision encoder's and projector's (model/vision.py), under `vision`: Flax path -> (native
+# name, HF name, without the prefix of Mistral3ForConditionalGeneration's model: `vision_prefix`).
+VISION_TENSORS = {
+    ("encoder", "patch_conv"): ("vision_encoder.patch_conv", "vision_tower.patch_conv"),
+    ("encoder", "ln_pre", "weight"): ("vision_encoder.ln_pre", "vision_tower.ln_pre"),
+    ("norm", "weight"): ("pre_mm_projector_norm", "multi_modal_projector.norm"),
+    ("projector", "merging_layer"): ("patch_merger.merging_layer", "multi_modal_projector.patch_merger.merging_layer"),
+    ("projector", "w_in"): ("vision_language_adapter.w_in", "multi_modal_projector.linear_1"),
+    ("projector", "w_out"): ("vision_language_adapter.w_out", "multi_modal_projector.linear_2"),
+}
+# An encoder layer's, under native `vision_encoder.transformer.layers.i.` and HF
+# `vision_tower.transformer.layers.i.`: the text block's native names, HF's own projections' names.
+VISION_LAYER_TENSORS = {
+    ("attention", "wq"): ("attention.wq", "attention.q_proj"),
+    ("attention", "wk"): ("attention.wk", "attention.k_proj"),
+    ("attention", "wv"): ("attention.wv", "attention.v_proj"),
+    ("attention", "wo"): ("attention.wo", "attention.o_proj"),
+    ("feed_forward", "w1"): ("feed_forward.w1", "feed_forward.gate_proj"),
+    ("feed_forward", "w2"): ("feed_forward.w2", "feed_forward.down_proj"),
+    ("feed_forward", "w3"): ("feed_forward.w3", "feed_forward.up_proj"),
+    ("attention_norm", "weight"): ("attention_norm", "attention_norm"),
+    ("ffn_norm", "weight"): ("ffn_norm", "ffn_norm"),
+}
 
 
 class Tensor(NamedTuple):
@@ -123,12 +143,16 @@ def layer_tensors(c: MistralConfig) -> dict[tuple, tuple[str, str]]:
     return {**attention, **NORM_TENSORS, **feed_forward}
 
 
-def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] = ("model.", "")
+def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] | None = None
                  ) -> dict[tuple[tuple, tuple], Tensor]:
     """(Flax param path, index into it) -> its Tensor in a checkpoint of layout. The index is ()
     for a top-level param, (layer,) under a stack, (layer, expert) for an expert's; a tensor of
     every expert (HF's fused ones) has the index (layer,). Layers are numbered across the
-    stacks (config.stacks); an HF text model lies under hf_prefixes (HF_TEXT_PREFIXES)."""
+    stacks (config.stacks); an HF text model lies under hf_prefixes (HF_TEXT_PREFIXES; by
+    default MistralForCausalLM's, or with a vision encoder Mistral3ForConditionalGeneration's
+    as transformers >= 5 writes it), its vision encoder beside it."""
+    if hf_prefixes is None:
+        hf_prefixes = ("model.language_model.", "") if c.vision else ("model.", "")
     pick = 0 if layout == "native" else 1
     prefix = "layers" if layout == "native" else "model.layers"
     names = {(path, ()): Tensor(names[pick] + ".weight") for path, names in top_tensors(c).items()}
@@ -150,19 +174,38 @@ def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] = (
         body, head = hf_prefixes
         names = {key: t._replace(name=body + t.name.removeprefix("model.") if t.name.startswith("model.")
                                  else head + t.name) for key, t in names.items()}
+    if c.vision is not None:
+        names.update(vision_tensor_names(layout, c, vision_prefix(hf_prefixes)))
     return names
 
 
-def source_names(layout: str, config: MistralConfig, present, multimodal: bool = False
+def vision_prefix(hf_prefixes: tuple[str, str]) -> str:
+    """Where an HF checkpoint keeps the vision tower and projector, beside its text model: under
+    "model." as transformers >= 5 saves Mistral3ForConditionalGeneration, at the top as 4.x did."""
+    return "model." if hf_prefixes[0].startswith("model.") else ""
+
+
+def vision_tensor_names(layout: str, c: MistralConfig, prefix: str) -> dict[tuple[tuple, tuple], Tensor]:
+    """tensor_names' entries of the vision encoder and projector (config.vision)."""
+    pick = 0 if layout == "native" else 1
+    prefix = "" if layout == "native" else prefix
+    names = {(("vision",) + path, ()): Tensor(prefix + pair[pick] + ".weight") for path, pair in VISION_TENSORS.items()}
+    layers = "vision_encoder.transformer.layers" if layout == "native" else "vision_tower.transformer.layers"
+    for i in range(c.vision.n_layers):
+        for path, pair in VISION_LAYER_TENSORS.items():
+            names[("vision", "encoder", "layers") + path, (i,)] = Tensor(f"{prefix}{layers}.{i}.{pair[pick]}.weight")
+    return names
+
+
+def source_names(layout: str, config: MistralConfig, present
                  ) -> tuple[dict[tuple[tuple, tuple], Tensor], list[str]]:
     """(tensor_names' keys -> the Tensor of each among `present`, the present tensors not read:
-    a multimodal checkpoint's vision encoder and projector; a tied model's copy of its
-    embedding as lm_head)."""
+    a tied model's copy of its embedding as lm_head)."""
     prefixes = ("model.", "")
     if layout == "hf":
         prefixes = next((p for embedding, p in HF_TEXT_PREFIXES.items() if embedding in present), prefixes)
     names = tensor_names(layout, config, prefixes)
-    skipped = {name for name in present if multimodal and VISION.match(name)}
+    skipped = set()
     if config.tied_embeddings:  # some writers keep the tied copy too; the model reads the embedding
         head = (prefixes[1] + "lm_head" if layout == "hf" else "output") + ".weight"
         skipped |= {head} & set(present)
@@ -177,9 +220,22 @@ def torch_view(leaf: str, kernel: np.ndarray) -> np.ndarray:
         return kernel.reshape(kernel.shape[0], -1).T  # [in, N, d] as [N*d, in]
     if leaf == "wo":
         return kernel.reshape(-1, kernel.shape[-1]).T  # [H, d, D] as [D, H*d]
-    if leaf in ("w1", "w2", "w3", "gate", "output", "wq_a", "wkv_a_with_mqa"):
+    if leaf in ("w1", "w2", "w3", "gate", "output", "wq_a", "wkv_a_with_mqa", "merging_layer", "w_in", "w_out"):
         return np.swapaxes(kernel, -1, -2)
+    if leaf == "patch_conv":
+        return np.moveaxis(kernel, -1, 0)  # [C, p, p, Dv] as torch's Conv2d weight [Dv, C, p, p]
     return kernel
+
+
+def rows_of(path: tuple, config: MistralConfig, layout: str, rope_interleave: bool = True) -> np.ndarray | None:
+    """row_order of the parameter at Flax path: the vision encoder's native wq/wk rotate
+    interleaved pairs of its heads as the text model's do."""
+    if path[0] != "vision":
+        return row_order(path[-1], config, layout, rope_interleave)
+    v = config.vision
+    if layout != "native" or path[-1] not in ("wq", "wk"):
+        return None
+    return rotate_half_rows(v.dim, v.n_heads)
 
 
 def row_order(leaf: str, config: MistralConfig, layout: str, rope_interleave: bool = True) -> np.ndarray | None:

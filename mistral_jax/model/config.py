@@ -16,8 +16,8 @@ from typing import Any
 
 from mistral_jax.model import config_files
 from mistral_jax.model.config_files import DEFAULT_MAX_SEQ_LEN, parser
-from mistral_jax.model.config_groups import (ConfigError, LatentAttention, Llama4Scaling, MoE, YaRN, check_int,
-                                             check_number)
+from mistral_jax.model.config_groups import (ConfigError, LatentAttention, Llama4Scaling, MoE, Vision, YaRN,
+                                             check_int, check_number)
 from mistral_jax.model.presets import PRESETS
 
 
@@ -63,6 +63,7 @@ class MistralConfig:
     mla: LatentAttention | None = None  # latent attention in place of grouped-query attention (Small 4)
     yarn: YaRN | None = None  # rope frequencies scaled for long context (Ministral 3)
     llama_4_scaling: Llama4Scaling | None = None  # queries scaled by position (Ministral 3)
+    vision: Vision | None = None  # images in: a vision encoder and projector (Small 3.1, Ministral 3, ...)
     # ---- how to run it
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"  # storage dtype of parameters
@@ -82,7 +83,8 @@ class MistralConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         object.__setattr__(self, "sliding_window", _window_pattern(self.sliding_window, self.n_layers))
-        for name, group in (("moe", MoE), ("mla", LatentAttention), ("yarn", YaRN), ("llama_4_scaling", Llama4Scaling)):
+        for name, group in (("moe", MoE), ("mla", LatentAttention), ("yarn", YaRN), ("llama_4_scaling", Llama4Scaling),
+                            ("vision", Vision)):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), group):
                 raise ConfigError(f"{name} must be a {group.__name__} or None, got {getattr(self, name)!r}")
         if self.mla is not None and (self.head_dim, self.n_kv_heads) != (self.mla.qk_head_dim, self.n_heads):
@@ -95,6 +97,9 @@ class MistralConfig:
                                   f"{self.n_layers} layers to the experts")
             if self.grouped_layers:
                 raise ConfigError("dense-first layers (first_k_dense_replace) with per-layer windows are not supported")
+        if self.vision is not None and self.vision.image_token_id >= self.vocab_size:
+            raise ConfigError(f"image_token_id ({self.vision.image_token_id}) is outside the vocabulary "
+                              f"({self.vocab_size})")
         if not isinstance(self.tied_embeddings, bool):
             raise ConfigError(f"tied_embeddings must be true or false, got {self.tied_embeddings!r}")
         check_number(self, "norm_eps", positive=True)
@@ -175,12 +180,13 @@ class MistralConfig:
 
     @property
     def num_params(self) -> int:
-        return self._count_params(self.moe.n_experts if self.moe else 1)
+        vision = 0 if self.vision is None else self.vision.num_params(self.dim)
+        return self._count_params(self.moe.n_experts if self.moe else 1) + vision
 
     @property
     def active_params(self) -> int:
         """The parameters a token's forward pass multiplies by: num_params less the experts
-        it is not routed to."""
+        it is not routed to and the vision encoder."""
         return self._count_params(self.moe.n_experts_per_tok if self.moe else 1)
 
     def _count_params(self, experts: int) -> int:

@@ -5,7 +5,8 @@ Reading handles what real checkpoints contain: `sliding_window` null, a string o
 list; HF `layer_types`; `rope_theta` at the top level (transformers < 5), under
 `rope_parameters` (>= 5) or, in params.json, absent; YaRN and Llama 4's query scale (HF
 `rope_parameters`, native "yarn" and "llama_4_scaling"); tied embeddings; experts in either
-format; Llama's config.json; the text model of a multimodal checkpoint. Whatever cannot describe
+format; Llama's config.json; a multimodal checkpoint's vision encoder and projector (HF
+`vision_config` of Mistral3ForConditionalGeneration, native "vision_encoder"). Whatever cannot describe
 a model is a ConfigError naming the field; a setting not understood is refused, never dropped.
 """
 
@@ -18,8 +19,8 @@ import math
 import os
 from typing import Any
 
-from mistral_jax.model.config_groups import (ConfigError, LatentAttention, Llama4Scaling, MoE, YaRN, to_float,
-                                             yarn_mscale)
+from mistral_jax.model.config_groups import (ConfigError, LatentAttention, Llama4Scaling, MoE, Vision, YaRN,
+                                             to_float, yarn_mscale)
 
 logger = logging.getLogger("mistral_jax")
 
@@ -60,8 +61,9 @@ def parser(source: str):
 def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
     """MistralConfig's fields from the config.json of MistralForCausalLM, MinistralForCausalLM,
     MixtralForCausalLM, Ministral3ForCausalLM, Mistral4ForCausalLM (latent attention, fine-grained
-    experts), LlamaForCausalLM (the same block without a window), or the text model of
-    Mistral3ForConditionalGeneration (its vision tower and projector are not read)."""
+    experts), LlamaForCausalLM (the same block without a window), or
+    Mistral3ForConditionalGeneration (any of those as its text model, and its vision tower and
+    projector: `vision`)."""
     model_type = d.get("model_type", "mistral")
     if model_type == "mistral3":
         text = d.get("text_config")
@@ -71,7 +73,8 @@ def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
         # transformers 5.24 would tie a file that says nothing, dropping an lm_head it holds (a
         # 4.x-written Small 3.1); untied, a file without lm_head is a one-line error, not a guess.
         tied = d.get("tie_word_embeddings", text.get("tie_word_embeddings", False))
-        return hf_fields({"model_type": "mistral", **text, "tie_word_embeddings": tied})
+        fields = hf_fields({"model_type": "mistral", **text, "tie_word_embeddings": tied})
+        return {**fields, "vision": _hf_vision(d)}
     if not isinstance(model_type, str) or model_type not in HF_DEFAULT_EPS:
         raise ConfigError(f"config.json has model_type {model_type!r}, expected one of "
                           f"{', '.join(map(repr, HF_DEFAULT_EPS))} or 'mistral3'")
@@ -96,6 +99,51 @@ def hf_fields(d: dict[str, Any]) -> dict[str, Any]:
         fields["moe"] = MoE(d["num_local_experts"], d["num_experts_per_tok"],
                             to_float("router_aux_loss_coef", d.get("router_aux_loss_coef", 0.001)))
     return fields
+
+
+# Mistral3Config's settings whose only implemented value is what every release has.
+_HF_PROJECTOR_FIXED = {"projector_hidden_act": "gelu", "multimodal_projector_bias": False, "vision_feature_layer": -1}
+
+
+def _hf_vision(d: dict[str, Any]) -> Vision:
+    """Mistral3ForConditionalGeneration's vision tower (a PixtralVisionConfig) and projector."""
+    v = d.get("vision_config")
+    if not isinstance(v, dict):
+        raise ConfigError("config.json has model_type 'mistral3' but no vision_config object")
+    if v.get("model_type", "pixtral") != "pixtral":
+        raise ConfigError(f"config.json vision_config has model_type {v['model_type']!r}, expected 'pixtral'")
+    for key, plain in _HF_PROJECTOR_FIXED.items():
+        if d.get(key, plain) not in (plain, [plain]):
+            raise ConfigError(f"config.json sets {key} {d[key]!r}: only {plain!r} (every release's) is implemented")
+    rope = v.get("rope_parameters") or {}
+    if not isinstance(rope, dict) or rope.get("rope_type", "axial") not in ("axial", "default"):
+        raise ConfigError(f"config.json vision_config rope_parameters {rope!r}: the Pixtral encoder's rope is axial")
+    dim, heads = v.get("hidden_size", 1024), v.get("num_attention_heads", 16)
+    if v.get("head_dim") not in (None, dim // heads):  # transformers sets it so, whatever the file says
+        raise ConfigError(f"config.json vision_config head_dim {v['head_dim']!r} is not hidden_size / "
+                          f"num_attention_heads ({dim // heads}), which the Pixtral encoder uses")
+    return Vision(dim=dim, hidden_dim=v.get("intermediate_size", 4096), n_layers=v.get("num_hidden_layers", 24),
+                  n_heads=heads, patch_size=v.get("patch_size", 16), image_size=v.get("image_size", 1024),
+                  rope_theta=to_float("vision rope_theta", rope.get("rope_theta", v.get("rope_theta", 10000.0))),
+                  num_channels=v.get("num_channels", 3), act=v.get("hidden_act", "gelu"),
+                  spatial_merge_size=d.get("spatial_merge_size", 2),
+                  image_token_id=d.get("image_token_index", d.get("image_token_id", 10)))
+
+
+def _hf_vision_dict(config, text: dict[str, Any]) -> dict[str, Any]:
+    """Mistral3ForConditionalGeneration's config.json around the text model's."""
+    v = config.vision
+    text = {k: value for k, value in text.items() if k not in ("architectures", "torch_dtype")}
+    return {
+        "architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3", "text_config": text,
+        "vision_config": {"model_type": "pixtral", "hidden_size": v.dim, "intermediate_size": v.hidden_dim,
+                          "num_hidden_layers": v.n_layers, "num_attention_heads": v.n_heads,
+                          "head_dim": v.head_dim, "num_channels": v.num_channels, "image_size": v.image_size,
+                          "patch_size": v.patch_size, "hidden_act": v.act,
+                          "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta}},
+        "image_token_index": v.image_token_id, "spatial_merge_size": v.spatial_merge_size,
+        **_HF_PROJECTOR_FIXED, "tie_word_embeddings": config.tied_embeddings, "torch_dtype": config.param_dtype,
+    }
 
 
 def _hf_mistral4_fields(d: dict[str, Any], max_seq_len: Any) -> dict[str, Any]:
@@ -140,6 +188,8 @@ def hf_dict(config) -> dict[str, Any]:
     if config.yarn is not None or config.llama_4_scaling is not None:
         d["rope_parameters"] = _hf_rope_parameters(config)
         del d["rope_theta"]
+    if config.vision is not None:
+        return _hf_vision_dict(config, hf_dict(config.replace(vision=None)))
     if config.mla is not None:
         return _hf_mistral4_dict(config, d)
     if config.moe is not None:
@@ -312,7 +362,32 @@ def params_fields(d: dict[str, Any]) -> dict[str, Any]:
     if scaling := _block(d, "llama_4_scaling", {"beta", "original_max_position_embeddings"}):
         fields["llama_4_scaling"] = Llama4Scaling(to_float("llama_4_scaling beta", scaling["beta"]),
                                                   scaling["original_max_position_embeddings"])
+    if vision := _block(d, "vision_encoder", {*_NATIVE_VISION, *_NATIVE_VISION_FIXED, "image_size",
+                                              "max_image_size"}):
+        for key, plain in _NATIVE_VISION_FIXED.items():
+            if vision.get(key, plain) != plain:
+                raise ConfigError(f"params.json vision_encoder {key} {vision[key]!r}: only {plain!r} (every "
+                                  "Mistral 3 release's) is implemented")
+        size = vision.get("max_image_size", vision.get("image_size"))
+        if "image_size" in vision and vision["image_size"] != size:
+            raise ConfigError(f"params.json vision_encoder has image_size {vision['image_size']!r} and "
+                              f"max_image_size {size!r}: one longest side is implemented")
+        given = {field: vision[key] for key, field in _NATIVE_VISION.items() if key in vision}
+        if "rope_theta" in given:
+            given["rope_theta"] = to_float("vision_encoder rope_theta", given["rope_theta"])
+        fields["vision"] = Vision(image_size=size, act="silu", **given)  # the native encoder's is SiLU
     return fields
+
+
+# params.json's "vision_encoder" keys -> Vision's fields (vLLM's VisionEncoderArgs), and the keys
+# whose only implemented value is what every Mistral 3 release has (HF's Mistral3 projector).
+_NATIVE_VISION = {"hidden_size": "dim", "intermediate_size": "hidden_dim", "num_hidden_layers": "n_layers",
+                  "num_attention_heads": "n_heads", "patch_size": "patch_size", "rope_theta": "rope_theta",
+                  "num_channels": "num_channels", "spatial_merge_size": "spatial_merge_size",
+                  "image_token_id": "image_token_id", "image_break_token_id": "image_break_token_id",
+                  "image_end_token_id": "image_end_token_id"}
+_NATIVE_VISION_FIXED = {"adapter_bias": False, "add_pre_mm_projector_layer_norm": True,
+                        "mm_projector_id": "patch_merge"}
 
 
 # params.json's "moe" keys -> MoE's fields (vLLM's Mistral config remapper), and the keys whose
@@ -357,6 +432,13 @@ def params_dict(config) -> dict[str, Any]:
     if (scaling := config.llama_4_scaling) is not None:
         d["llama_4_scaling"] = {"beta": scaling.beta,
                                 "original_max_position_embeddings": scaling.original_max_position_embeddings}
+    if (vision := config.vision) is not None:
+        if vision.act != "silu":
+            raise ConfigError(f"params.json's vision_encoder cannot say the encoder's {vision.act} (the native "
+                              "encoder's feed-forward is SiLU): write config.json")
+        d["vision_encoder"] = {key: getattr(vision, field) for key, field in _NATIVE_VISION.items()}
+        d["vision_encoder"].update(image_size=vision.image_size, max_image_size=vision.image_size,
+                                   **_NATIVE_VISION_FIXED)
     return d
 
 

@@ -161,3 +161,58 @@ class Llama4Scaling:
     def __post_init__(self):
         check_number(self, "beta")
         check_int(self, "original_max_position_embeddings")
+
+
+VISION_ACTIVATIONS = ("silu", "gelu")  # the encoder feed-forward's (HF hidden_act; native: silu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Vision:
+    """The Pixtral vision encoder and the Mistral 3 projector in front of the text model
+    (Mistral Small 3.1+, Ministral 3, Small 4, Large 3, Medium 3.5; model/vision.py): images cut
+    into patch_size patches, a transformer of n_layers blocks (dim wide, n_heads heads, a gated
+    feed-forward hidden_dim wide with `act`) with 2-D RoPE over each patch's (row, column), then
+    RMSNorm, a learned merge of each spatial_merge_size² block of patches, and linear → GELU →
+    linear into the text model's width. Each image token (image_token_id) of the prompt takes
+    one merged patch's embedding. HF's vision_config and Mistral3Config; params.json's
+    "vision_encoder" block."""
+
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    patch_size: int
+    image_size: int  # the longest side an image is resized to, in pixels (mistral-common's max_image_size)
+    rope_theta: float = 10000.0
+    num_channels: int = 3
+    act: str = "silu"
+    spatial_merge_size: int = 2
+    image_token_id: int = 10
+    image_break_token_id: int = 12  # the image's row ends and its end: text model tokens, as mistral-common writes
+    image_end_token_id: int = 13
+
+    def __post_init__(self):
+        check_int(self, "dim", "hidden_dim", "n_layers", "n_heads", "patch_size", "image_size", "num_channels",
+                  "spatial_merge_size")
+        check_int(self, "image_token_id", "image_break_token_id", "image_end_token_id", low=0)
+        check_number(self, "rope_theta", positive=True)
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise ConfigError(f"the vision encoder's dim ({self.dim}) must be n_heads ({self.n_heads}) heads of a "
+                              "multiple of 4 features (2-D rotary embeddings rotate pairs by row and by column)")
+        if self.act not in VISION_ACTIVATIONS:
+            raise ConfigError(f"the vision encoder's activation must be one of {VISION_ACTIVATIONS}, got {self.act!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def pixels_per_token(self) -> int:
+        """The side in pixels of the square an image token covers: patch_size × spatial_merge_size."""
+        return self.patch_size * self.spatial_merge_size
+
+    def num_params(self, text_dim: int) -> int:
+        encoder = self.n_layers * (4 * self.dim * self.dim + 3 * self.dim * self.hidden_dim + 2 * self.dim)
+        patches = self.num_channels * self.patch_size**2 * self.dim + self.dim
+        projector = self.dim + self.spatial_merge_size**2 * self.dim * self.dim + self.dim * text_dim + text_dim**2
+        return encoder + patches + projector

@@ -66,16 +66,19 @@ def fan_in(in_axis, out_axis, batch_axis=()) -> nn.initializers.Initializer:
 
 class RMSNorm(nn.Module):
     """x / rms(x) in float32, cast back to the compute dtype, then times weight (as the reference);
-    its weight's logical axis is `axis` (the model dimension, or a latent one)."""
+    its weight's logical axis is `axis` (the model dimension, or a latent one); eps: the config's
+    norm_eps unless given (the vision encoder's own)."""
 
     config: MistralConfig
     axis: str = "embed"
+    eps: float | None = None
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         weight = param(self, "weight", (x.shape[-1],), (self.axis,), nn.initializers.ones)
         x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
+        eps = self.config.norm_eps if self.eps is None else self.eps
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
         return normed.astype(self.config.dtype) * weight.reshape((1,) * (x.ndim - 1) + (-1,))
 
 

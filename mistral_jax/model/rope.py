@@ -56,7 +56,23 @@ def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inverse_frequencies: np.n
     """Rotates x [B, T, N, d] by the angles of positions [B, T] (cos and sin times scale);
     computed in float32."""
     angles = positions.astype(jnp.float32)[:, :, None, None] * inverse_frequencies.reshape(1, 1, 1, -1)
-    cos, sin = jnp.cos(angles), jnp.sin(angles)  # [B, T, 1, d/2]
+    return _rotate(x, angles, scale)
+
+
+def apply_rope_2d(x: jnp.ndarray, rows: jnp.ndarray, columns: jnp.ndarray, theta: float) -> jnp.ndarray:
+    """Rotates x [B, T, N, d] by 2-D positions (the Pixtral encoder's, over an image's patches):
+    of the d/2 pairs, the first d/4 turn by the row [B, T] at the even-indexed frequencies
+    theta^(-2i/d), the last d/4 by the column at the odd-indexed ones (mistral-inference's
+    precompute_freqs_cis_2d, in the rotate-half layout as transformers' Pixtral)."""
+    inverse, _ = frequencies(x.shape[-1], theta)
+    angles = jnp.concatenate([rows.astype(jnp.float32)[:, :, None] * inverse[0::2],
+                              columns.astype(jnp.float32)[:, :, None] * inverse[1::2]], axis=-1)
+    return _rotate(x, angles[:, :, None, :])
+
+
+def _rotate(x: jnp.ndarray, angles: jnp.ndarray, scale: float = 1.0) -> jnp.ndarray:
+    """x [B, T, N, d] with pair (i, i + d/2) turned by angles [B, T, 1, d/2], in float32."""
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
     if scale != 1.0:
         cos, sin = cos * scale, sin * scale
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

@@ -25,6 +25,7 @@ from mistral_jax.model.attention import attention_mask
 from mistral_jax.model.cache import KVCache, rolling_update, write_slots
 from mistral_jax.model.config import REMAT_POLICIES, MistralConfig
 from mistral_jax.model.layers import ACTIVATIONS, Block, RMSNorm, fan_in, param
+from mistral_jax.model.vision import ImageFeatures, VisionTower, flatten_images, merge_images, token_index
 from mistral_jax.runtime.sharding import constrain, logical_shardings
 
 
@@ -47,6 +48,10 @@ class Mistral(nn.Module):
 
     lm_head: if False, the call returns the final normed states [B, T, D] instead of logits,
     for a caller that applies the `output` projection itself (loss.cross_entropy).
+
+    images (config.vision): the images whose embeddings replace the tokens' image tokens
+    (vision.py): for one row a list of arrays [C, H, W] in order, else a list of them per row;
+    or their ImageFeatures, made once by VisionTower for a prompt fed in chunks.
     """
 
     config: MistralConfig
@@ -54,12 +59,26 @@ class Mistral(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None, cache: KVCache | None = None,
-                 logits_at: jnp.ndarray | None = None):
+                 logits_at: jnp.ndarray | None = None, images=None):
         c = self.config
         B, T = tokens.shape
         embedding = param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"),
                            nn.initializers.normal(1.0))
-        x = constrain(jnp.take(embedding, tokens, axis=0), ACTIVATIONS)
+        x = jnp.take(embedding, tokens, axis=0)
+        if c.vision is not None:
+            tower = VisionTower(c, name="vision")
+            if images is not None and not isinstance(images, ImageFeatures):
+                images = flatten_images(images, B)
+                embeddings = tower(images) if images else jnp.zeros((0, c.dim), c.dtype)
+                images = ImageFeatures(embeddings, token_index(c, tokens, embeddings.shape[0]))
+            elif self.is_initializing():  # its params, made with the rest
+                side = c.vision.pixels_per_token
+                tower([jnp.zeros((c.vision.num_channels, side, side), jnp.float32)])
+        elif images is not None:
+            raise ValueError("images given to a model without a vision encoder (config.vision is None)")
+        if images is not None:
+            x = merge_images(x, images)
+        x = constrain(x, ACTIVATIONS)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
         # What each kind of layer of each stack reads (its cache entry): slots [B, T] and mask
