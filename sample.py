@@ -4,19 +4,21 @@
                    [--max-new-tokens 64] [--temperature 0.7 --top-k 50 --top-p 0.9] [--seed 0]
   python sample.py --checkpoint DIR --chat --system "Answer briefly." --prompt "What is RoPE?"
   python sample.py --checkpoint DIR --chat --tools tools.json --reasoning-effort high --prompt "Weather in Paris?"
+  python sample.py --checkpoint DIR --chat --image photo.jpg --prompt "What is in this picture?"
   python sample.py --checkpoint DIR --interactive         # a conversation: one reply per line entered
   python sample.py --checkpoint BASE --adapter RUN/adapter --prompt "..."   # a LoRA adapter on its base
 
 Prompts are encoded with BOS first, as Mistral models were trained; with --chat (and
 --interactive) each is a user turn in the chat format of the checkpoint's tokenizer, as its
 instruct model was trained, with --tools offered and --reasoning-effort asked for where the
-format has them; a reply's thinking prints between "--- thinking ---" and "--- answer ---"
+format has them, and --image files shown to a vision model (each --chat prompt sees them all;
+in --interactive, a line "/image FILE" shows one with the next turn); a reply's thinking
+prints between "--- thinking ---" and "--- answer ---"
 lines, and each tool call it makes as a line "tool call: name({...})". Only the completions
 are printed; with one prompt the completion streams as it is generated. Timings go to stderr.
 """
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -42,7 +44,10 @@ class SampleOptions:
                                      "--interactive")
     reasoning_effort: str | None = option(None, "how hard a reasoning model thinks (e.g. none, low, high) in --chat "
                                                 "and --interactive, where its tokenizer's format takes it (v15)")
-    interactive: bool = option(False, "a conversation on stdin: a reply streamed per line entered, the history kept")
+    image: tuple[str, ...] = option((), "an image file (or data URL) a vision model sees with --chat's prompts, "
+                                        "or with --interactive's first turn; repeat for several", repeat=True)
+    interactive: bool = option(False, "a conversation on stdin: a reply streamed per line entered, the history "
+                                      "kept; a line \"/image FILE\" shows an image with the next turn")
     max_new_tokens: int = option(64, "the most tokens generated per prompt (per reply)")
     seed: int = option(0, "PRNG seed of sampling")
     dtype: str | None = option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
@@ -50,9 +55,9 @@ class SampleOptions:
 
     def __post_init__(self):
         require_positive(self, "max_new_tokens", "steps_per_call")
-        for name in ("system", "tools", "reasoning_effort"):
-            if getattr(self, name) is not None and not (self.chat or self.interactive):
-                raise OptionError(name, "needs --chat or --interactive")
+        for name in ("system", "tools", "reasoning_effort", "image"):
+            if getattr(self, name) not in (None, ()) and not (self.chat or self.interactive):
+                raise OptionError(name, "needs --chat or --interactive (images are laid out by the chat format)")
         if self.interactive and (self.prompt or self.prompt_file):
             raise OptionError("interactive", "reads the conversation from stdin: give no --prompt or --prompt-file")
 
@@ -88,17 +93,23 @@ class SampleOptions:
             raise ValueError(f"tools file {self.tools} must hold a JSON list of tool definitions")
         return tools
 
-    def conversation(self, *turns: str) -> list[dict]:
-        """Messages of a conversation: the system prompt (if any), then user and assistant turns."""
+    def conversation(self, *turns: str, images: dict[int, list[str]] | None = None) -> list[dict]:
+        """Messages of a conversation: the system prompt (if any), then user and assistant turns,
+        turn i showing the image files images[i] after its text."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return system + [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        for i, files in (images or {}).items():
+            messages[i]["content"] = [{"type": "text", "text": turns[i]}] + [
+                {"type": "image_url", "image_url": {"url": file}} for file in files]
+        return system + messages
 
 
 def complete(config, params, tokenizer, prompts: list[list[int]], options: SampleOptions, sampler,
-             clock: cli.CompileClock, chat: bool = False) -> list[list[int]]:
-    """The completion of each prompt (token ids), until eos or max_new_tokens; with one prompt
-    it is also written to stdout as it comes (a chat reply's thinking and tool calls shown
-    apart, text/streaming.PrintedReply). Timings go to stderr."""
+             clock: cli.CompileClock, chat: bool = False, images=None) -> list[list[int]]:
+    """The completion of each prompt (token ids; images: a list per prompt of its images, or
+    None), until eos or max_new_tokens; with one prompt it is also written to stdout as it comes
+    (a chat reply's thinking and tool calls shown apart, text/streaming.PrintedReply). Timings go
+    to stderr."""
     from mistral_jax.inference.sampling import generate_stream, until_eos
 
     stream = len(prompts) == 1
@@ -106,7 +117,8 @@ def complete(config, params, tokenizer, prompts: list[list[int]], options: Sampl
     text = _printer(tokenizer, chat)
     start, compiled_before = time.perf_counter(), clock.seconds
     pieces = generate_stream(config, params, prompts, options.max_new_tokens, sampler=sampler, seed=options.seed,
-                             eos_id=tokenizer.eos_id, steps_per_call=options.steps_per_call if stream else None)
+                             eos_id=tokenizer.eos_id, steps_per_call=options.steps_per_call if stream else None,
+                             images=images)
     first_piece = None
     for piece in pieces:
         if first_piece is None:
@@ -186,22 +198,36 @@ def main():
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
                          f"{config.vocab_size}: they do not belong together")
 
-    chat = functools.partial(tokenizer.encode_chat, tools=tools, reasoning_effort=options.reasoning_effort)
+    def chat(messages) -> tuple[list[int], list]:  # (ids, images) of a conversation
+        return tokenizer.encode_multimodal_chat(messages, tools, options.reasoning_effort) if config.vision else (
+            tokenizer.encode_chat(messages, tools, options.reasoning_effort), [])
+
+    if options.image and config.vision is None:
+        raise ValueError(f"{options.checkpoint} is a model without a vision encoder: it cannot take --image")
     if options.interactive:
-        turns = []
-        chat(options.conversation("?"))  # no chat format, a bad tool or effort: said before reading stdin
+        turns, shown = [], {0: list(options.image)} if options.image else {}
+        chat(options.conversation("?", images=shown))  # no chat format, a bad tool, effort or image: said first
         for line in sys.stdin:
-            if line.strip():
+            if line.startswith("/image "):
+                shown.setdefault(len(turns), []).append(line.removeprefix("/image ").strip())
+                chat(options.conversation(*turns, "?", images=shown))  # a file that is no image: said now
+                print(f"(the next turn shows {len(shown[len(turns)])} image(s))", file=sys.stderr)
+            elif line.strip():
                 turns.append(line.rstrip("\n"))
-                (reply,) = complete(config, params, tokenizer, [chat(options.conversation(*turns))],
-                                    options, sampler, clock, chat=True)
+                ids, images = chat(options.conversation(*turns, images=shown))
+                (reply,) = complete(config, params, tokenizer, [ids], options, sampler, clock, chat=True,
+                                    images=[images] if images else None)
                 turns.append(_answer(tokenizer, reply))
         return
+    images = None
     if options.chat:
-        encoded = [chat(options.conversation(p)) for p in prompts]
+        encoded, images = zip(*(chat(options.conversation(p, images={0: list(options.image)} if options.image
+                                                          else None)) for p in prompts))
+        encoded, images = list(encoded), (list(images) if options.image else None)
     else:
         encoded = [tokenizer.encode(p, bos=True) for p in prompts]
-    completions = complete(config, params, tokenizer, encoded, options, sampler, clock, chat=options.chat)
+    completions = complete(config, params, tokenizer, encoded, options, sampler, clock, chat=options.chat,
+                           images=images)
     if len(prompts) > 1:
         print("\n---\n".join(_printed(tokenizer, tokens, options.chat) for tokens in completions))
 

@@ -30,6 +30,7 @@ from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import abstract_params
 from mistral_jax.text.tokenizer import Tokenizer, checkpoint_name, find_tokenizer
 
+
 class CheckpointError(ValueError):
     """A checkpoint directory or file that cannot be read as a Mistral model."""
 

@@ -149,10 +149,10 @@ def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] | N
     for a top-level param, (layer,) under a stack, (layer, expert) for an expert's; a tensor of
     every expert (HF's fused ones) has the index (layer,). Layers are numbered across the
     stacks (config.stacks); an HF text model lies under hf_prefixes (HF_TEXT_PREFIXES; by
-    default MistralForCausalLM's, or with a vision encoder Mistral3ForConditionalGeneration's
-    as transformers >= 5 writes it), its vision encoder beside it."""
+    default MistralForCausalLM's, or with a vision encoder Mistral3ForConditionalGeneration's as
+    transformers' save_pretrained writes it, the hub's names), its vision encoder beside it."""
     if hf_prefixes is None:
-        hf_prefixes = ("model.language_model.", "") if c.vision else ("model.", "")
+        hf_prefixes = ("language_model.model.", "language_model.") if c.vision else ("model.", "")
     pick = 0 if layout == "native" else 1
     prefix = "layers" if layout == "native" else "model.layers"
     names = {(path, ()): Tensor(names[pick] + ".weight") for path, names in top_tensors(c).items()}
@@ -181,7 +181,9 @@ def tensor_names(layout: str, c: MistralConfig, hf_prefixes: tuple[str, str] | N
 
 def vision_prefix(hf_prefixes: tuple[str, str]) -> str:
     """Where an HF checkpoint keeps the vision tower and projector, beside its text model: under
-    "model." as transformers >= 5 saves Mistral3ForConditionalGeneration, at the top as 4.x did."""
+    "model." with the text model under "model.language_model." (transformers' modules in
+    memory), at the top with it under "language_model.model." (the hub's files, as save_pretrained
+    writes them)."""
     return "model." if hf_prefixes[0].startswith("model.") else ""
 
 

@@ -79,7 +79,8 @@ def pytorch_model(src: str, config: MistralConfig):
         return w if hf_order is None else np.asarray(w)[..., hf_order, :]
 
     parts: dict[str, dict[int, np.ndarray]] = {}
-    for (path, index), hf in tensor_names("hf", config).items():
+    in_memory = ("model.", "") if config.vision is None else ("model.language_model.", "")  # the modules' names
+    for (path, index), hf in tensor_names("hf", config, in_memory).items():
         if (path, index) in names:
             w = source_rows((path, index))
         else:  # HF's every expert in one tensor, the source's one per expert

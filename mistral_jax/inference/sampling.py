@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from mistral_jax.model.cache import KVCache
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral, unstack_layers
+from mistral_jax.model.vision import ImageFeatures, VisionTower, token_index
 from mistral_jax.runtime import platforms
 from mistral_jax.runtime.distributed import fetch
 from mistral_jax.runtime.options import OptionError, option
@@ -139,10 +140,11 @@ def _chunk_positions(start: jax.Array, chunk: int, lengths: jax.Array) -> jax.Ar
 
 
 def prefill(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array, cache: KVCache,
-            chunk: int) -> tuple[jax.Array, KVCache]:
+            chunk: int, images: ImageFeatures | None = None) -> tuple[jax.Array, KVCache]:
     """Runs prompts [B, P] (right-padded, P a multiple of chunk) through the model `chunk`
-    tokens at a time, as far as the longest prompt. Returns the logits [B, V] at each row's
-    last prompt token and the filled cache."""
+    tokens at a time, as far as the longest prompt, each chunk's image tokens taking their
+    images' embeddings (images.index [B, P]). Returns the logits [B, V] at each row's last
+    prompt token and the filled cache."""
     model = Mistral(config)
     B = prompts.shape[0]
 
@@ -151,8 +153,10 @@ def prefill(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Arra
         start = i * chunk
         tokens = jax.lax.dynamic_slice_in_dim(prompts, start, chunk, axis=1)
         index = lengths - 1 - start  # each row's last token, if it lies in this chunk
+        chunk_images = None if images is None else images._replace(
+            index=jax.lax.dynamic_slice_in_dim(images.index, start, chunk, axis=1))
         logits, cache = model.apply({"params": params}, tokens, _chunk_positions(start, chunk, lengths), cache,
-                                    logits_at=jnp.clip(index, 0, chunk - 1))
+                                    logits_at=jnp.clip(index, 0, chunk - 1), images=chunk_images)
         in_chunk = ((index >= 0) & (index < chunk))[:, None]
         return jnp.where(in_chunk, logits[:, 0], last_logits), cache
 
@@ -169,12 +173,14 @@ def empty_cache(config: MistralConfig, batch: int, max_len: int, mesh: Mesh | No
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "eos_id", "chunk", "max_tokens", "mesh"))
 def start(params, config: MistralConfig, prompts: jax.Array, lengths: jax.Array, key: jax.Array, *,
-          sampler: Sampler, eos_id: int, chunk: int, max_tokens: int, mesh: Mesh | None = None) -> SamplingState:
-    """Prefills the prompts and samples the first token; max_tokens is the output bucket.
-    With a mesh, the cache is born sharded over it (KVCache.shardings)."""
+          sampler: Sampler, eos_id: int, chunk: int, max_tokens: int, mesh: Mesh | None = None,
+          images: ImageFeatures | None = None) -> SamplingState:
+    """Prefills the prompts (with their images' embeddings) and samples the first token;
+    max_tokens is the output bucket. With a mesh, the cache is born sharded over it
+    (KVCache.shardings)."""
     B, P = prompts.shape
     cache = empty_cache(config, B, P + max_tokens, mesh)
-    logits, cache = prefill(params, config, prompts, lengths, cache, chunk)
+    logits, cache = prefill(params, config, prompts, lengths, cache, chunk, images)
     first = sample_logits(logits, jax.random.fold_in(key, 0), sampler)
     tokens = jnp.zeros((B, max_tokens), jnp.int32).at[:, 0].set(first)
     return SamplingState(cache=cache, tokens=tokens, last=first, position=lengths.astype(jnp.int32),
@@ -200,6 +206,34 @@ def decode(params, config: MistralConfig, state: SamplingState, until_step: jax.
                              position=s.position + 1, done=s.done | (token == eos_id), step=s.step + 1, key=s.key)
 
     return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def image_embeddings(vision_params, config: MistralConfig, images: list[jax.Array]) -> jax.Array:
+    """The embeddings [M, D] of the image tokens of images (arrays [C, H, W], in token order):
+    the vision encoder and projector (params["vision"]), run once for a whole prompt (compiled
+    per set of sizes)."""
+    return VisionTower(config).apply({"params": vision_params}, images)
+
+
+def prompt_images(config: MistralConfig, params, tokens: np.ndarray, images) -> ImageFeatures | None:
+    """The ImageFeatures of prompts tokens [B, P] (laid out for prefill) from images, a list per
+    prompt of arrays [C, H, W] (None: no images at all); ValueError where they do not fit."""
+    if images is None:
+        return None
+    if config.vision is None:
+        raise ValueError("images given to a model without a vision encoder (config.vision is None)")
+    if isinstance(images, (str, bytes, np.ndarray)) or not isinstance(images, Sequence) or len(images) != len(tokens):
+        raise ValueError(f"images must be a list per prompt ({len(tokens)}) of lists of arrays [C, H, W]")
+    flat = []
+    for i, row in enumerate(images):
+        if isinstance(row, (str, bytes, np.ndarray)) or not isinstance(row, Sequence):
+            raise ValueError(f"images[{i}] must be a list of arrays [C, H, W] (empty for none)")
+        flat.extend(np.asarray(image, np.float32) for image in row)
+    if not flat:
+        return None
+    embeddings = image_embeddings(params["vision"], config, flat)
+    return ImageFeatures(embeddings, token_index(config, tokens, embeddings.shape[0]))
 
 
 def decoding_layout(config: MistralConfig, params, mesh: Mesh | None = None) -> tuple[MistralConfig, dict]:
@@ -258,7 +292,7 @@ def _validate(config: MistralConfig, prompts, max_new_tokens, sampler: Sampler, 
 def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                     sampler: Sampler = Sampler(), seed: int = 0, eos_id: int | None = 2,
                     steps_per_call: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
-                    mesh: Mesh | None = None) -> Iterator[np.ndarray]:
+                    mesh: Mesh | None = None, images=None) -> Iterator[np.ndarray]:
     """Like generate, but yields the tokens [B, n] generated by each compiled call of
     steps_per_call decode steps (default: all at once), the first yield holding the first
     token. Rows that are done carry eos_id (or 0 without one)."""
@@ -271,9 +305,10 @@ def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[in
         tokens[row, :len(prompt)] = prompt
     lengths = np.array([len(p) for p in prompts], np.int32)
     eos_id = -1 if eos_id is None else eos_id
+    features = prompt_images(config, params, tokens, images)
 
     state = start(params, config, tokens, lengths, jax.random.key(seed), sampler=sampler, eos_id=eos_id,
-                  chunk=chunk, max_tokens=bucket(max_new_tokens), mesh=mesh)
+                  chunk=chunk, max_tokens=bucket(max_new_tokens), mesh=mesh, images=features)
     emitted = 0
     while True:
         tokens, step, done = fetch(state.tokens, state.step, state.done)  # one host sync per call
@@ -287,7 +322,7 @@ def generate_stream(config: MistralConfig, params, prompts: Sequence[Sequence[in
 
 def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             eos_id: int | None = 2, mesh: Mesh | None = None) -> list[list[int]]:
+             eos_id: int | None = 2, mesh: Mesh | None = None, images=None) -> list[list[int]]:
     """Generates up to max_new_tokens after each prompt, in one batch.
 
     Args:
@@ -303,13 +338,16 @@ def generate(config: MistralConfig, params, prompts: Sequence[Sequence[int]], ma
       mesh: the mesh params are sharded over, if any: the KV cache is then sharded over it
         too (KVCache.shardings) rather than left to the compiler. The mesh may span
         processes; every process then calls generate, with the same arguments.
+      images: with a vision encoder (config.vision), per prompt the list of its images
+        (float32 [C, H, W], as Tokenizer.encode_multimodal_chat gives them with the prompt's
+        ids), in the order of their image tokens; an empty list for a prompt without.
 
     Returns:
       The generated tokens of each prompt, stopping before eos_id.
     """
     sampler = Sampler(temperature, top_k, top_p)
     pieces = list(generate_stream(config, params, prompts, max_new_tokens, sampler=sampler, seed=seed,
-                                  eos_id=eos_id, mesh=mesh))
+                                  eos_id=eos_id, mesh=mesh, images=images))
     out = np.concatenate(pieces, axis=1)[:, :max_new_tokens]
     return [until_eos(row, eos_id) for row in out.tolist()]
 

@@ -107,10 +107,7 @@ class VisionTower(nn.Module):
         grids = [image_grid(c, np.shape(image)) for image in images]  # (h, w) patches of each
         x = _Encoder(c, name="encoder")(images, grids)
         x = RMSNorm(c, name="norm")(x)  # the projector's: the text model's eps, as transformers
-        blocks = []
-        for n, (h, w) in enumerate(grids):  # each s x s block of patches as one vector, channel-major
-            grid = x[n, :h * w].reshape(h // s, s, w // s, s, v.dim)
-            blocks.append(grid.transpose(0, 2, 4, 1, 3).reshape(h // s * (w // s), v.dim * s * s))
+        blocks = [merge_blocks(x[n, :h * w], h, w, s) for n, (h, w) in enumerate(grids)]
         return _Projector(c, name="projector")(jnp.concatenate(blocks))
 
 
@@ -151,6 +148,14 @@ class _Projector(nn.Module):
         w_in = param(self, "w_in", (v.dim, c.dim), (None, "embed"), fan_in(0, 1))
         w_out = param(self, "w_out", (c.dim, c.dim), (None, "embed"), fan_in(0, 1))
         return jax.nn.gelu((blocks @ merging) @ w_in, approximate=False) @ w_out
+
+
+def merge_blocks(patches: jax.Array, h: int, w: int, s: int) -> jax.Array:
+    """An image's patches [h·w, Dv] (row-major) -> each s x s block of them as one vector
+    [h/s · w/s, Dv·s²], channel-major (transformers' unfold): element c·s² + i·s + j is channel c
+    of the block's patch (i, j)."""
+    grid = patches.reshape(h // s, s, w // s, s, -1)
+    return grid.transpose(0, 2, 4, 1, 3).reshape(h // s * (w // s), -1)
 
 
 def image_grid(config: MistralConfig, shape: tuple[int, ...]) -> tuple[int, int]:

@@ -13,12 +13,17 @@ or by `name[ARGS]{arguments}` per call (v11 on; v11 may put `[CALL_ID]id` before
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from PIL import Image
 
 THINK, END_THINK, TOOL_CALLS, ARGS, CALL_ID = "[THINK]", "[/THINK]", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -61,6 +66,58 @@ def request(messages: Iterable[Mapping[str, Any]], tools: Sequence[Mapping[str, 
     extra = {} if reasoning_effort is None else {"reasoning_effort": reasoning_effort}
     return ChatCompletionRequest.from_openai([dict(m) for m in messages], tools=None if tools is None else
                                              [dict(t) for t in tools], **extra)
+
+
+def with_image_urls(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """messages with each image part made one mistral-common reads without a network: an
+    {"type": "image_url", "image_url": {"url": URL}} (or "image_url": URL) whose URL is a file
+    path, a file:// URL or a data URL, or an {"type": "image", "image": a PIL image or a uint8
+    array [H, W] / [H, W, 3 or 4]}, becomes an image_url part of a file:// or data: URL.
+    ValueError for a web URL (nothing is downloaded), a missing file or an unreadable array."""
+    out = []
+    for message in messages:
+        message = dict(message) if isinstance(message, Mapping) else message
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            message["content"] = [_image_url_part(part) if isinstance(part, Mapping) and part.get("type") in
+                                   ("image_url", "image") else part for part in message["content"]]
+        out.append(message)
+    return out
+
+
+def _image_url_part(part: Mapping[str, Any]) -> dict[str, Any]:
+    if part["type"] == "image":
+        return {"type": "image_url", "image_url": {"url": _data_url(part.get("image"))}}
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, Mapping) else url
+    if not isinstance(url, str) or not url:
+        raise ValueError(f"an image_url part needs a URL: a file path or a data URL, got {url!r}")
+    if url.startswith("data:"):
+        return {"type": "image_url", "image_url": {"url": url}}
+    if url.startswith(("http://", "https://")):
+        raise ValueError(f"image {url[:80]!r}: images are not downloaded; give a file path or a data URL")
+    path = url.removeprefix("file://")
+    if not os.path.isfile(path):
+        raise ValueError(f"image file {path} not found")
+    return {"type": "image_url", "image_url": {"url": "file://" + os.path.abspath(path)}}
+
+
+_PNG_MODES = ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA")  # what PNG stores as it is
+
+
+def _data_url(image: Any) -> str:
+    """A PIL image or a uint8 array [H, W] / [H, W, 3 or 4] as a PNG data URL (lossless)."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(f"an image array must be uint8 [H, W], [H, W, 3] or [H, W, 4], got {image.dtype} "
+                             f"{list(image.shape)}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"an image part's image must be a PIL image or a uint8 array, got {type(image).__name__}")
+    if image.mode not in _PNG_MODES:  # mistral-common converts such modes to RGBA first too
+        image = image.convert("RGBA")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import mistral_common
+import numpy as np
 import pydantic
 import sentencepiece
 from mistral_common.exceptions import MistralCommonException
@@ -25,7 +26,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
 
-from mistral_jax.text.chat import Reply, ReplyReader, unicode_text
+from mistral_jax.text.chat import Reply, ReplyReader, unicode_text, with_image_urls
 from mistral_jax.text.chat import request as chat_request
 
 # The names a checkpoint directory gives its tokenizer, in order of preference: the versioned
@@ -116,9 +117,44 @@ class Tokenizer:
             "description", "parameters"}}], or None.
           reasoning_effort: "none" ... "high" where the tokenizer's settings allow it (v15).
         """
+        messages = list(messages)
+        if any(part.get("type") in ("image_url", "image") for m in messages if isinstance(m, Mapping)
+               and isinstance(m.get("content"), list) for part in m["content"] if isinstance(part, Mapping)):
+            raise ValueError("the conversation has images: encode it with encode_multimodal_chat, which "
+                             "returns the images with the ids")
+        return self._encode_request(messages, tools, reasoning_effort).tokens
+
+    def encode_multimodal_chat(self, messages: Iterable[Mapping[str, Any]],
+                               tools: Sequence[Mapping[str, Any]] | None = None,
+                               reasoning_effort: str | None = None) -> tuple[list[int], list[np.ndarray]]:
+        """(ids, images) of a conversation with images, as mistral-common encodes it: ids with
+        each image's [IMG] tokens row by row ([IMG_BREAK] after each row, [IMG_END] last), and
+        the images resized (the longest side at most the tokenizer's max_image_size, each side a
+        multiple of its patch_size x spatial_merge_size) and normalised, float32 [3, H, W], in
+        order: what `Mistral.apply(..., images=images)` and `generate(..., images=[images])` take.
+
+        Args:
+          messages: as encode_chat, a message's content a list of parts among which images:
+            {"type": "image_url", "image_url": {"url": a file path, file:// URL or data URL}}, or
+            {"type": "image", "image": a PIL image or a uint8 array [H, W(, 3 or 4)]}. Nothing is
+            downloaded: a web URL is refused.
+          tools, reasoning_effort: as encode_chat.
+        """
+        chat = self._chat_or_say_why()
+        if chat.instruct_tokenizer.image_encoder is None:
+            raise ValueError(f"{self.path} has no image settings: it is the tokenizer of a model without "
+                             "vision (a vision model's tekken.json holds an \"image\" section)")
+        encoded = self._encode_request(with_image_urls(messages), tools, reasoning_effort)
+        return encoded.tokens, [np.asarray(image, np.float32) for image in encoded.images]
+
+    def _encode_request(self, messages, tools, reasoning_effort):
         chat = self._chat_or_say_why()
         try:
-            return chat.encode_chat_completion(chat_request(messages, tools, reasoning_effort)).tokens
+            request = chat_request(messages, tools, reasoning_effort)
+            try:
+                return chat.encode_chat_completion(request)
+            except (ValueError, OSError) as e:  # an image that does not decode, a file that does not read
+                raise MistralCommonException(str(e)) from None
         except (MistralCommonException, pydantic.ValidationError, AssertionError, KeyError, TypeError,
                 AttributeError) as e:  # what mistral-common raises on a message it cannot read
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
