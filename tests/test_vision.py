@@ -262,8 +262,8 @@ def write_native(hf: dict, config, out) -> None:
              "multi_modal_projector.linear_1": "vision_language_adapter.w_in",
              "multi_modal_projector.linear_2": "vision_language_adapter.w_out",
              "language_model.model.embed_tokens": "tok_embeddings", "language_model.model.norm": "norm",
-             "language_model.lm_head": "output", "language_model.model.layers.": "layers.", "self_attn.q_proj": "attention.wq",
-             "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
+             "language_model.lm_head": "output", "language_model.model.layers.": "layers.",
+             "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv", "self_attn.o_proj": "attention.wo",
              "attention.q_proj": "attention.wq", "attention.k_proj": "attention.wk", "attention.v_proj": "attention.wv",
              "attention.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.up_proj": "feed_forward.w3",
              "mlp.down_proj": "feed_forward.w2", "feed_forward.gate_proj": "feed_forward.w1",
@@ -304,3 +304,25 @@ def test_sample_py_shows_the_image(multimodal, tokenizer_file, tmp_path, capsys)
                                       tmp_path / "photo.png")[::2], "needs --chat")
     assert_one_line_error(*run_script(capsys, sample, "--checkpoint", tmp_path / "jax", "--chat", "--prompt", "x",
                                       "--image", tmp_path / "nope.png")[::2], "not found")
+
+
+def test_training_keeps_the_vision_tower_frozen(multimodal, tmp_path, capsys, monkeypatch):
+    """train.py on text from the converted multimodal checkpoint, full and LoRA: the text model
+    trains, the vision encoder and projector come out bit for bit as they went in."""
+    import train
+
+    model, directory, config, params = multimodal
+    if config.yarn is not None:
+        pytest.skip("one text model is enough")
+    monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
+    assert run_script(capsys, convert_weights, directory, tmp_path / "jax", "--dtype", "float32")[0] == 0
+    for run, extra in (("full", ()), ("lora", ("--lora-rank", 4, "--base-dtype", "float32"))):
+        status, _, err = run_script(capsys, train, "--init-from", tmp_path / "jax", "--out", tmp_path / run,
+                                    "--steps", 2, "--batch-size", 2, "--seq-len", 32, "--lr", 1e-2, "--samples", 0,
+                                    "--eval-every", 1000, *extra)
+        assert status == 0, err
+        trained_config, trained = load_checkpoint(str(tmp_path / run / "model"))
+        assert trained_config.vision == config.vision
+        for a, b in zip(jax.tree_util.tree_leaves(trained["vision"]), jax.tree_util.tree_leaves(params["vision"])):
+            np.testing.assert_array_equal(a, b)
+        assert np.abs(np.asarray(trained["layers"]["attention"]["wq"]) - params["layers"]["attention"]["wq"]).max() > 0

@@ -129,9 +129,10 @@ def learning_rate(hp: Hyperparameters) -> optax.Schedule:
 
 
 def decay_mask(params) -> Any:
-    """Weight decay on the projection matrices only: not on norms, not on the embedding."""
+    """Weight decay on the projection matrices only: not on norms, not on the embedding, not on
+    the frozen vision encoder (loss_fn)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: path[-1].key not in ("weight", "tok_embeddings"), params)
+        lambda path, _: path[-1].key not in ("weight", "tok_embeddings") and path[0].key != "vision", params)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -161,6 +162,8 @@ def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chun
     The output projection is fused into the loss (loss.cross_entropy). With LoRA adapters
     (and their spec), the model is params adapted by them."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
+    if "vision" in params:  # frozen: no gradient, no decay (decay_mask), so Adam moves it by exactly 0
+        params = {**params, "vision": jax.lax.stop_gradient(params["vision"])}
     hidden, sown = Mistral(config, lm_head=False).apply(lora.variables(params, adapters, spec), inputs,
                                                         mutable=["router"])
     loss, ce = cross_entropy(hidden, output_matrix(config, params).astype(config.dtype), targets, z_loss, chunk,
