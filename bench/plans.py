@@ -95,9 +95,18 @@ SERVE_PLANS = [
     aot.Plan("v5p-8", "tensor=4", "serve", 32, 32768, "ministral-3-8b"),
     aot.Plan("cpu-8", "tensor=8", "serve", 16, 32768, "ministral-3-8b"),
 ]
+# Images in (the 0.4B Pixtral tower, presets.PIXTRAL): Ministral 3 8B and Mistral Small 4 with a
+# 1024 x 1024 image per prompt (1036² as mistral-common sizes it: 1369 image tokens, 37 row
+# breaks) in 8192-token contexts: the encoder over the batch's images, then prefill and decode.
+VISION_PLANS = [
+    aot.Plan("v5e-8", "tensor=8", "generate", 8, 8192, "ministral-3-8b", image=1024),
+    aot.Plan("cpu-8", "tensor=8", "generate", 8, 8192, "ministral-3-8b", image=1024),
+    aot.Plan("v5p-8", "tensor=4", "generate", 16, 8192, "mistral-small-4", image=1024),
+    aot.Plan("cpu-8", "tensor=8", "generate", 16, 8192, "mistral-small-4", image=1024),
+]
 TABLES = {"dense": ("aot", PLANS), "experts": ("aot:experts", EXPERT_PLANS), "lora": ("aot:lora", LORA_PLANS),
           "mistral3": ("aot:mistral3", MISTRAL3_PLANS), "mistral4": ("aot:mistral4", MISTRAL4_PLANS),
-          "serve": ("aot:serve", SERVE_PLANS)}
+          "serve": ("aot:serve", SERVE_PLANS), "vision": ("aot:vision", VISION_PLANS)}
 
 
 def main() -> None:

@@ -3,7 +3,8 @@ forward pass, the gradients (with the XLA and the splash attention kernels; of L
 step (and a LoRA one), and generate
 (decoding per layer, as on CPU, and over the stacked layers, as on TPU and GPU) and the
 continuous-batching engine (dense models) under several
-meshes against one device; `experts` as argv[1]: a mixture of experts, its experts split
+meshes against one device, and (dense) generate with an image through a vision encoder;
+`experts` as argv[1]: a mixture of experts, its experts split
 over the `expert` axis (and its train step with the router's losses); `latent`: Mistral Small
 4's shape, latent attention and fine-grained experts with a shared one, the first layer dense.
 Prints one JSON line of findings; the test asserts on them."""
@@ -17,8 +18,8 @@ import numpy as np
 
 from mistral_jax.inference.engine import Engine, Request
 from mistral_jax.inference.sampling import Sampler, generate, start
-from mistral_jax.model.config import LatentAttention, Llama4Scaling, MistralConfig, MoE, YaRN
-from mistral_jax.model.transformer import Mistral, unstack_layers
+from mistral_jax.model.config import LatentAttention, Llama4Scaling, MistralConfig, MoE, Vision, YaRN
+from mistral_jax.model.transformer import Mistral, init_params, param_shardings, unstack_layers
 from mistral_jax.runtime import platforms
 from mistral_jax.runtime.sharding import batch_sharding, make_mesh, under_mesh
 from mistral_jax.training import lora, trainer
@@ -45,6 +46,19 @@ HP = trainer.Hyperparameters(steps=10, batch_size=8, seq_len=24, lr=1e-2, warmup
 rng = np.random.default_rng(0)
 BATCH = rng.integers(0, 256, (8, 25)).astype(np.int32)
 PROMPTS = [rng.integers(3, 256, n).tolist() for n in (3, 11, 20, 6)]
+# A vision encoder before the dense model: an image of 2 x 3 image tokens (4 pixels each) in a prompt.
+VISION_CONFIG = CONFIG.replace(vision=Vision(dim=32, hidden_dim=64, n_layers=2, n_heads=2, patch_size=2,
+                                             image_size=16))
+IMAGE = rng.standard_normal((3, 8, 12)).astype(np.float32)
+IMAGE_PROMPT = [1, 5] + [10, 10, 10, 12] + [10, 10, 10, 13] + [7, 8]
+
+
+def image_tokens(mesh):
+    """generate's tokens for a prompt with an image beside one without, the params born sharded."""
+    params = jax.jit(init_params, static_argnums=0, out_shardings=param_shardings(VISION_CONFIG, mesh))(
+        VISION_CONFIG, jax.random.key(3))
+    return generate(VISION_CONFIG, params, [IMAGE_PROMPT, PROMPTS[1]], 8, eos_id=None, mesh=mesh,
+                    images=[[IMAGE], []])
 
 
 def engine_tokens(params, mesh):
@@ -73,6 +87,8 @@ def run(mesh):
     tokens = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None, mesh=mesh)  # per layer, as on CPU
     if not EXPERTS:  # serve.py --mesh: 4 requests through 2 slots of the sharded engine
         split["engine_tokens_equal"] = engine_tokens(state.params, mesh) == tokens
+    if not EXPERTS and not LATENT:
+        split["image_tokens"] = image_tokens(mesh)
     if not EXPERTS:  # (the experts' stacked decode is tested on one device: test_experts.py)
         decode_per_layer, platforms.decode_per_layer = platforms.decode_per_layer, lambda platform: False
         split["stacked_tokens_equal"] = generate(CONFIG, state.params, PROMPTS, 12, eos_id=None, mesh=mesh) == tokens
@@ -155,6 +171,7 @@ for spec in MESHES:
         "cache_shard": split.pop("cache_shard"),
         "stacked_tokens_equal": split.pop("stacked_tokens_equal", None),
         "engine_tokens_equal": split.pop("engine_tokens_equal", None),
+        "image_tokens_equal": split.pop("image_tokens", None) == reference[5].get("image_tokens"),
         "per_layer_wq_shard": split.pop("per_layer_wq_shard"),
         "wq": split,
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mistral_jax.model.config_groups import LatentAttention, Llama4Scaling, MoE, YaRN
+from mistral_jax.model.config_groups import LatentAttention, Llama4Scaling, MoE, Vision, YaRN
 
 _MISTRAL_7B = dict(dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8,
                    vocab_size=32000, norm_eps=1e-5, rope_theta=1e4, sliding_window=4096)
@@ -92,3 +92,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mistral-15m": dict(dim=384, n_layers=6, head_dim=64, hidden_dim=1024, n_heads=6, n_kv_heads=2,
                         vocab_size=8192, rope_theta=1e4, sliding_window=256, max_seq_len=1024),
 }
+
+# The Pixtral vision encoder (0.4B) and Mistral 3 projector of Mistral Small 3.1 and of the
+# Ministral 3 family (each card's "0.4B vision encoder"): transformers' Mistral3Config vision
+# defaults with the SiLU the released files state. A preset is a text model; a vision model is
+# `MistralConfig.preset(name, vision=PIXTRAL)`.
+PIXTRAL = Vision(dim=1024, hidden_dim=4096, n_layers=24, n_heads=16, patch_size=14, image_size=1540, act="silu")

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 
 from mistral_jax.inference import engine, sampling
 from mistral_jax.model.config import MistralConfig
+from mistral_jax.model.presets import PIXTRAL
 from mistral_jax.model.transformer import init_params, param_shardings
+from mistral_jax.model.vision import ImageFeatures, image_tokens
 from mistral_jax.runtime.cli import run as run_cli
 from mistral_jax.runtime.sharding import batch_sharding, make_mesh
 from mistral_jax.training import lora, trainer
@@ -138,10 +140,13 @@ def _abstract_params(config: MistralConfig, mesh):
         jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
 
 
-def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, new_tokens: int) -> list[Report]:
+def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, new_tokens: int,
+                     image: int | None = None) -> list[Report]:
     """Prefill of prompts [batch, prompt_len] then the decode loop up to new_tokens, params in
     config.param_dtype and the layers stacked (as accelerators decode), the KV cache sharded
-    as KVCache.shardings says."""
+    as KVCache.shardings says. With image (config.vision), each prompt shows an image of image
+    x image pixels (as mistral-common sizes it): the encoder's program on the batch's images,
+    then the prefill takes their embeddings."""
     params = _abstract_params(config, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=replicated)
@@ -149,11 +154,23 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     options = dict(sampler=sampling.Sampler(), eos_id=2)
     chunk = sampling.chunk_size(config, prompt_len)
+    reports, images = [], None
+    if image is not None:
+        side = -(-image // config.vision.pixels_per_token) * config.vision.pixels_per_token
+        pixels = [jax.ShapeDtypeStruct((config.vision.num_channels, side, side), jnp.float32, sharding=replicated)
+                  ] * batch
+        start = time.perf_counter()
+        encode = sampling.image_embeddings.lower(params["vision"], config, pixels).compile()
+        reports.append(memory_report(f"encode {batch} x {side}²", encode, time.perf_counter() - start,
+                                     params=_bytes_per_device(params["vision"])))
+        embeddings = jax.ShapeDtypeStruct((batch * image_tokens(config, pixels[0].shape), config.dim),
+                                          jnp.dtype(config.dtype), sharding=replicated)
+        images = ImageFeatures(embeddings, prompts)
 
     start = time.perf_counter()
     prefill = sampling.start.lower(params, config, prompts, lengths, key, chunk=chunk, max_tokens=new_tokens,
-                                   mesh=mesh, **options).compile()
-    reports = [memory_report("prefill", prefill, time.perf_counter() - start, params=_bytes_per_device(params))]
+                                   mesh=mesh, images=images, **options).compile()
+    reports.append(memory_report("prefill", prefill, time.perf_counter() - start, params=_bytes_per_device(params)))
     state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                    prefill.out_info, prefill.output_shardings)
     start = time.perf_counter()
@@ -208,6 +225,7 @@ class Plan:
     preset: str = "mistral-7b-v0.1"
     lora_rank: int | None = None  # train LoRA adapters of this rank on every projection of each layer
     # (lora.model_targets), the base frozen in bf16
+    image: int | None = None  # generate: each prompt shows an image this many pixels square (the PIXTRAL tower)
 
 
 def config_for(plan: Plan) -> MistralConfig:
@@ -217,7 +235,8 @@ def config_for(plan: Plan) -> MistralConfig:
     tpu = TARGETS[plan.target].platform == "tpu"
     training = plan.program == "train"
     return MistralConfig.preset(plan.preset, dtype="bfloat16", param_dtype="float32" if training else "bfloat16",
-                                remat="full" if training else "none", attention="splash" if tpu else "xla")
+                                remat="full" if training else "none", attention="splash" if tpu else "xla",
+                                vision=PIXTRAL if plan.image else None)
 
 
 def run(plan: Plan) -> list[Report]:
@@ -232,7 +251,7 @@ def run(plan: Plan) -> list[Report]:
             return [compile_train_step(config, hp, mesh)]
         if plan.program == "serve":
             return compile_serve(config, mesh, plan.batch, plan.seq)
-        return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2)
+        return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2, plan.image)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -291,7 +310,8 @@ HEADER = ("| model | target | mesh | program | batch x context | params | optimi
 
 def format_row(plan: Plan, r: Report) -> str:
     device = f"{TARGETS[plan.target].hbm_gib:g}"
-    head = f"| {plan.preset} | {plan.target} | {plan.mesh} | {r.program} | {plan.batch} x {plan.seq} |"
+    model = plan.preset + (" + vision" if plan.image else "")
+    head = f"| {model} | {plan.target} | {plan.mesh} | {r.program} | {plan.batch} x {plan.seq} |"
     if r.error:
         return head + f" | | | | {device} | no: {r.error} |"
     return head + (f" {r.params / GiB:.2f} | {r.optimizer / GiB:.2f} | {r.temporaries / GiB:.2f} | "
