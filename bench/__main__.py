@@ -4,6 +4,7 @@
   python -m bench --only experts --configs small-moe [--write]
   python -m bench --only lora --configs small [--write]
   python -m bench --only latent --configs small-latent [--write]
+  python -m bench --only vision --configs small-vision [--write]
 
 Each suite runs once per config and side, each in its own process, so that each side runs
 as it does by default: ours with glibc's malloc on huge pages, as train.py and sample.py
@@ -22,11 +23,11 @@ import sys
 import tempfile
 import time
 
-from bench import common, decode, experts, latent, lora, report, scaling, train
+from bench import common, decode, experts, latent, lora, report, scaling, train, vision
 from mistral_jax.runtime.platforms import huge_page_tunables, restart_with_huge_pages
 
 SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run, "experts": experts.run, "lora": lora.run,
-          "latent": latent.run}
+          "latent": latent.run, "vision": vision.run}
 
 
 def parse_args():

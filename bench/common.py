@@ -3,6 +3,7 @@ disturbed by other processes, the machine's measured limits, HF models to compar
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -12,6 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from mistral_jax.model.config import LatentAttention, MistralConfig, MoE  # noqa: E402
+from mistral_jax.model.presets import PIXTRAL  # noqa: E402
 
 CONFIGS = {
     "tiny": MistralConfig(dim=256, n_layers=8, head_dim=32, hidden_dim=768, n_heads=8, n_kv_heads=2,
@@ -27,6 +29,9 @@ CONFIGS["small-active"] = CONFIGS["small"].replace(hidden_dim=2 * CONFIGS["small
 # Mistral Small 4 with its attention as it is (32 heads of latent attention, kv_lora_rank 256,
 # its YaRN and query scale) and the rest scaled down: 4 layers of width 1024, 32 experts of
 # 512 (4 routed, 1 shared), a low-rank query of 256 (bench/latent.py).
+# The small model behind the released Pixtral tower's width (1024, 16 heads, patches of 14) cut
+# to 4 of its 24 layers (bench/vision.py).
+CONFIGS["small-vision"] = CONFIGS["small"].replace(vision=dataclasses.replace(PIXTRAL, n_layers=4))
 CONFIGS["small-latent"] = MistralConfig.preset(
     "mistral-small-4", dim=1024, n_layers=4, hidden_dim=3072, vocab_size=32000, max_seq_len=8192,
     mla=LatentAttention(256, 64, 64, 128, q_lora_rank=256), moe=MoE(32, 4, hidden_dim=512, n_shared_experts=1))
@@ -154,21 +159,18 @@ def hf_forward_seconds(model, config: MistralConfig, reps: int) -> float:
 
 def random_hf_model(config: MistralConfig, seed: int = 0):
     """transformers' model of config (MistralForCausalLM, MixtralForCausalLM with experts,
-    Mistral4ForCausalLM with latent attention, ...) with default random init, and the same
-    weights as our (config, params)."""
+    Mistral4ForCausalLM with latent attention, Mistral3ForConditionalGeneration with a vision
+    encoder, ...) with default random init, and the same weights as our (config, params)."""
     import tempfile
 
     import torch
-    import transformers
 
     from mistral_jax.checkpoints.convert import load_pytorch
-    from mistral_jax.checkpoints.verify import HF_CLASSES
+    from mistral_jax.checkpoints.verify import hf_model_class
 
     torch.manual_seed(seed)
-    hf_dict = config.to_hf_dict()
-    kind = HF_CLASSES[hf_dict["model_type"]]
-    hf_config = getattr(transformers, f"{kind}Config")(**hf_dict)
-    model = getattr(transformers, f"{kind}ForCausalLM")(hf_config).eval()
+    hf_config, model_class = hf_model_class(config, "sdpa")  # what transformers runs by default
+    model = model_class(hf_config).eval()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         ours = load_pytorch(tmp, "float32")

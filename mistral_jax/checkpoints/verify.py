@@ -35,29 +35,19 @@ class Comparison:
 
 
 def pytorch_model(src: str, config: MistralConfig):
-    """transformers' model of the source checkpoint's (text model's) weights: MistralForCausalLM,
+    """transformers' model of the source checkpoint's weights: MistralForCausalLM,
     MinistralForCausalLM for per-layer windows, MixtralForCausalLM for experts,
     Ministral3ForCausalLM for Llama 4's query scale, Mistral4ForCausalLM for latent attention,
-    as config.to_hf_dict says; each weight read from the source on its own (FP8 ones
-    dequantized, rope rows put in HF's order), rounded to config.param_dtype and held in float32."""
+    Mistral3ForConditionalGeneration around one of them with a vision encoder, as
+    config.to_hf_dict says; each weight read from the source on its own (FP8 ones dequantized,
+    rope rows put in HF's order), rounded to config.param_dtype and held in float32."""
     import torch
-    import transformers
 
     if config.hf_obstacle:
         raise ValueError(f"--verify needs a transformers model of the checkpoint, and there is none: "
                          f"{config.hf_obstacle}")
     source = find_source(src)
-    hf_dict = config.to_hf_dict()
-    if config.vision is None:
-        kind = HF_CLASSES[hf_dict["model_type"]]
-        hf_config = getattr(transformers, f"{kind}Config")(**hf_dict, attn_implementation="eager")
-        model_class = getattr(transformers, f"{kind}ForCausalLM")
-    else:
-        text = hf_dict["text_config"]
-        text_config = getattr(transformers, f"{HF_CLASSES[text['model_type']]}Config")(**text)
-        hf_config = transformers.Mistral3Config(**{**hf_dict, "text_config": text_config},
-                                                attn_implementation="eager")
-        model_class = transformers.Mistral3ForConditionalGeneration
+    hf_config, model_class = hf_model_class(config)
     with torch.device("meta"):
         model = model_class(hf_config)
     contents = {name: tensors for tensors in map(read_tensor_file, source.files) for name in tensors}
@@ -101,6 +91,22 @@ def pytorch_model(src: str, config: MistralConfig):
         tower = model.model.vision_tower
         tower.patch_positional_embedding = type(tower.patch_positional_embedding)(config=tower.config)
     return model.eval()
+
+
+def hf_model_class(config: MistralConfig, attention: str = "eager"):
+    """(transformers' config of config.to_hf_dict() with that attention implementation, the model
+    class that computes it): MistralForCausalLM, ..., Mistral3ForConditionalGeneration around one."""
+    import transformers
+
+    hf_dict = config.to_hf_dict()
+    if config.vision is None:
+        kind = HF_CLASSES[hf_dict["model_type"]]
+        return (getattr(transformers, f"{kind}Config")(**hf_dict, attn_implementation=attention),
+                getattr(transformers, f"{kind}ForCausalLM"))
+    text = hf_dict["text_config"]
+    text_config = getattr(transformers, f"{HF_CLASSES[text['model_type']]}Config")(**text)
+    return (transformers.Mistral3Config(**{**hf_dict, "text_config": text_config}, attn_implementation=attention),
+            transformers.Mistral3ForConditionalGeneration)
 
 
 # config.json's model_type -> the transformers class that computes it

@@ -32,21 +32,30 @@ def attention_mask(q_pos: jnp.ndarray, k_pos: jnp.ndarray, window: int | None) -
     return mask
 
 
-def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    """softmax(q k^T / sqrt(d)) v under mask [B, T, S]; q [B, T, H, d], k [B, S, K, d], v [B, S, K, dv].
+def masked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+    """softmax(q k^T / sqrt(d)) v under mask [B, T, S] (None: every key); q [B, T, H, d], k [B, S, K, d],
+    v [B, S, K, dv].
 
-    The O(T*S) reference form: used against the KV cache and as the oracle of the faster
-    paths. Logits and softmax in float32. Written as einsums over the cache's own layout, so
-    each compiler picks its layouts: transposing k and v to heads-major here, as the blocked
-    kernel does, would copy the whole cache (docs/DESIGN.md, "Attention").
+    The O(T*S) reference form: used against the KV cache, by a prefill chunk, by the vision
+    encoder, and as the oracle of the faster paths. Logits and softmax in float32. A decode
+    step (T = 1) reads the cache in its own layout, so each compiler picks its layouts:
+    transposing k and v to heads-major there would copy the whole cache (docs/DESIGN.md,
+    "Attention"). Several queries (a prefill chunk, whose keys are a fresh concatenation anyway)
+    go heads-major, each head's products one batched matmul: 2-2.5x faster on XLA:CPU
+    (BENCHMARKS.md, "Images in").
     """
     B, T, H, d = q.shape
     K = k.shape[2]
     q = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(B, T, K, H // K, d)  # scaling q: T*d products, not T*S
-    logits = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
-    probs = _masked_softmax(logits, mask[:, None, None]).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKd->BTKGd", probs, v)
-    return out.reshape(B, T, H, v.shape[-1])
+    if T == 1:
+        logits = jnp.einsum("BTKGd,BSKd->BKGTS", q, k, preferred_element_type=jnp.float32)
+        probs = _masked_softmax(logits, mask if mask is None else mask[:, None, None]).astype(v.dtype)
+        return jnp.einsum("BKGTS,BSKd->BTKGd", probs, v).reshape(B, T, H, v.shape[-1])
+    q, k, v = q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("BKGTd,BKSd->BKGTS", q, k, preferred_element_type=jnp.float32)
+    probs = _masked_softmax(logits, mask if mask is None else mask[:, None, None]).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BKSd->BKGTd", probs, v)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, v.shape[-1])
 
 
 def latent_attention(q_latent: jnp.ndarray, q_rope: jnp.ndarray, latent: jnp.ndarray, rope_key: jnp.ndarray,
@@ -64,8 +73,8 @@ def latent_attention(q_latent: jnp.ndarray, q_rope: jnp.ndarray, latent: jnp.nda
     return jnp.einsum("BHTS,BSr->BTHr", probs, latent)
 
 
-def _masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
-    return jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
+def _masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarray:
+    return jax.nn.softmax(logits if mask is None else jnp.where(mask, logits, _MASKED), axis=-1)
 
 
 def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None,

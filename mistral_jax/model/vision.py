@@ -169,15 +169,15 @@ def image_grid(config: MistralConfig, shape: tuple[int, ...]) -> tuple[int, int]
     return shape[1] // v.patch_size, shape[2] // v.patch_size
 
 
-def _layout(grids: list[tuple[int, int]], P: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _layout(grids: list[tuple[int, int]], P: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Each patch's row and column [N, P] and which keys each query reads [N, P, P]: its own
-    image's (the rest is padding)."""
+    image's (the rest is padding); None when no image is padded (every key)."""
     rows, columns = np.zeros((len(grids), P), np.int32), np.zeros((len(grids), P), np.int32)
     mask = np.zeros((len(grids), P, P), bool)
     for n, (h, w) in enumerate(grids):
         rows[n, :h * w], columns[n, :h * w] = np.divmod(np.arange(h * w), w)
         mask[n, :, :h * w] = True
-    return rows, columns, mask
+    return rows, columns, None if mask.all() else mask
 
 
 def image_tokens(config: MistralConfig, shape: tuple[int, ...]) -> int:

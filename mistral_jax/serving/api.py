@@ -104,6 +104,11 @@ def chat_job(body: Mapping, tokenizer: Tokenizer, max_len: int) -> Job:
     effort = body.get("reasoning_effort")
     if effort is not None and not isinstance(effort, str):
         raise ApiError(400, "'reasoning_effort' must be a string", "reasoning_effort")
+    if any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(
+            isinstance(part, dict) and part.get("type") in ("image_url", "image") for part in m["content"])
+            for m in messages):
+        raise ApiError(400, "image parts are not served: serve.py answers text (images: sample.py --image or "
+                            "the library's generate)", "messages")
     try:
         ids = tokenizer.encode_chat(messages, tools=tools or None, reasoning_effort=effort)
     except (ValueError, TypeError) as e:
