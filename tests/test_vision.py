@@ -327,3 +327,24 @@ def test_training_keeps_the_vision_tower_frozen(multimodal, tmp_path, capsys, mo
         for a, b in zip(jax.tree_util.tree_leaves(trained["vision"]), jax.tree_util.tree_leaves(params["vision"])):
             np.testing.assert_array_equal(a, b)
         assert np.abs(np.asarray(trained["layers"]["attention"]["wq"]) - params["layers"]["attention"]["wq"]).max() > 0
+
+
+def test_pixtral_preset_counts_as_transformers():
+    """Ministral 3 8B with the released Pixtral tower (presets.PIXTRAL): the parameter count of
+    transformers' Mistral3ForConditionalGeneration of its config.json (built on the meta
+    device), the cards' 0.4B vision encoder, and both config files read back."""
+    from mistral_jax.checkpoints.verify import hf_model_class
+    from mistral_jax.model.config import MistralConfig
+    from mistral_jax.model.presets import PIXTRAL
+
+    config = MistralConfig.preset("ministral-3-8b", vision=PIXTRAL)
+    hf_config, model_class = hf_model_class(config)
+    with torch.device("meta"):
+        model = model_class(hf_config)
+    counts = {name: p.numel() for name, p in model.named_parameters()}
+    assert config.num_params == sum(counts.values())
+    vision = sum(n for name, n in counts.items() if "vision_tower" in name or "multi_modal_projector" in name)
+    assert round(vision / 1e9, 1) == 0.4
+    assert config.active_params == config.num_params - vision  # a token of text runs no encoder
+    assert MistralConfig.from_hf_dict(config.to_hf_dict()) == config
+    assert MistralConfig.from_params_dict(config.to_params_dict()) == config
