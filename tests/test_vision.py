@@ -307,9 +307,15 @@ def test_sample_py_shows_the_image(multimodal, tokenizer_file, tmp_path, capsys)
                                       "--image", tmp_path / "nope.png")[::2], "not found")
 
 
-def test_training_keeps_the_vision_tower_frozen(multimodal, tmp_path, capsys, monkeypatch):
+def test_training_keeps_the_vision_tower_frozen(multimodal, tokenizer_file, tmp_path, capsys, monkeypatch):
     """train.py on text from the converted multimodal checkpoint, full and LoRA: the text model
-    trains, the vision encoder and projector come out bit for bit as they went in."""
+    trains, the vision encoder and projector come out bit for bit as they went in; HF PEFT loads
+    the LoRA run's adapter/ onto the HF model (its language model's layers only) and computes
+    the merged model/'s logits on a prompt with an image."""
+    import copy
+
+    import peft
+
     import train
 
     model, directory, config, params = multimodal
@@ -327,6 +333,13 @@ def test_training_keeps_the_vision_tower_frozen(multimodal, tmp_path, capsys, mo
         for a, b in zip(jax.tree_util.tree_leaves(trained["vision"]), jax.tree_util.tree_leaves(params["vision"])):
             np.testing.assert_array_equal(a, b)
         assert np.abs(np.asarray(trained["layers"]["attention"]["wq"]) - params["layers"]["attention"]["wq"]).max() > 0
+    tokens, images = prompt_with(tokenizer_file, "What is this?", picture(27, 19, 4))
+    with torch.no_grad():
+        adapted = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "lora" / "adapter").eval()
+        assert not [n for n, _ in adapted.named_modules() if "vision_tower" in n and "lora" in n]
+        expected = adapted(**hf_inputs(tokens, images)).logits.numpy()
+        assert np.abs(expected - model(**hf_inputs(tokens, images)).logits.numpy()).max() > 10 * TOL  # it trained
+    np.testing.assert_allclose(our_logits(trained_config, trained, tokens, images), expected, atol=TOL)
 
 
 def test_pixtral_preset_counts_as_transformers():

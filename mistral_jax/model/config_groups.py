@@ -169,7 +169,7 @@ VISION_ACTIVATIONS = ("silu", "gelu")  # the encoder feed-forward's (HF hidden_a
 @dataclasses.dataclass(frozen=True)
 class Vision:
     """The Pixtral vision encoder and the Mistral 3 projector in front of the text model
-    (Mistral Small 3.1+, Ministral 3, Small 4, Large 3, Medium 3.5; model/vision.py): images cut
+    (Mistral Small 3.1 on, Ministral 3, Small 4; model/vision.py): images cut
     into patch_size patches, a transformer of n_layers blocks (dim wide, n_heads heads, a gated
     feed-forward hidden_dim wide with `act`) with 2-D RoPE over each patch's (row, column), then
     RMSNorm, a learned merge of each spatial_merge_size² block of patches, and linear → GELU →

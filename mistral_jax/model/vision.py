@@ -15,9 +15,9 @@ of the first row, then the next row's).
 Parameters, under `vision` (checkpoints/layouts.py names them in both PyTorch layouts):
 `encoder/patch_conv` [C, p, p, Dv], `encoder/ln_pre`, `encoder/layers/...` (stacked [L, ...], a
 block like the text model's: attention wq/wk/wv [Dv, H, d], wo [H, d, Dv], feed_forward w1/w3
-[Dv, F], w2 [F, Dv], attention_norm, ffn_norm), `norm`, `patch_merger/merging_layer`
-[Dv·s², Dv] (its rows channel-major: row c·s² + i·s + j is channel c of the patch at (i, j) of
-the block, as torch's unfold lays them), `adapter/w_in` [Dv, D], `adapter/w_out` [D, D].
+[Dv, F], w2 [F, Dv], attention_norm, ffn_norm), `norm`, `projector/merging_layer` [Dv·s², Dv]
+(its rows channel-major: row c·s² + i·s + j is channel c of the patch at (i, j) of the block,
+as torch's unfold lays them), `projector/w_in` [Dv, D], `projector/w_out` [D, D].
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ class VisionBlock(nn.Module):
 
 
 class _Attention(nn.Module):
+    """Multi-head attention (no grouping) with 2-D RoPE; x [N·P, Dv] -> [N·P, Dv]."""
+
     config: MistralConfig
 
     @nn.compact
@@ -81,6 +83,8 @@ class _Attention(nn.Module):
 
 
 class _FeedForward(nn.Module):
+    """w2(act(w1 x) * w3 x), act SiLU or exact GELU (Vision.act)."""
+
     config: MistralConfig
 
     @nn.compact

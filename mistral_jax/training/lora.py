@@ -45,7 +45,16 @@ TARGETS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1
            "wkv_b": ("attention", 1),
            "w1": ("feed_forward", 1), "w2": ("feed_forward", 1), "w3": ("feed_forward", 1)}
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# Where PEFT keeps a layer's adapters: under MistralForCausalLM's layers, or with a vision encoder
+# under Mistral3ForConditionalGeneration's language model, whose vision tower's own q_proj, ...
+# `_VISION_TOWER` keeps out of target_modules' reach.
 _PEFT_PREFIX = "base_model.model.model.layers."
+_PEFT_PREFIX_VISION = "base_model.model.model.language_model.layers."
+_VISION_TOWER = r".*vision_tower.*"
+
+
+def _peft_prefix(config: MistralConfig) -> str:
+    return _PEFT_PREFIX if config.vision is None else _PEFT_PREFIX_VISION
 # Our target -> HF's name of its module within a layer ("self_attn.q_proj"), whose last part
 # is what PEFT's target_modules lists.
 PEFT_NAMES = {target: {**LAYER_TENSORS, **LATENT_ATTENTION_TENSORS}[(module, target)][1]
@@ -196,7 +205,7 @@ def save_peft(path: str, config: MistralConfig, adapters: dict, spec: LoRA, base
     for layer, (stack, i) in enumerate(_layers(config)):
         for target in targets:
             pair = host[stack][TARGETS[target][0]][target]
-            name = f"{_PEFT_PREFIX}{layer}.{PEFT_NAMES[target]}"
+            name = f"{_peft_prefix(config)}{layer}.{PEFT_NAMES[target]}"
             lora_a = np.asarray(pair["a"][i], np.float32).reshape(-1, spec.rank).T  # [r, in]
             lora_b = np.asarray(pair["b"][i], np.float32).reshape(spec.rank, -1).T  # [out, r], the model's rows
             order = row_order(target, config, "hf")
@@ -210,7 +219,8 @@ def save_peft(path: str, config: MistralConfig, adapters: dict, spec: LoRA, base
         "target_modules": sorted(module for module, target in _TARGET_OF_MODULE.items() if target in targets),
         "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
-        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}}
+        "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        "exclude_modules": None if config.vision is None else _VISION_TOWER}
     with atomic_directory(path, overwrite) as tmp:
         if is_primary():
             write_safetensors(os.path.join(tmp, WEIGHTS_FILE), entries)
@@ -229,7 +239,8 @@ _PLAIN = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_ou
 
 def load_peft(path: str, config: MistralConfig) -> tuple[LoRA, dict]:
     """(spec, adapters as numpy arrays) of a PEFT LoRA directory of config's model as HF
-    computes it (MistralForCausalLM, Ministral's, Mixtral's or Mistral 4's attention)."""
+    computes it (MistralForCausalLM, Ministral's, Mixtral's or Mistral 4's attention; with a
+    vision encoder, Mistral3ForConditionalGeneration's language model)."""
     config_file, weights_file = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
     for file in (config_file, weights_file):
         if not os.path.isfile(file):
@@ -246,6 +257,9 @@ def load_peft(path: str, config: MistralConfig) -> tuple[LoRA, dict]:
         value = peft.get(key, plain)
         if value != plain and not (plain == {} and value is None):
             raise AdapterError(f"{config_file} sets {key} = {peft[key]!r}: only plain LoRA adapters are supported")
+    if peft.get("exclude_modules") not in (None, [], _VISION_TOWER):
+        raise AdapterError(f"{config_file} sets exclude_modules = {peft['exclude_modules']!r}: only plain LoRA "
+                           "adapters of every layer are supported")
     modules = peft.get("target_modules")
     if not isinstance(modules, list) or any(m not in _TARGET_OF_MODULE for m in modules):
         raise AdapterError(f"{config_file}: target_modules {modules!r} must be a list of "
@@ -267,7 +281,7 @@ def load_peft(path: str, config: MistralConfig) -> tuple[LoRA, dict]:
         for target in spec.targets:
             shape = shapes[stack][TARGETS[target][0]][target]
             a_shape, b_shape = shape["a"].shape, shape["b"].shape
-            name = f"{_PEFT_PREFIX}{layer}.{PEFT_NAMES[target]}"
+            name = f"{_peft_prefix(config)}{layer}.{PEFT_NAMES[target]}"
             lora_a = _tensor(tensors, f"{name}.lora_A.weight", (spec.rank, math.prod(a_shape[1:-1])), weights_file)
             lora_b = _tensor(tensors, f"{name}.lora_B.weight", (math.prod(b_shape[2:]), spec.rank), weights_file)
             expected |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight"}
