@@ -8,6 +8,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ import pytest
 import torch
 import transformers
 from mistral_common.protocol.instruct.chunk import ImageChunk, TextChunk
-from mistral_common.protocol.instruct.messages import UserMessage
+from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
@@ -24,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights
 import sample
-from conftest import BUNDLED, MINISTRAL3_ROPE, WEIGHT_STD, assert_one_line_error, run_script
+from conftest import BUNDLED, MINISTRAL3_ROPE, REPO, WEIGHT_STD, assert_one_line_error, run_script
 from mistral_jax import Mistral, Tokenizer, load_checkpoint, load_pytorch
 from mistral_jax.inference.sampling import generate_stream, until_eos
 from mistral_jax.model import rope, vision
@@ -301,6 +303,19 @@ def test_sample_py_shows_the_image(multimodal, tokenizer_file, tmp_path, capsys)
     tokens, images = mistral_common_encoding(tokenizer_file, "What is shown?", [Image.open(tmp_path / "photo.png")])
     reply = until_eos(hf_greedy(model, tokens, images, 10), 2)
     assert out.strip() == Tokenizer(tokenizer_file).decode(reply).strip()
+    # --interactive: "/image FILE" shows the image with the next turn; the history keeps it.
+    result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(tmp_path / "jax"),
+                             "--interactive", "--max-new-tokens", "6"], capture_output=True, text=True,
+                            input=f"/image {tmp_path / 'photo.png'}\nWhat is shown?\nAnd the colour?\n")
+    assert result.returncode == 0, result.stderr
+    mistral, history, replies = MistralTokenizer.from_file(tokenizer_file), [], []
+    for turn in ([TextChunk(text="What is shown?"), ImageChunk(image=Image.open(tmp_path / "photo.png"))],
+                 "And the colour?"):
+        history.append(UserMessage(content=turn))
+        encoded = mistral.encode_chat_completion(ChatCompletionRequest(messages=history))
+        replies.append(mistral.decode(until_eos(hf_greedy(model, encoded.tokens, encoded.images, 6), 2)))
+        history.append(AssistantMessage(content=replies[-1]))
+    assert result.stdout == "".join(reply + "\n" for reply in replies)
     assert_one_line_error(*run_script(capsys, sample, "--checkpoint", tmp_path / "jax", "--prompt", "x", "--image",
                                       tmp_path / "photo.png")[::2], "needs --chat")
     assert_one_line_error(*run_script(capsys, sample, "--checkpoint", tmp_path / "jax", "--chat", "--prompt", "x",
