@@ -376,3 +376,44 @@ def test_pixtral_preset_counts_as_transformers():
     assert config.active_params == config.num_params - vision  # a token of text runs no encoder
     assert MistralConfig.from_hf_dict(config.to_hf_dict()) == config
     assert MistralConfig.from_params_dict(config.to_params_dict()) == config
+
+
+def test_engine_and_server_take_images(multimodal, tokenizer_file, tmp_path, capsys):
+    """Continuous batching with images: requests with one image, none and two through 2 slots of
+    the engine, prefilled 8 tokens at a time, each equal to HF's greedy tokens for it alone; and
+    serve.py answering OpenAI's client a chat with an image as a data URL with HF's greedy reply
+    (and a text model's server refusing one in a 400)."""
+    from mistral_jax.inference.engine import Engine, Request
+    from test_serve import client, start_server
+
+    model, directory, config, params = multimodal
+    if config.yarn is not None:
+        pytest.skip("one text model is enough")
+    prompts = [prompt_with(tokenizer_file, "Describe it.", picture(21, 29, 7)),
+               (Tokenizer(tokenizer_file).encode_multimodal_chat([{"role": "user", "content": "No image."}])),
+               prompt_with(tokenizer_file, "And these two?", picture(16, 8, 8), picture(9, 31, 9))]
+    engine = Engine(config, params, slots=2, max_len=128, eos_id=None, prefill_chunk=8)
+    out = [[] for _ in prompts]
+    for (ids, images), tokens in zip(prompts, out):
+        engine.submit(Request(ids, 10, lambda new, finish, tokens=tokens: tokens.extend(new) or True, images=images))
+    while engine.step():
+        pass
+    for got, (ids, images) in zip(out, prompts):
+        assert got == hf_greedy(model, ids, images, 10)
+    with pytest.raises(ValueError, match="image tokens"):  # images that do not fill the prompt's image tokens
+        engine.submit(Request(prompts[0][0], 4, lambda new, finish: True))
+
+    assert run_script(capsys, convert_weights, directory, tmp_path / "jax", "--dtype", "float32")[0] == 0
+    process, url = start_server(str(tmp_path / "jax"), "--slots", 2, "--max-len", 128, "--model-name", "pixtral")
+    try:
+        photo = picture(26, 40, 10)
+        reply = client(url).chat.completions.create(model="pixtral", max_tokens=8, temperature=0, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is shown?"},
+                                         {"type": "image_url", "image_url": {"url": data_url(photo)}}]}])
+        tokens, images = mistral_common_encoding(tokenizer_file, "What is shown?", [photo])
+        want = Tokenizer(tokenizer_file).decode(until_eos(hf_greedy(model, tokens, images, 8), 2))
+        assert reply.choices[0].message.content == want
+        assert reply.usage.prompt_tokens == len(tokens)
+    finally:
+        process.terminate()
+        process.wait(120)

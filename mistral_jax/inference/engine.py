@@ -35,10 +35,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from mistral_jax.inference.sampling import (PREFILL_CHUNK, Sampler, bucket, decoding_layout, empty_cache,
-                                            filter_logits, prefill, prompt_layout)
+                                            filter_logits, image_embeddings, prefill, prompt_layout)
 from mistral_jax.model.cache import KVCache
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
+from mistral_jax.model.vision import ImageFeatures, image_tokens, token_index
 
 FREE = -1  # SlotState.position of a slot with no request
 PREFILL_BUDGET = 2 * PREFILL_CHUNK  # prompt tokens (padded) admitted at most between two decode calls
@@ -65,7 +66,9 @@ class Request:
     """A prompt and how to continue it. `emit(tokens, finish)` receives the new tokens (eos
     excluded) after each engine step, with finish None while it runs, then "stop" (eos) or
     "length" (max_tokens reached); it returns False to end the request there (a stop string
-    was seen, the client left). Its tokens are drawn with key(seed), greedy at temperature 0."""
+    was seen, the client left). Its tokens are drawn with key(seed), greedy at temperature 0.
+    With a vision encoder, `images` (float32 [C, H, W], Tokenizer.encode_multimodal_chat's)
+    fill the prompt's image tokens, in order."""
 
     prompt: list[int]
     max_tokens: int
@@ -74,6 +77,7 @@ class Request:
     seed: int = 0
     cancelled: bool = False
     generated: int = 0
+    images: list[np.ndarray] = dataclasses.field(default_factory=list)
 
 
 def choose(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -128,12 +132,13 @@ def empty_slots(config: MistralConfig, *, slots: int, max_len: int, mesh: Mesh |
                    donate_argnames=("state",))
 def admit(params, config: MistralConfig, state: SlotState, prompts: jax.Array, lengths: jax.Array,
           rows: jax.Array, seeds: jax.Array, budget: jax.Array, temperature: jax.Array, top_k: jax.Array,
-          top_p: jax.Array, *, max_len: int, chunk: int, eos_id: int,
-          mesh: Mesh | None = None) -> tuple[SlotState, jax.Array]:
+          top_p: jax.Array, *, max_len: int, chunk: int, eos_id: int, mesh: Mesh | None = None,
+          images: ImageFeatures | None = None) -> tuple[SlotState, jax.Array]:
     """Prefills prompts [b, P] (right-padded to a multiple of chunk; rows of length 0 are
-    padding) into slots `rows` [b] (S for a padding row) and samples each first token [b]."""
+    padding; their image tokens taking images' embeddings) into slots `rows` [b] (S for a
+    padding row) and samples each first token [b]."""
     cache = empty_cache(config, prompts.shape[0], max_len, mesh)
-    logits, cache = prefill(params, config, prompts, lengths, cache, chunk)
+    logits, cache = prefill(params, config, prompts, lengths, cache, chunk, images)
     keys = jax.random.wrap_key_data(seeds)
     first = choose(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, 0), temperature, top_k, top_p)
 
@@ -215,6 +220,11 @@ class Engine:
                              f"the {self.max_len} tokens a slot holds")
         if request.sampler.top_k is not None and request.sampler.top_k > self.config.vocab_size:
             raise ValueError(f"top_k must be in [1, {self.config.vocab_size}], got {request.sampler.top_k}")
+        if request.images and self.config.vision is None:
+            raise ValueError("images given to a model without a vision encoder")
+        if self.config.vision is not None:  # the prompt's image tokens are its images' to the last
+            filled = sum(image_tokens(self.config, np.shape(image)) for image in request.images)
+            token_index(self.config, np.asarray([prompt]), filled)
 
     def submit(self, request: Request) -> None:
         """Queues request (checked first); any thread."""
@@ -315,10 +325,21 @@ class Engine:
             self._busy[slot] = request
         self._state, first = admit(self.params, self.config, self._state, prompts, lengths, rows, seeds, budget,
                                    temperature, top_k, top_p, max_len=self.max_len, chunk=chunk, eos_id=self.eos_id,
-                                   mesh=self.mesh)
+                                   mesh=self.mesh, images=self._images(requests, prompts))
         first = np.asarray(first)
         for i, slot in enumerate(slots[:len(requests)]):
             self._emit(slot, [int(first[i])])
+
+    def _images(self, requests: list[Request], prompts: np.ndarray) -> ImageFeatures | None:
+        """The admitted prompts' image embeddings (the encoder run on their images now, compiled
+        per set of image sizes), padded to a power of two of rows so admit compiles per bucket."""
+        flat = [np.asarray(image, np.float32) for request in requests for image in request.images]
+        if not flat:
+            return None
+        embeddings = image_embeddings(self.params["vision"], self.config, flat)
+        index = token_index(self.config, prompts, embeddings.shape[0])
+        rows = bucket(embeddings.shape[0])
+        return ImageFeatures(jnp.pad(embeddings, ((0, rows - embeddings.shape[0]), (0, 0))), index)
 
     def _emit(self, slot: int, tokens: list[int]) -> None:
         """Hands a slot's new tokens to its request, freeing the slot when it is done."""

@@ -51,6 +51,7 @@ class Job:
     stream: bool
     include_usage: bool
     chat: bool
+    images: tuple = ()  # float32 [C, H, W] each, filling the prompt's image tokens (a vision model's)
 
 
 def parse_body(raw: bytes) -> dict:
@@ -93,9 +94,11 @@ def completion_job(body: Mapping, tokenizer: Tokenizer, max_len: int) -> Job:
     return _job(body, ids, max_len, tokenizer.vocab_size, chat=False)
 
 
-def chat_job(body: Mapping, tokenizer: Tokenizer, max_len: int) -> Job:
+def chat_job(body: Mapping, tokenizer: Tokenizer, max_len: int, vision: bool = False) -> Job:
     """A /v1/chat/completions body: messages (and tools, reasoning_effort) in the chat format of
-    the tokenizer (Tokenizer.encode_chat)."""
+    the tokenizer (Tokenizer.encode_chat); with image parts, for a vision model (`vision`), its
+    images too (Tokenizer.encode_multimodal_chat: files of the server's, data URLs; nothing
+    is downloaded)."""
     messages, tools = body.get("messages"), body.get("tools")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of messages", "messages")
@@ -104,16 +107,20 @@ def chat_job(body: Mapping, tokenizer: Tokenizer, max_len: int) -> Job:
     effort = body.get("reasoning_effort")
     if effort is not None and not isinstance(effort, str):
         raise ApiError(400, "'reasoning_effort' must be a string", "reasoning_effort")
-    if any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(
-            isinstance(part, dict) and part.get("type") in ("image_url", "image") for part in m["content"])
-            for m in messages):
-        raise ApiError(400, "image parts are not served: serve.py answers text (images: sample.py --image or "
-                            "the library's generate)", "messages")
+    images = []
+    has_images = any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(
+        isinstance(part, dict) and part.get("type") in ("image_url", "image") for part in m["content"])
+        for m in messages)
+    if has_images and not vision:
+        raise ApiError(400, "this model takes no images (it has no vision encoder)", "messages")
     try:
-        ids = tokenizer.encode_chat(messages, tools=tools or None, reasoning_effort=effort)
+        if has_images:
+            ids, images = tokenizer.encode_multimodal_chat(messages, tools=tools or None, reasoning_effort=effort)
+        else:
+            ids = tokenizer.encode_chat(messages, tools=tools or None, reasoning_effort=effort)
     except (ValueError, TypeError) as e:
         raise ApiError(400, str(e).strip().splitlines()[0], "messages") from None
-    return _job(body, ids, max_len, tokenizer.vocab_size, chat=True)
+    return dataclasses.replace(_job(body, ids, max_len, tokenizer.vocab_size, chat=True), images=tuple(images))
 
 
 def _job(body: Mapping, prompt: list[int], max_len: int, vocab_size: int, chat: bool) -> Job:

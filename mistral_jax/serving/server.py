@@ -85,6 +85,7 @@ class Service:
         self.tokenizer: Tokenizer | None = None
         self.engine: Engine | None = None
         self.max_len = 0
+        self.vision = False  # the model takes images (config.vision)
         self._runs: set[Run] = set()
         self.cancelled = 0  # requests whose client went away before they finished
         self._stopping = False
@@ -122,7 +123,7 @@ class Service:
         self.engine = Engine(config, params, slots=options.slots, max_len=options.max_len,
                              steps_per_call=options.steps_per_call, prefill_budget=options.prefill_budget,
                              eos_id=self.tokenizer.eos_id, mesh=mesh)
-        self.max_len = self.engine.max_len
+        self.max_len, self.vision = self.engine.max_len, config.vision is not None
         self.engine.compile()
         warm = Request([self.tokenizer.bos_id], 1, lambda tokens, finish: True)
         self.engine.submit(warm)
@@ -181,7 +182,7 @@ class Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.completion_tokens = 0
         self.finished = False
-        self.request = Request(job.prompt, job.max_tokens, self._emit, job.sampler, job.seed)
+        self.request = Request(job.prompt, job.max_tokens, self._emit, job.sampler, job.seed, images=list(job.images))
 
     def _emit(self, tokens: list[int], finish: str | None) -> bool:
         """The engine's callback, on its thread."""
@@ -246,7 +247,10 @@ def create_app(options: ServeOptions, service: Service | None = None) -> Starlet
             service.require_ready()
             body = api.parse_body(await request.body())
             api.check_model(body, name)
-            job = (api.chat_job if chat else api.completion_job)(body, service.tokenizer, service.max_len)
+            if chat:
+                job = api.chat_job(body, service.tokenizer, service.max_len, service.vision)
+            else:
+                job = api.completion_job(body, service.tokenizer, service.max_len)
             run = service.submit(job)
         except api.ApiError as e:
             return JSONResponse(e.body(), e.status)
