@@ -199,8 +199,9 @@ def main():
                          f"{config.vocab_size}: they do not belong together")
 
     def chat(messages) -> tuple[list[int], list]:  # (ids, images) of a conversation
-        return tokenizer.encode_multimodal_chat(messages, tools, options.reasoning_effort) if config.vision else (
-            tokenizer.encode_chat(messages, tools, options.reasoning_effort), [])
+        if any(isinstance(m["content"], list) for m in messages):  # it shows images
+            return tokenizer.encode_multimodal_chat(messages, tools, options.reasoning_effort)
+        return tokenizer.encode_chat(messages, tools, options.reasoning_effort), []
 
     if options.image and config.vision is None:
         raise ValueError(f"{options.checkpoint} is a model without a vision encoder: it cannot take --image")
@@ -210,7 +211,12 @@ def main():
         for line in sys.stdin:
             if line.startswith("/image "):
                 shown.setdefault(len(turns), []).append(line.removeprefix("/image ").strip())
-                chat(options.conversation(*turns, "?", images=shown))  # a file that is no image: said now
+                try:  # a file that is no image: said now, and the conversation goes on without it
+                    chat(options.conversation(*turns, "?", images=shown))
+                except ValueError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    shown[len(turns)].pop()
+                    continue
                 print(f"(the next turn shows {len(shown[len(turns)])} image(s))", file=sys.stderr)
             elif line.strip():
                 turns.append(line.rstrip("\n"))

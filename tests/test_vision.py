@@ -306,7 +306,8 @@ def test_sample_py_shows_the_image(multimodal, tokenizer_file, tmp_path, capsys)
     # --interactive: "/image FILE" shows the image with the next turn; the history keeps it.
     result = subprocess.run([sys.executable, os.path.join(REPO, "sample.py"), "--checkpoint", str(tmp_path / "jax"),
                              "--interactive", "--max-new-tokens", "6"], capture_output=True, text=True,
-                            input=f"/image {tmp_path / 'photo.png'}\nWhat is shown?\nAnd the colour?\n")
+                            input=f"/image {tmp_path / 'nope.png'}\n/image {tmp_path / 'photo.png'}\nWhat is shown?\n"
+                                  "And the colour?\n")
     assert result.returncode == 0, result.stderr
     mistral, history, replies = MistralTokenizer.from_file(tokenizer_file), [], []
     for turn in ([TextChunk(text="What is shown?"), ImageChunk(image=Image.open(tmp_path / "photo.png"))],
@@ -316,6 +317,7 @@ def test_sample_py_shows_the_image(multimodal, tokenizer_file, tmp_path, capsys)
         replies.append(mistral.decode(until_eos(hf_greedy(model, encoded.tokens, encoded.images, 6), 2)))
         history.append(AssistantMessage(content=replies[-1]))
     assert result.stdout == "".join(reply + "\n" for reply in replies)
+    assert "error: " in result.stderr and "nope.png not found" in result.stderr  # said; the conversation went on
     assert_one_line_error(*run_script(capsys, sample, "--checkpoint", tmp_path / "jax", "--prompt", "x", "--image",
                                       tmp_path / "photo.png")[::2], "needs --chat")
     assert_one_line_error(*run_script(capsys, sample, "--checkpoint", tmp_path / "jax", "--chat", "--prompt", "x",
