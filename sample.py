@@ -175,6 +175,7 @@ def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
     from mistral_jax.checkpoints.store import load_checkpoint
     from mistral_jax.inference.sampling import Sampler
+    from mistral_jax.text.chat import has_images
     from mistral_jax.text.tokenizer import Tokenizer, find_tokenizer
     from mistral_jax.training.lora import load_peft, merge
 
@@ -199,7 +200,7 @@ def main():
                          f"{config.vocab_size}: they do not belong together")
 
     def chat(messages) -> tuple[list[int], list]:  # (ids, images) of a conversation
-        if any(isinstance(m["content"], list) for m in messages):  # it shows images
+        if has_images(messages):
             return tokenizer.encode_multimodal_chat(messages, tools, options.reasoning_effort)
         return tokenizer.encode_chat(messages, tools, options.reasoning_effort), []
 

@@ -52,6 +52,15 @@ class Reference:
 WEIGHT_STD = 0.2
 
 
+def strengthen(model) -> None:
+    """model's weights redrawn strong: norm weights uniform in [0.5, 1.5], the rest N(0, WEIGHT_STD)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, WEIGHT_STD)
+
+
 def build_reference(tmp_dir, *, seed, window, seq_len, kind="Mistral", **hf_config) -> Reference:
     import torch
     import transformers
@@ -62,12 +71,8 @@ def build_reference(tmp_dir, *, seed, window, seq_len, kind="Mistral", **hf_conf
         **windows, "attn_implementation": "eager", "tie_word_embeddings": False,
         "max_position_embeddings": 512, **hf_config})
     model = getattr(transformers, f"{kind}ForCausalLM")(config).eval()
+    strengthen(model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, WEIGHT_STD)
         model.save_pretrained(tmp_dir)
         tokens = torch.randint(0, config.vocab_size, (2, seq_len))
         logits = model(tokens).logits.float().numpy()

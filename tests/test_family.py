@@ -15,7 +15,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import convert_weights
-from conftest import WEIGHT_STD, WINDOW, forward, run_script
+from conftest import WINDOW, forward, run_script, strengthen
 from mistral_jax.checkpoints.convert import CheckpointError, load_pytorch, save_hf
 from mistral_jax.inference.sampling import Sampler, generate, start
 from mistral_jax.model.cache import KVCache
@@ -150,9 +150,7 @@ def mistral3(tmp_path_factory):
     config = transformers.Mistral3Config(vision_config=vision, text_config=text, tie_word_embeddings=False,
                                          attn_implementation="eager")
     model = transformers.Mistral3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, WEIGHT_STD)
+    strengthen(model)
     out = tmp_path_factory.mktemp("mistral3")
     model.save_pretrained(out)
     tokens = torch.randint(0, 256, (2, 40))

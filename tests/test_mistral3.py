@@ -21,7 +21,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import convert_weights
-from conftest import ORIGINAL_LENGTH, WEIGHT_STD, WINDOW, assert_one_line_error, build_reference, forward, run_script
+from conftest import ORIGINAL_LENGTH, WINDOW, assert_one_line_error, build_reference, forward, run_script, strengthen
 from mistral_jax.checkpoints import fp8
 from mistral_jax.checkpoints.convert import load_pytorch
 from mistral_jax.inference.sampling import generate
@@ -167,9 +167,7 @@ def mistral3_ministral3(tmp_path_factory):
                                               num_attention_heads=2, head_dim=16, image_size=32, patch_size=8)
     config = transformers.Mistral3Config(vision_config=vision, text_config=text, attn_implementation="eager")
     model = transformers.Mistral3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, WEIGHT_STD)
+    strengthen(model)
     out = tmp_path_factory.mktemp("mistral3_ministral3")
     model.save_pretrained(out)
     tokens = torch.randint(0, 256, (2, 4 * ORIGINAL_LENGTH + 3))

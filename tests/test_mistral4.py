@@ -20,7 +20,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import convert_weights
-from conftest import MISTRAL4, ORIGINAL_LENGTH, WEIGHT_STD, build_reference, forward, run_script
+from conftest import MISTRAL4, ORIGINAL_LENGTH, build_reference, forward, run_script, strengthen
 from mistral_jax.checkpoints.convert import load_pytorch
 from mistral_jax.checkpoints.store import save_checkpoint
 from mistral_jax.inference.sampling import Sampler, generate, start
@@ -289,9 +289,7 @@ def test_mistral3_with_a_mistral4_text_model(tmp_path, capsys):
     config = transformers.Mistral3Config(vision_config=vision, text_config=transformers.Mistral4Config(**MISTRAL4),
                                          tie_word_embeddings=False, attn_implementation="eager")
     model = transformers.Mistral3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, WEIGHT_STD)
+    strengthen(model)
     model.save_pretrained(tmp_path / "hf")
     tokens = torch.randint(0, 256, (2, 3 * ORIGINAL_LENGTH))
     with torch.no_grad():

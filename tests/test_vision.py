@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 import convert_weights
 import sample
-from conftest import BUNDLED, MINISTRAL3_ROPE, REPO, WEIGHT_STD, assert_one_line_error, run_script
+from conftest import BUNDLED, MINISTRAL3_ROPE, REPO, assert_one_line_error, run_script, strengthen
 from mistral_jax import Mistral, Tokenizer, load_checkpoint, load_pytorch
 from mistral_jax.inference.sampling import generate_stream, until_eos
 from mistral_jax.model import rope, vision
@@ -64,9 +64,7 @@ def multimodal(request, tmp_path_factory, tokenizer_file):
     config = transformers.Mistral3Config(vision_config=VISION, text_config=text, tie_word_embeddings=False,
                                          attn_implementation="eager")
     model = transformers.Mistral3ForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.uniform_(0.5, 1.5) if name.endswith("norm.weight") else p.normal_(0.0, WEIGHT_STD)
+    strengthen(model)
     directory = tmp_path_factory.mktemp(f"mistral3_{request.param}")
     model.save_pretrained(directory)
     shutil.copy(tokenizer_file, directory / "tekken.json")

@@ -144,11 +144,12 @@ def compare_with_pytorch(src: str, config: MistralConfig, params, n_tokens: int 
     runs = [(tokens, None)]
     if config.vision is not None and n_tokens > IMAGE_TOKENS:
         runs.append(image_prompts(config, tokens, rng))
+    forward = jax.jit(Mistral(f32).apply)
     got, expected = [], []
     for tokens, images in runs:
         with torch.no_grad():
             expected.append(model(torch.from_numpy(tokens).long(), **_pixels(images)).logits.numpy())
-        got.append(np.asarray(jax.jit(Mistral(f32).apply)({"params": params32}, tokens, images=images)))
+        got.append(np.asarray(forward({"params": params32}, tokens, images=images)))
     got, expected = np.stack(got), np.stack(expected)
     return Comparison(max_abs_diff=float(np.abs(got - expected).max()), logit_scale=float(np.abs(expected).max()),
                       top1_agreement=float((got.argmax(-1) == expected.argmax(-1)).mean()),

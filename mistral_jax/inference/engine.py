@@ -39,7 +39,7 @@ from mistral_jax.inference.sampling import (PREFILL_CHUNK, Sampler, bucket, deco
 from mistral_jax.model.cache import KVCache
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral
-from mistral_jax.model.vision import ImageFeatures, image_tokens, token_index
+from mistral_jax.model.vision import ImageFeatures, check_image_tokens, image_tokens, token_index
 
 FREE = -1  # SlotState.position of a slot with no request
 PREFILL_BUDGET = 2 * PREFILL_CHUNK  # prompt tokens (padded) admitted at most between two decode calls
@@ -224,7 +224,7 @@ class Engine:
             raise ValueError("images given to a model without a vision encoder")
         if self.config.vision is not None:  # the prompt's image tokens are its images' to the last
             filled = sum(image_tokens(self.config, np.shape(image)) for image in request.images)
-            token_index(self.config, np.asarray([prompt]), filled)
+            check_image_tokens(self.config, np.asarray(prompt), filled)
 
     def submit(self, request: Request) -> None:
         """Queues request (checked first); any thread."""

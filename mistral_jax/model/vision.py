@@ -210,14 +210,19 @@ def token_index(config: MistralConfig, tokens: jax.Array, n_embeddings: int) -> 
     """[B, T] int32: for each image token its embedding's index (the image tokens counted
     through the batch in order), -1 elsewhere. Concrete tokens are checked to hold exactly
     n_embeddings image tokens."""
-    is_image = tokens == config.vision.image_token_id
     if not isinstance(tokens, jax.core.Tracer):
-        count = int(np.sum(np.asarray(is_image)))
-        if count != n_embeddings:
-            raise ValueError(f"the tokens hold {count} image tokens ([IMG], id {config.vision.image_token_id}) but "
-                             f"the images fill {n_embeddings}")
+        check_image_tokens(config, np.asarray(tokens), n_embeddings)
+    is_image = tokens == config.vision.image_token_id
     order = jnp.cumsum(is_image.reshape(-1)).reshape(tokens.shape) - 1
     return jnp.where(is_image, order, -1).astype(jnp.int32)
+
+
+def check_image_tokens(config: MistralConfig, tokens: np.ndarray, n_embeddings: int) -> None:
+    """ValueError unless tokens hold exactly n_embeddings image tokens (numpy: on the host)."""
+    count = int(np.sum(tokens == config.vision.image_token_id))
+    if count != n_embeddings:
+        raise ValueError(f"the tokens hold {count} image tokens ([IMG], id {config.vision.image_token_id}) but "
+                         f"the images fill {n_embeddings}")
 
 
 def merge_images(x: jax.Array, images: ImageFeatures) -> jax.Array:

@@ -15,6 +15,7 @@ from typing import Any
 
 from mistral_jax.inference.sampling import Sampler
 from mistral_jax.runtime.options import OptionError
+from mistral_jax.text.chat import has_images
 from mistral_jax.text.streaming import ReplyStream, StreamDecoder
 from mistral_jax.text.tokenizer import Tokenizer
 
@@ -107,14 +108,11 @@ def chat_job(body: Mapping, tokenizer: Tokenizer, max_len: int, vision: bool = F
     effort = body.get("reasoning_effort")
     if effort is not None and not isinstance(effort, str):
         raise ApiError(400, "'reasoning_effort' must be a string", "reasoning_effort")
-    images = []
-    has_images = any(isinstance(m, dict) and isinstance(m.get("content"), list) and any(
-        isinstance(part, dict) and part.get("type") in ("image_url", "image") for part in m["content"])
-        for m in messages)
-    if has_images and not vision:
+    images, with_images = [], has_images(messages)
+    if with_images and not vision:
         raise ApiError(400, "this model takes no images (it has no vision encoder)", "messages")
     try:
-        if has_images:
+        if with_images:
             ids, images = tokenizer.encode_multimodal_chat(messages, tools=tools or None, reasoning_effort=effort)
         else:
             ids = tokenizer.encode_chat(messages, tools=tools or None, reasoning_effort=effort)

@@ -68,6 +68,15 @@ def request(messages: Iterable[Mapping[str, Any]], tools: Sequence[Mapping[str, 
                                              [dict(t) for t in tools], **extra)
 
 
+IMAGE_PARTS = ("image_url", "image")  # the content parts that carry an image
+
+
+def has_images(messages: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether a message's content holds an image part."""
+    return any(isinstance(m, Mapping) and isinstance(m.get("content"), list) and any(
+        isinstance(part, Mapping) and part.get("type") in IMAGE_PARTS for part in m["content"]) for m in messages)
+
+
 def with_image_urls(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """messages with each image part made one mistral-common reads without a network: an
     {"type": "image_url", "image_url": {"url": URL}} (or "image_url": URL) whose URL is a file
@@ -79,7 +88,7 @@ def with_image_urls(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any
         message = dict(message) if isinstance(message, Mapping) else message
         if isinstance(message, dict) and isinstance(message.get("content"), list):
             message["content"] = [_image_url_part(part) if isinstance(part, Mapping) and part.get("type") in
-                                   ("image_url", "image") else part for part in message["content"]]
+                                   IMAGE_PARTS else part for part in message["content"]]
         out.append(message)
     return out
 

@@ -26,7 +26,7 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer, is_tekken
 
-from mistral_jax.text.chat import Reply, ReplyReader, unicode_text, with_image_urls
+from mistral_jax.text.chat import Reply, ReplyReader, has_images, unicode_text, with_image_urls
 from mistral_jax.text.chat import request as chat_request
 
 # The names a checkpoint directory gives its tokenizer, in order of preference: the versioned
@@ -118,8 +118,7 @@ class Tokenizer:
           reasoning_effort: "none" ... "high" where the tokenizer's settings allow it (v15).
         """
         messages = list(messages)
-        if any(part.get("type") in ("image_url", "image") for m in messages if isinstance(m, Mapping)
-               and isinstance(m.get("content"), list) for part in m["content"] if isinstance(part, Mapping)):
+        if has_images(messages):
             raise ValueError("the conversation has images: encode it with encode_multimodal_chat, which "
                              "returns the images with the ids")
         return self._encode_request(messages, tools, reasoning_effort).tokens
