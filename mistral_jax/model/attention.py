@@ -77,9 +77,15 @@ def _masked_softmax(logits: jnp.ndarray, mask: jnp.ndarray | None) -> jnp.ndarra
     return jax.nn.softmax(logits if mask is None else jnp.where(mask, logits, _MASKED), axis=-1)
 
 
+def same_segment(q_segments: jnp.ndarray, k_segments: jnp.ndarray) -> jnp.ndarray:
+    """bool [B, T, S]: whether query and key lie in one packed document (segment ids [B, T], [B, S])."""
+    return q_segments[:, :, None] == k_segments[:, None, :]
+
+
 def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None,
-                      block: int) -> jnp.ndarray:
-    """Causal (sliding-window) self-attention at positions 0..T-1, `block` queries at a time.
+                      block: int, segments: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Causal (sliding-window) self-attention at positions 0..T-1, `block` queries at a time;
+    with segments [B, T], a query sees only the keys of its own segment.
 
     Block n reads the keys ending at its last query that its queries may see: the (n+1)Q
     keys up to there, or, with a window, at most span = Q + W - 1 of them (the W-1 before its
@@ -107,14 +113,19 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
     k, v = (x.transpose(0, 2, 1, 3) for x in (k, v))
     q = jnp.pad(q, [(0, 0), (0, 0), (0, 0), (0, padded - T), (0, 0)])
     k, v = (jnp.pad(x, [(0, 0), (0, 0), (0, padded - T), (0, 0)]) for x in (k, v))
+    if segments is not None:  # padding is a segment of its own, in every query's future anyway
+        segments = jnp.pad(segments, [(0, 0), (0, padded - T)], constant_values=-1)
 
     def one_block(q_n, n, keys: int):  # q_n [B, K, G, Q, d] of block n -> [B, K, G, Q, d], over `keys` keys
         first_key = (n + 1) * Q - keys
         k_n, v_n = (jax.lax.dynamic_slice_in_dim(x, first_key, keys, axis=2).reshape(B * K, keys, x.shape[-1])
                     for x in (k, v))
         logits = jnp.einsum("nmd,nsd->nms", q_n.reshape(B * K, G * Q, d), k_n, preferred_element_type=jnp.float32)
-        mask = attention_mask(n * Q + jnp.arange(Q), first_key + jnp.arange(keys), window)
-        probs = _masked_softmax(logits.reshape(B, K, G, Q, keys), mask[None, None, None]).astype(v.dtype)
+        mask = attention_mask(n * Q + jnp.arange(Q), first_key + jnp.arange(keys), window)[None]
+        if segments is not None:
+            mask &= same_segment(jax.lax.dynamic_slice_in_dim(segments, n * Q, Q, axis=1),
+                                 jax.lax.dynamic_slice_in_dim(segments, first_key, keys, axis=1))
+        probs = _masked_softmax(logits.reshape(B, K, G, Q, keys), mask[:, None, None]).astype(v.dtype)
         return jnp.einsum("nms,nsd->nmd", probs.reshape(B * K, G * Q, keys), v_n).reshape(B, K, G, Q, dv)
 
     if N == 1:
@@ -133,9 +144,11 @@ def blocked_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: in
 
 
 def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int | None, kernel: str,
-                     block: int) -> jnp.ndarray:
+                     block: int, segments: jnp.ndarray | None = None) -> jnp.ndarray:
     """Self-attention of a full sequence at positions 0..T-1; q [B, T, H, d], k [B, T, K, d], v
-    [B, T, K, dv] (dv other than d for latent attention).
+    [B, T, K, dv] (dv other than d for latent attention). With segments [B, T] (int ids of the
+    documents packed in a row, in order) a query sees only its own document's keys; the window
+    counts positions in the row, which within one document are the document's own.
 
     kernel: "xla" blocked_attention (any platform); "dot_product" jax.nn.dot_product_attention
     with a local window (cuDNN's fused kernel on GPU for bf16/f16 inputs, a dense XLA form
@@ -146,12 +159,13 @@ def causal_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, window: int
     dv = v.shape[-1]
     if kernel != "xla" and dv < q.shape[-1]:  # these kernels take one head dim: v padded with zeros
         pad = [(0, 0)] * 3 + [(0, q.shape[-1] - dv)]
-        return causal_attention(q, k, jnp.pad(v, pad), window, kernel, block)[..., :dv]
+        return causal_attention(q, k, jnp.pad(v, pad), window, kernel, block, segments)[..., :dv]
     if dv > q.shape[-1]:
         kernel = "xla"
-    if kernel == "dot_product":
+    if kernel == "dot_product":  # segments as a boolean mask, which cuDNN's kernel takes too
         return jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, local_window_size=None if window is None else (window - 1, 0))
+            q, k, v, mask=None if segments is None else same_segment(segments, segments)[:, None], is_causal=True,
+            local_window_size=None if window is None else (window - 1, 0))
     if kernel == "splash":
-        return splash_attention(q, k, v, window)
-    return blocked_attention(q, k, v, window, block)
+        return splash_attention(q, k, v, window, segments)
+    return blocked_attention(q, k, v, window, block, segments)

@@ -85,9 +85,11 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional sliding window (this layer's).
 
-    Without a cache: the full sequence at positions 0..T-1. With a cache: this layer's (k, v)
-    [B, C, K, d], the slots [B, T] this chunk writes, and the mask [B, T, S] of the keys it
-    reads (built once per call and kind of layer by Mistral), returning the updated (k, v) too.
+    Without a cache: full sequences, causal; mask then None or the segment ids [B, T] of the
+    documents packed in each row (a token sees only its own document). With a cache: this
+    layer's (k, v) [B, C, K, d], the slots [B, T] this chunk writes, and the mask [B, T, S] of
+    the keys it reads (built once per call and kind of layer by Mistral), returning the updated
+    (k, v) too.
     """
 
     config: MistralConfig
@@ -112,7 +114,7 @@ class Attention(nn.Module):
             q = q * rope.query_scale(positions, c.llama_4_scaling)[:, :, None, None].astype(q.dtype)
         v = project(self, "wv", "ND,DKd->NKd", tokens, wv).reshape(B, T, K, d)
         if cache is None:
-            out = causal_attention(q, k, v, self.window, c.attention, c.attention_block)
+            out = causal_attention(q, k, v, self.window, c.attention, c.attention_block, segments=mask)
         else:
             k_cache, v_cache = cache
             cache = rolling_update(k_cache, slots, k), rolling_update(v_cache, slots, v)
@@ -153,8 +155,9 @@ class LatentAttention(nn.Module):
     Llama 4's scale on the whole query.
 
     Without a cache (a full sequence: training) the keys and values are expanded and attend as
-    any others (causal_attention). With a cache, it holds each token's normed latent and rotated
-    rope key ([B, C, 1, r] and [B, C, 1, dr]: config.cache_shape), and attention runs in the
+    any others (causal_attention; mask the packed documents' segment ids, as Attention's). With
+    a cache, it holds each token's normed latent and rotated rope key ([B, C, 1, r] and
+    [B, C, 1, dr]: config.cache_shape), and attention runs in the
     latent space (attention.latent_attention): the keys' up-projection absorbed into the queries
     and the values' applied after, so no per-head key or value is ever made of the cache. Per
     query and head that reads S keys with S·(2r + dr) products against the expanded form's
@@ -201,7 +204,7 @@ class LatentAttention(nn.Module):
         if cache is None:
             kv = project(self, "wkv_b", "NR,RHd->NHd", latent.reshape(B * T, r), wkv_b).reshape(B, T, H, n + dv)
             out = causal_attention(jnp.concatenate([q_nope, q_rope], axis=-1), *_keys_values(kv, rope_key, n),
-                                   self.window, c.attention, c.attention_block)
+                                   self.window, c.attention, c.attention_block, segments=mask)
         else:
             latent_cache, rope_cache = cache
             cache = rolling_update(latent_cache, slots, latent), rolling_update(rope_cache, slots, rope_key)

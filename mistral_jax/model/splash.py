@@ -41,24 +41,35 @@ def _kernel(T: int, G: int, window: int | None, interpret: bool):
                                                 interpret=interpret)
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None, interpret: bool) -> jax.Array:
-    """q [B, T, K, G, d], k, v [B, T, K, d] -> [B, T, K, G, d], on one device's shard."""
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, *segments: jax.Array, window: int | None,
+               interpret: bool) -> jax.Array:
+    """q [B, T, K, G, d], k, v [B, T, K, d] (and segments [B, T]) -> [B, T, K, G, d], on one
+    device's shard."""
     B, T, K, G, d = q.shape
     kernel = _kernel(T, G, window, interpret)
-    per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0))  # [K, G, T, d], [K, T, d], [K, T, d]
-    per_sequence = jax.vmap(per_kv_head, in_axes=(0, 0, 0))
-    out = per_sequence(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+
+    def one_kv_head(q, k, v, *ids):  # [G, T, d], [T, d], [T, d] (, [T])
+        return kernel(q, k, v, segment_ids=splash.SegmentIds(ids[0], ids[0]) if ids else None)
+
+    per_kv_head = jax.vmap(one_kv_head, in_axes=(0, 0, 0) + (None,) * len(segments))
+    per_sequence = jax.vmap(per_kv_head)
+    out = per_sequence(q.transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), *segments)
     return out.transpose(0, 3, 1, 2, 4)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> jax.Array:
-    """Self-attention at positions 0..T-1; q [B, T, H, d], k, v [B, T, K, d] -> [B, T, H, d]."""
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None,
+                     segments: jax.Array | None = None) -> jax.Array:
+    """Self-attention at positions 0..T-1; q [B, T, H, d], k, v [B, T, K, d] -> [B, T, H, d];
+    with segments [B, T] (packed documents' ids) each query sees its own document's keys only
+    (the kernel's SegmentIds)."""
     B, T, H, d = q.shape
     K = k.shape[2]
     padded = -(-T // ALIGN) * ALIGN  # padded keys lie in every real query's future: masked
     pad = [(0, 0), (0, padded - T), (0, 0), (0, 0)]
     q = jnp.pad(q * jnp.asarray(d**-0.5, q.dtype), pad).reshape(B, padded, K, H // K, d)
     k, v = (jnp.pad(x, pad) for x in (k, v))
+    segments = () if segments is None else (
+        jnp.pad(segments.astype(jnp.int32), [(0, 0), (0, padded - T)], constant_values=-1),)
     interpret = target_platform() != "tpu"
     attend = functools.partial(_attention, window=window, interpret=interpret)
 
@@ -66,6 +77,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: int | Non
     if not mesh.empty:
         kv_spec = spec_for(("batch", None, "kv_heads", None), k.shape, mesh)
         q_spec = PartitionSpec(*kv_spec[:3], None, None)
-        attend = jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
-                               check_vma=False)
-    return attend(q, k, v).reshape(B, padded, H, d)[:, :T]
+        in_specs = (q_spec, kv_spec, kv_spec) + (PartitionSpec(kv_spec[0]),) * len(segments)
+        attend = jax.shard_map(attend, mesh=mesh, in_specs=in_specs, out_specs=q_spec, check_vma=False)
+    return attend(q, k, v, *segments).reshape(B, padded, H, d)[:, :T]

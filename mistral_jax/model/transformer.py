@@ -52,6 +52,10 @@ class Mistral(nn.Module):
     images (config.vision): the images whose embeddings replace the tokens' image tokens
     (vision.py): for one row a list of arrays [C, H, W] in order, else a list of them per row;
     or their ImageFeatures, made once by VisionTower for a prompt fed in chunks.
+
+    segments int [B, T] (without a cache): the documents packed in each row, a token attending
+    only to its own document's (training on packed examples, whose positions restart at 0 in
+    each: the caller gives those too).
     """
 
     config: MistralConfig
@@ -59,7 +63,7 @@ class Mistral(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jnp.ndarray, positions: jnp.ndarray | None = None, cache: KVCache | None = None,
-                 logits_at: jnp.ndarray | None = None, images=None):
+                 logits_at: jnp.ndarray | None = None, images=None, segments: jnp.ndarray | None = None):
         c = self.config
         B, T = tokens.shape
         embedding = param(self, "tok_embeddings", (c.vocab_size, c.dim), ("vocab", "embed"),
@@ -85,6 +89,10 @@ class Mistral(nn.Module):
         # [B, T, S]; None without a cache.
         n_kinds = len(c.window_kinds)
         slots = masks = new_positions = (None,) * (len(c.stacks) * n_kinds)
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed documents) are for full sequences, not a cached prefill")
+            masks = (segments,) * len(masks)  # what restricts attention without a cache (layers.Attention)
         if cache is not None:
             slots = tuple(write_slots(positions, held.shape[1]) for held in cache.positions)
             new_positions = tuple(rolling_update(held, s, positions) for held, s in zip(cache.positions, slots))
@@ -102,7 +110,7 @@ class Mistral(nn.Module):
             if c.scan_layers:
                 layers = self.param(name, _init_layers, stack)
                 if cache is None:
-                    x, stack_stats = _scan_over_layers(stack, layers, adapters, x, positions)
+                    x, stack_stats = _scan_over_layers(stack, layers, adapters, x, positions, segments)
                 else:
                     stack_stats = None
                     x, (k, v) = _scan_over_groups(stack, layers, adapters, x, positions,
@@ -177,7 +185,7 @@ def _init_layers(key: jax.Array, config: MistralConfig):
                                   is_leaf=lambda v: isinstance(v, nn.Partitioned))
 
 
-def _scan_over_layers(config: MistralConfig, layers, adapters, x, positions):
+def _scan_over_layers(config: MistralConfig, layers, adapters, x, positions, segments=None):
     """x through the layers stacked [L, ...] in `layers` (and their LoRA adapters, or None)
     without a cache (training, full sequences) -> (x, the routers' stats summed over the
     layers, None without experts).
@@ -191,7 +199,7 @@ def _scan_over_layers(config: MistralConfig, layers, adapters, x, positions):
     kind_of_layer = jnp.array(config.layer_kinds, jnp.int32)
 
     def block(weights, adapter, x, kind):
-        x, _, stats = jax.lax.switch(kind, kinds, weights, x, positions, None, None, None, adapter)
+        x, _, stats = jax.lax.switch(kind, kinds, weights, x, positions, None, None, segments, adapter)
         return x, stats
 
     def layer(carry, xs):
