@@ -9,6 +9,7 @@ sentencepiece files are read by sentencepiece itself, which gives mistral-common
 
 from __future__ import annotations
 
+import copy
 import filecmp
 import functools
 import os
@@ -21,6 +22,8 @@ import numpy as np
 import pydantic
 import sentencepiece
 from mistral_common.exceptions import MistralCommonException
+from mistral_common.protocol.instruct.messages import AssistantMessage, FinetuningAssistantMessage
+from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece
@@ -81,6 +84,7 @@ class Tokenizer:
             self._decode = lambda ids: sp.DecodeIds(list(ids))  # control tokens dropped
             self._control = functools.partial(_sentencepiece_control, sp)
         self._chat: MistralTokenizer | None = None
+        self._finetuning: MistralTokenizer | None = None
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of text; BOS first by default, as Mistral models were trained."""
@@ -146,10 +150,50 @@ class Tokenizer:
         encoded = self._encode_request(with_image_urls(messages), tools, reasoning_effort)
         return encoded.tokens, [np.asarray(image, np.float32) for image in encoded.images]
 
-    def _encode_request(self, messages, tools, reasoning_effort):
-        chat = self._chat_or_say_why()
+    def encode_chat_for_training(self, messages: Iterable[Mapping[str, Any]],
+                                 tools: Sequence[Mapping[str, Any]] | None = None) -> tuple[list[int], list[int]]:
+        """(ids, mask) of a whole conversation to train on: ids as mistral-common encodes it in
+        its fine-tuning mode (ValidationMode.finetuning: the conversation ends with an assistant
+        turn, kept with its eos, so encode_chat of the conversation before that turn is a prefix
+        of ids); mask 1 on each assistant turn's tokens (its content, tool calls and closing eos)
+        and 0 on the rest (the start, system prompt, user turns, tool results), and 0 on a turn
+        whose message has "weight": 0 (mistral-finetune's field; 1 or absent trains it).
+
+        messages and tools as encode_chat; images are refused (the vision tower is not trained).
+        """
+        messages = list(messages)
+        if has_images(messages):
+            raise ValueError("the conversation has images: training on images is not supported")
+        self._chat_or_say_why()
+        if self._finetuning is None:
+            self._finetuning = MistralTokenizer.from_file(self._chat_file(), mode=ValidationMode.finetuning)
+        weights = [m.get("weight") if isinstance(m, Mapping) else None for m in messages]
+        plain = [{k: v for k, v in m.items() if k != "weight"} if isinstance(m, Mapping) else m for m in messages]
+        # The encoder of each message, recorded on a private copy (the shared one is left as it is).
+        pieces: list[tuple[Any, list[int]]] = []
+        chat = copy.copy(self._finetuning)
+        chat.instruct_tokenizer = copy.copy(chat.instruct_tokenizer)
+        for name in _MESSAGE_ENCODERS:
+            setattr(chat.instruct_tokenizer, name, _recorder(getattr(chat.instruct_tokenizer, name), pieces))
+        encoded = self._encode_request(plain, tools, None, chat=chat, weights=weights)
+        ids, start = encoded.tokens, len(encoded.tokens) - sum(len(tokens) for _, tokens in pieces)
+        if start < 0 or ids[start:] != [t for _, tokens in pieces for t in tokens]:
+            raise RuntimeError("mistral-common's encoding is not its messages' encodings in order: this version "
+                               f"({mistral_common.__version__}) encodes conversations differently than expected")
+        turns = iter(_turn_weights(messages, weights))
+        mask = [0] * start
+        for message, tokens in pieces:
+            trained = isinstance(message, AssistantMessage) and next(turns) != 0
+            mask += [int(trained)] * len(tokens)
+        return ids, mask
+
+    def _encode_request(self, messages, tools, reasoning_effort, chat: MistralTokenizer | None = None,
+                        weights: list | None = None):
+        chat = chat or self._chat_or_say_why()
         try:
             request = chat_request(messages, tools, reasoning_effort)
+            if weights is not None:  # fine-tuning: each assistant message's weight
+                request.messages = [_weighted(m, w) for m, w in zip(request.messages, weights, strict=True)]
             try:
                 return chat.encode_chat_completion(request)
             except (ValueError, OSError) as e:  # an image that does not decode, a file that does not read
@@ -193,6 +237,38 @@ class Tokenizer:
         if self._chat is None and (file := self._chat_file()) is not None:
             self._chat = MistralTokenizer.from_file(file)
         return self._chat
+
+
+# What mistral-common's encode_instruct calls once per (normalised) message, in order.
+_MESSAGE_ENCODERS = ("encode_system_message", "encode_user_message", "encode_tool_message", "encode_assistant_message")
+
+
+def _recorder(encode, pieces: list):
+    """encode, which also appends (message, its tokens) to pieces."""
+    def recorded(*args, **kwargs):
+        out = encode(*args, **kwargs)
+        tokens = out[0] if isinstance(out, tuple) else out
+        pieces.append((kwargs["message"] if "message" in kwargs else args[0], list(tokens or [])))
+        return out
+    return recorded
+
+
+def _turn_weights(messages: list, weights: list) -> list:
+    """The weight of each assistant turn mistral-common encodes: it joins neighbouring assistant
+    messages of one weight into one turn (and keeps the weight out of the joined message)."""
+    turns, previous = [], None
+    for message, weight in zip(messages, weights):
+        role = message.get("role")
+        if role == "assistant" and (previous != "assistant" or weight != turns[-1]):
+            turns.append(weight)
+        previous = role
+    return turns
+
+
+def _weighted(message, weight):
+    if weight is None or not isinstance(message, AssistantMessage):
+        return message
+    return FinetuningAssistantMessage(**dict(message), weight=weight)
 
 
 def _tekken_special(tekken: Tekkenizer, name: str) -> int | None:
