@@ -19,8 +19,10 @@ from mistral_jax.runtime.sharding import constrain
 
 
 def cross_entropy(hidden: jax.Array, output: jax.Array, targets: jax.Array, z_loss: float = 0.0,
-                  chunk: int = 128, output_trained: bool = True) -> tuple[jax.Array, jax.Array]:
-    """Mean over [B, T] of -log softmax(hidden @ output)[target] + z_loss * log(Z)^2.
+                  chunk: int = 128, output_trained: bool = True,
+                  weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Mean over [B, T] of -log softmax(hidden @ output)[target] + z_loss * log(Z)^2 (with
+    weights, their weighted sum).
 
     Args:
       hidden: [B, T, D], the model's final normed states (Mistral(config, lm_head=False)).
@@ -30,20 +32,25 @@ def cross_entropy(hidden: jax.Array, output: jax.Array, targets: jax.Array, z_lo
       chunk: sequence positions projected at a time (a static int); T need not divide.
       output_trained: whether output gets a gradient (static); False for a frozen output (LoRA),
         whose gradient the forward pass then does not compute (its cotangent is zero).
+      weights: float32 [B, T], each position's share of the loss (a loss mask over the count of
+        trained tokens); default 1 / (B * T) each.
     Returns:
       (loss, ce): ce is the cross-entropy alone, a diagnostic that carries no gradient.
     """
-    loss, ce = _fused(hidden, output, targets, float(z_loss), int(chunk), bool(output_trained))
+    B, T = targets.shape
+    weights = jnp.full((B, T), 1.0 / (B * T), jnp.float32) if weights is None else weights.astype(jnp.float32)
+    loss, ce = _fused(hidden, output, targets, jax.lax.stop_gradient(weights), float(z_loss), int(chunk),
+                      bool(output_trained))
     return loss, jax.lax.stop_gradient(ce)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(hidden, output, targets, z_loss, chunk, output_trained):
-    return _scan(hidden, output, targets, z_loss, chunk, grads=False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(hidden, output, targets, weights, z_loss, chunk, output_trained):
+    return _scan(hidden, output, targets, weights, z_loss, chunk, grads=False)[0]
 
 
-def _fused_fwd(hidden, output, targets, z_loss, chunk, output_trained):
-    losses, d_hidden, d_output = _scan(hidden, output, targets, z_loss, chunk, grads=True,
+def _fused_fwd(hidden, output, targets, weights, z_loss, chunk, output_trained):
+    losses, d_hidden, d_output = _scan(hidden, output, targets, weights, z_loss, chunk, grads=True,
                                        output_grad=output_trained)
     return losses, (d_hidden, d_output if output_trained else output)  # output: held anyway
 
@@ -53,13 +60,13 @@ def _fused_bwd(z_loss, chunk, output_trained, residuals, cotangents):
     g_loss, _ = cotangents  # ce's gradient is stopped by cross_entropy, the only caller
     if not output_trained:  # frozen: a zero cotangent, which nothing reads
         d_output = jnp.zeros_like(d_output)
-    return (g_loss * d_hidden).astype(d_hidden.dtype), (g_loss * d_output).astype(d_output.dtype), None
+    return (g_loss * d_hidden).astype(d_hidden.dtype), (g_loss * d_output).astype(d_output.dtype), None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _scan(hidden, output, targets, z_loss, chunk, grads, output_grad=True):
+def _scan(hidden, output, targets, weights, z_loss, chunk, grads, output_grad=True):
     """((loss, ce), d loss/d hidden, d loss/d output), the gradients only if grads (that of
     output only if output_grad too: None otherwise)."""
     B, T, D = hidden.shape
@@ -69,7 +76,7 @@ def _scan(hidden, output, targets, z_loss, chunk, grads, output_grad=True):
         x = jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
         return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
 
-    weights = split(jnp.full((B, T), 1.0 / (B * T), jnp.float32))  # each token's share of the mean; 0 on padding
+    weights = split(weights)  # each token's share of the loss; 0 on padding
 
     def body(d_output, xs):
         h, t, w = xs
@@ -106,3 +113,30 @@ def _scan(hidden, output, targets, z_loss, chunk, grads, output_grad=True):
 def _total(ce, z, z_loss):
     ce = jnp.sum(ce)
     return ce + z_loss * jnp.sum(z), ce
+
+
+def sequence_logprobs(hidden: jax.Array, output: jax.Array, targets: jax.Array, mask: jax.Array,
+                      chunk: int = 128) -> jax.Array:
+    """float32 [B]: each row's sum over positions where mask [B, T] is 1 of
+    log softmax(hidden @ output)[target] (hidden [B, T, D], output [D, V], targets [B, T]): a
+    sequence's log-probability, what preference losses compare (DPO). Differentiable as it is:
+    `chunk` positions' logits at a time, each chunk recomputed in the backward pass, so the
+    logits [B, T, V] are never held whole."""
+    B, T, D = hidden.shape
+    n = -(-T // chunk)
+
+    def split(x):
+        x = jnp.pad(x, [(0, 0), (0, n * chunk - T)] + [(0, 0)] * (x.ndim - 2))
+        return x.reshape(B, n, chunk, *x.shape[2:]).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(h, t, m):
+        logits = jnp.einsum("BTD,DV->BTV", h, output, preferred_element_type=jnp.float32)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+        return jnp.sum(m * (target_logit - jax.nn.logsumexp(logits, axis=-1)), axis=-1)
+
+    def body(total, xs):
+        return total + one_chunk(*xs), None
+
+    xs = split(hidden), split(targets), split(mask.astype(jnp.float32))
+    return jax.lax.scan(body, jnp.zeros((B,), jnp.float32), xs)[0]
