@@ -3,10 +3,12 @@ metrics.jsonl, TensorBoard events and a loss-curve PNG."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,11 +53,63 @@ def measure_peak_flops(shapes=((1024, 1024, 1024), (2048, 2048, 2048)), timer=No
 
     timer = timer or fastest_of_5
     best = 0.0
-    matmul = jax.jit(lambda a, b: a @ b)
     for m, k, n in shapes:
         a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-        best = max(best, 2 * m * k * n / timer(lambda: matmul(a, b).block_until_ready()))
+        best = max(best, 2 * m * k * n / timer(lambda: _matmul(a, b).block_until_ready()))
     return best
+
+
+_matmul = jax.jit(jnp.matmul)  # one program for every measurement: a re-measure compiles nothing
+
+# Published dense bf16 peak FLOP/s of a device, by a substring of jax's device_kind; the first
+# match counts ("H100 PCIe" before "H100", "TPU v5 lite" (v5e) before "TPU v5" (v5p)).
+PUBLISHED_PEAKS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+                   ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12))
+
+
+@dataclasses.dataclass
+class Peak:
+    """The job's peak FLOP/s, MFU's denominator: flops of each of `units` (devices, or on CPU
+    processes). A measured peak is only a lower bound (a start-up measurement on a busy machine
+    is deflated), so unless fixed it only rises: to re-measurements (measure) taken as training
+    goes, costing about `budget` of the training time (by clock), and to any step's achieved
+    FLOP/s, which proves it low. Then MFU never reads above 100%."""
+
+    flops: float
+    units: int = 1
+    measure: Callable[[], float] | None = None
+    fixed: bool = False
+    budget: float = 0.03
+    spent: float = 0.0  # seconds re-measuring
+    trained: float = 0.0  # seconds of training seen by mfu
+    clock: Callable[[], float] = time.perf_counter
+
+    def mfu(self, achieved: float, seconds: float) -> float:
+        """achieved FLOP/s (the job's) over `seconds` of training, as a fraction of the peak."""
+        if not self.fixed:
+            self.trained += seconds
+            if self.measure is not None and self.spent < self.budget * self.trained:
+                start = self.clock()
+                self.flops = max(self.flops, self.measure())
+                self.spent += self.clock() - start
+            self.flops = max(self.flops, achieved / self.units)
+        return achieved / (self.flops * self.units)
+
+
+def device_peak(given: float | None = None) -> Peak:
+    """The job's peak: `given` (--peak-flops, of one device) as is; else the published peak of
+    the accelerator's kind; else (CPU, an unknown kind) measured now and again as training goes.
+    A process's CPU devices share its cores, which one device's matmul already uses all of:
+    there a unit is a process, not a device."""
+    cpu = jax.default_backend() == "cpu"
+    units = jax.process_count() if cpu else jax.device_count()
+    if given:
+        return Peak(given, units, fixed=True)
+    kind = jax.devices()[0].device_kind
+    published = next((flops for name, flops in PUBLISHED_PEAKS if name in kind), None)
+    if published and not cpu:
+        return Peak(published, units)
+    return Peak(measure_peak_flops(), units, measure=measure_peak_flops)
 
 
 def _read_records(path: str) -> list[dict]:
@@ -75,15 +129,19 @@ def _read_records(path: str) -> list[dict]:
 
 
 def format_line(record: dict, total_steps: int, eta_seconds: float) -> str:
-    """The progress line of a metrics record: step, loss, tokens/s, MFU, eval loss, ETA."""
-    line = (f"step {record['step']:>{len(str(total_steps))}}/{total_steps} | loss {record['loss']:.3f} | "
-            f"{record['tokens_per_s']:,.0f} tok/s")
+    """The progress line of a metrics record: step, loss, DPO's reward margin and accuracy,
+    tokens/s, MFU, eval loss, ETA."""
+    line = f"step {record['step']:>{len(str(total_steps))}}/{total_steps} | loss {record['loss']:.3f}"
+    if "reward_margin" in record:
+        line += f" | margin {record['reward_margin']:.3f} ({100 * record['reward_accuracy']:.0f}% right)"
+    line += f" | {record['tokens_per_s']:,.0f} tok/s"
     if "mfu" in record:
         line += f" | MFU {100 * record['mfu']:.0f}%"
     if record.get("skipped_steps"):
         line += f" | {record['skipped_steps']} non-finite steps skipped"
     if "eval_loss" in record:
-        line += f" | eval {record['eval_loss']:.3f} (ppl {record['eval_ppl']:.1f})"
+        line += f" | eval {record['eval_loss']:.3f}" + (f" (ppl {record['eval_ppl']:.1f})" if "eval_ppl" in record else
+                                                         f" ({100 * record['eval_reward_accuracy']:.0f}% right)")
     return line + f" | ETA {int(eta_seconds // 60)}m{int(eta_seconds % 60):02d}s"
 
 
