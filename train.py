@@ -22,7 +22,7 @@ from mistral_jax.runtime import cli, platforms
 def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
     from mistral_jax.runtime import distributed
-    from mistral_jax.training import data, trainer
+    from mistral_jax.training import trainer
     from mistral_jax.training.experiment import RunOptions, print_samples, save_final_model, training_run
 
     p = cli.parser(__doc__)
@@ -32,14 +32,13 @@ def main():
     options, hp, schedule = (cli.options(c, args) for c in (RunOptions, trainer.Hyperparameters, trainer.Schedule))
 
     with training_run(options, hp) as run:  # --out locked until the end
-        batches = data.TokenBatches(run.tokens, hp.seq_len, hp.batch_size, seed=hp.seed)
         if distributed.is_primary():
             print(f"model {cli.human_count(run.config.num_params)} parameters (vocabulary {run.config.vocab_size}), "
-                  f"{len(run.tokens):,} tokens of data, "
+                  f"{run.data_summary}, "
                   f"{hp.steps} steps of {hp.batch_size} x {hp.seq_len} tokens on {run.mesh.devices.size} device(s) "
                   f"(mesh {dict(run.mesh.shape)})", flush=True)
-        state, interrupted = trainer.fit(run.config, hp, batches, run.mesh, options.out, schedule, params=run.params,
-                                         resume=options.resume, resume_from=options.resume_from,
+        state, interrupted = trainer.fit(run.config, hp, run.batches, run.mesh, options.out, schedule,
+                                         params=run.params, resume=options.resume, resume_from=options.resume_from,
                                          peak_flops=run.peak_flops)
         if interrupted:
             print(f"interrupted: saved a checkpoint at step {int(state.step)}; continue with --resume", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Run under XLA_FLAGS=--xla_force_host_platform_device_count=8 by test_sharding.py: the
-forward pass, the gradients (with the XLA and the splash attention kernels; of LoRA adapters), a train
+forward pass, the gradients (with the XLA and the splash attention kernels; of LoRA adapters; of
+packed examples), a train
 step (and a LoRA one), and generate
 (decoding per layer, as on CPU, and over the stacked layers, as on TPU and GPU) and the
 continuous-batching engine (dense models) under several
@@ -22,7 +23,7 @@ from mistral_jax.model.config import LatentAttention, Llama4Scaling, MistralConf
 from mistral_jax.model.transformer import Mistral, init_params, param_shardings, unstack_layers
 from mistral_jax.runtime import platforms
 from mistral_jax.runtime.sharding import batch_sharding, make_mesh, under_mesh
-from mistral_jax.training import lora, trainer
+from mistral_jax.training import examples, lora, trainer
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 assert jax.device_count() == 8, jax.devices()
@@ -51,6 +52,10 @@ VISION_CONFIG = CONFIG.replace(vision=Vision(dim=32, hidden_dim=64, n_layers=2, 
                                              image_size=16))
 IMAGE = rng.standard_normal((3, 8, 12)).astype(np.float32)
 IMAGE_PROMPT = [1, 5] + [10, 10, 10, 12] + [10, 10, 10, 13] + [7, 8]
+# Examples packed into 8 rows of 24 with their loss masks (segment ids, restarting positions).
+PACKED = examples.stack([examples.row_arrays(row, 24) for row in examples.pack(
+    [examples.Example(rng.integers(0, 256, n).astype(np.int32), rng.random(n) < 0.7)
+     for n in rng.integers(4, 20, 21)], 24)][:8])
 
 
 def image_tokens(mesh):
@@ -101,8 +106,11 @@ def run(mesh):
     split["per_layer_wq_shard"] = list(per_layer[f"layers_{last}"]["attention"][Q].addressable_shards[0].data.shape)
     batch = jax.device_put(BATCH, batch_sharding(mesh))
     grads = {"xla": gradients(CONFIG, mesh, state.params, batch)}
-    if not EXPERTS:  # the splash kernel (Pallas interpret mode) inside shard_map
+    packed = jax.device_put(PACKED, batch_sharding(mesh))
+    grads["packed"] = gradients(CONFIG, mesh, state.params, packed)  # segment ids through the window's blocks
+    if not EXPERTS:  # the splash kernel (Pallas interpret mode) inside shard_map, its segment ids too
         grads["splash"] = gradients(CONFIG.replace(attention="splash"), mesh, state.params, batch)
+        grads["packed_splash"] = gradients(CONFIG.replace(attention="splash"), mesh, state.params, packed)
     if not EXPERTS:
         grads["lora"], metrics_lora = lora_findings(mesh, state.params, batch)
     step = trainer.make_train_step(CONFIG, tx, HP, mesh, trainer.state_shardings(state))
@@ -152,6 +160,7 @@ def max_rel_diff(tree, reference):
                for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(reference)))
 
 
+SAME_GRADIENTS = {"lora": "lora", "packed": "packed", "packed_splash": "packed"}  # what one device's they equal
 reference = run(make_mesh("", jax.devices()[:1]))
 findings = {}
 for spec in MESHES:
@@ -163,7 +172,7 @@ for spec in MESHES:
         "tokens_equal": tokens == reference[2],
         "loss_diff": abs(float(metrics["loss"]) - float(reference[3]["loss"])),
         "grad_norm_rel_diff": abs(float(metrics["grad_norm"]) / float(reference[3]["grad_norm"]) - 1),
-        "grads_max_rel_diff": {kernel: max_rel_diff(g, reference[4]["lora" if kernel == "lora" else "xla"])
+        "grads_max_rel_diff": {kernel: max_rel_diff(g, reference[4][SAME_GRADIENTS.get(kernel, "xla")])
                                for kernel, g in grads.items()},
         "lora_loss_diff": abs(float(metrics.get("lora_loss", 0)) - float(reference[3].get("lora_loss", 0))),
         "aux_loss_diff": abs(float(metrics.get("aux_loss", 0)) - float(reference[3].get("aux_loss", 0))),

@@ -154,7 +154,8 @@ def hf_base(tmp_path_factory, tokenizer_path):
 def test_train_py_lora_against_hf_peft(hf_base, tmp_path, capsys, monkeypatch):
     """train.py --lora-rank on all seven projections: HF PEFT loading adapter/ onto the
     --to-hf export of the base computes our logits, as does model/ (merged); sample.py
-    --adapter on the base samples what model/ does."""
+    --adapter on the base samples what model/ does. The float32 base is trained on in
+    bfloat16 (the default --base-dtype), yet model/ holds it as stored plus the adapters."""
     monkeypatch.setenv("MISTRAL_JAX_CACHE", str(tmp_path / "cache"))
     _, base_dir = hf_base
     write_small_corpus(tmp_path / "notes.txt")
@@ -162,7 +163,7 @@ def test_train_py_lora_against_hf_peft(hf_base, tmp_path, capsys, monkeypatch):
     flags = ["--init-from", base_dir, "--data", tmp_path / "notes.txt", "--out", out, "--batch-size", 4,
              "--seq-len", 32, "--lora-rank", 4, "--lora-alpha", 8, "--lora-targets", ALL]
     status, stdout, stderr = run_train(capsys, *flags, "--steps", 8, "--lr", 3e-2, "--warmup", 1,
-                                       "--base-dtype", "float32", "--log-every", 2, "--eval-every", 4,
+                                       "--log-every", 2, "--eval-every", 4,
                                        "--save-every", 4, "--samples", 1, "--sample-tokens", 8)
     assert status == 0, stderr
     assert "saved" in stdout and "--- " in stdout
@@ -177,12 +178,19 @@ def test_train_py_lora_against_hf_peft(hf_base, tmp_path, capsys, monkeypatch):
         with_peft = peft.PeftModel.from_pretrained(hf, out / "adapter").eval()
         peft_logits = with_peft(torch.tensor(ids)).logits.numpy()
     assert np.abs(peft_logits - base_logits).max() > 1e-2  # eight steps moved the adapters
+    merged_by_peft = with_peft.merge_and_unload().state_dict()  # the float32 base + scale * B @ A
+    export_hf_checkpoint(str(out / "model"), str(tmp_path / "hf_model"))
+    ours = transformers.MistralForCausalLM.from_pretrained(tmp_path / "hf_model").state_dict()
+    assert sorted(ours) == sorted(merged_by_peft)
+    for name, weight in merged_by_peft.items():  # a bfloat16-rounded base would be ~1e-3 off
+        np.testing.assert_allclose(ours[name].float().numpy(), weight.numpy(), rtol=1e-6, atol=1e-6, err_msg=name)
 
     config, base = load_checkpoint(str(base_dir))
     spec, adapters = lora.load_peft(str(out / "adapter"), config)
     assert (spec.rank, spec.scale, spec.targets) == (4, 2.0, DENSE_TARGETS)
     np.testing.assert_allclose(np.asarray(adapted(config, base, adapters, spec, ids)), peft_logits, atol=1e-4)
     merged_config, merged = load_checkpoint(str(out / "model"))
+    assert {x.dtype for x in jax.tree_util.tree_leaves(merged)} == {jnp.dtype(jnp.float32)}
     np.testing.assert_allclose(np.asarray(forward(merged_config, merged, ids)), peft_logits, atol=1e-4)
 
     status, from_adapter, stderr = run_script(capsys, sample, "--checkpoint", base_dir, "--adapter", out / "adapter",

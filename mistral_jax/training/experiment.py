@@ -22,8 +22,8 @@ from mistral_jax.runtime import distributed, locks
 from mistral_jax.runtime.options import OptionError, option, require_positive
 from mistral_jax.runtime.sharding import make_mesh
 from mistral_jax.text.tokenizer import TOKENIZER_NAMES, Tokenizer, checkpoint_name, find_tokenizer
-from mistral_jax.training import data, lora
-from mistral_jax.training.metrics import measure_peak_flops
+from mistral_jax.training import data, examples, lora
+from mistral_jax.training.metrics import Peak, device_peak
 from mistral_jax.training.trainer import Hyperparameters
 
 CACHE_DIR = os.environ.get("MISTRAL_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mistral_jax"))
@@ -38,8 +38,14 @@ class RunOptions:
     """Where a training run reads and writes, which model it trains, on which devices."""
 
     data: tuple[str, ...] = option(
-        (data.BUILTIN,), 'text files, globs, directories or .jsonl ("text" field); "builtin": Python\'s '
-                         "documentation and its standard library's docstrings")
+        (data.BUILTIN,), 'text files, globs, directories or .jsonl: "text" lines, conversations ("messages", '
+                         'trained on the assistant\'s tokens, packed) or with --objective dpo preference pairs '
+                         '("prompt", "chosen", "rejected"); "builtin": Python\'s documentation and its standard '
+                         "library's docstrings")
+    bad_lines: str = option("stop", "a .jsonl line that is no conversation or pair: stop, naming it, or skip it "
+                                    "(counted)", choices=examples.BAD_LINES)
+    long_examples: str = option("truncate", "a conversation or pair longer than --seq-len + 1 tokens: cut at the end, "
+                                            "or drop it", choices=examples.LONG)
     out: str = option("runs/default", "the run's directory")
     config: str | None = option(None, "a preset name or a config.json/params.json file (default: mistral-15m, "
                                        "or the --init-from checkpoint's)")
@@ -59,7 +65,8 @@ class RunOptions:
     remat: str = option("none", "what each block saves for the backward pass", choices=tuple(REMAT_POLICIES))
     mesh: str = option("", 'e.g. "data=2,fsdp=2,tensor=2"; -1 = the rest (default: all on fsdp)')
     peak_flops: float | None = option(None, "peak FLOP/s of a device, for MFU (on CPU: of a process, whose "
-                                             "devices share its cores; default: measured)")
+                                             "devices share its cores; default: the device's published "
+                                             "peak, or on CPU measured, and again as training goes)")
     samples: int = option(3, "samples printed at the end")
     sample_tokens: int = option(48, "tokens per sample")
     distributed: bool = option(False, "a multi-process run: jax.distributed.initialize(), which detects TPU pods "
@@ -86,9 +93,10 @@ class Run:
     config: MistralConfig
     mesh: jax.sharding.Mesh
     tokenizer: Tokenizer
-    tokens: np.ndarray
+    batches: data.TokenBatches | examples.Batches  # what trainer.fit reads
+    data_summary: str  # what the data is, said at the start
     params: dict | None  # initial weights of --init-from; with LoRA, the frozen base
-    peak_flops: float | None
+    peak_flops: Peak | None
     lora: lora.LoRA | None = None  # the adapters trained (hp.lora_spec)
     base_dir: str | None = None  # --init-from
 
@@ -121,6 +129,8 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
                                         f"each split over data x fsdp x expert = {shards} devices")
     primary = distributed.is_primary()
     spec = hp.lora_spec
+    if hp.objective == "dpo" and not options.init_from:
+        raise OptionError("objective", "dpo needs --init-from: the model it starts from is its reference")
     if spec is not None and not options.init_from:
         raise OptionError("lora_rank", "needs --init-from: adapters are trained on a model's weights")
     if options.base_dtype is not None and spec is None:
@@ -182,17 +192,58 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
     if options.samples and longest_prompt + options.sample_tokens > config.max_seq_len:  # said now, not after training
         raise OptionError("sample_tokens", f"{options.sample_tokens} after a {longest_prompt}-token prompt is more "
                                            f"than the model's max_seq_len {config.max_seq_len}")
-    tokens = data.tokenize(list(options.data), tokenizer, os.path.join(CACHE_DIR, "tokens"))
+    batches, summary = read_data(options, hp, tokenizer)
     if primary:
         config.save_hf(options.out)
         if spec is not None:
             with open(os.path.join(options.out, LORA_FILE), "w") as f:
                 json.dump(_lora_record(spec), f)
-    # MFU is over the whole job. A process's CPU devices share its cores, which one device's
-    # matmul already uses all of: counting each fake device as a machine would understate it.
-    units = jax.process_count() if jax.default_backend() == "cpu" else jax.device_count()
-    peak = (options.peak_flops or measure_peak_flops()) * units
-    return Run(config, mesh, tokenizer, tokens, params, peak, spec, options.init_from)
+    return Run(config, mesh, tokenizer, batches, summary, params, device_peak(options.peak_flops), spec,
+               options.init_from)
+
+
+def read_data(options: RunOptions, hp: Hyperparameters, tokenizer: Tokenizer
+              ) -> tuple[data.TokenBatches | examples.Batches, str]:
+    """(the run's batches, a line saying what they hold): a text corpus as token windows;
+    conversations (with text lines) as packed examples; with --objective dpo preference pairs."""
+    files = [] if list(options.data) == [data.BUILTIN] else data.find_files(list(options.data))
+    pairs = hp.objective == "dpo"
+    if not (pairs or examples.has_conversations(files)):
+        if options.bad_lines != "stop" or options.long_examples != "truncate":
+            raise OptionError("bad_lines" if options.bad_lines != "stop" else "long_examples",
+                              "applies to conversations and preference pairs; the data is text")
+        tokens = data.tokenize(list(options.data), tokenizer, os.path.join(CACHE_DIR, "tokens"))
+        return data.TokenBatches(tokens, hp.seq_len, hp.batch_size, seed=hp.seed), f"{len(tokens):,} tokens of data"
+    what = "preference pairs (--objective dpo)" if pairs else "conversations and text lines"
+    if tokenizer.chat_version is None:
+        raise ValueError(f"{what} need an instruct tokenizer (a chat format): {tokenizer.path} has none; "
+                         "--init-from an instruct checkpoint or pass its --tokenizer")
+    if any(not f.endswith(".jsonl") for f in files) or not files:
+        raise ValueError(f"{what} are read from .jsonl files: {', '.join(options.data)} holds others")
+    left_out = {"longer than --seq-len dropped": 0, "with nothing to train": 0}
+
+    def encode(line):  # an item, or None for one left out (counted)
+        if pairs:
+            item = tuple(examples.fit(e, hp.seq_len + 1, options.long_examples)
+                         for e in examples.preference_example(tokenizer, line))
+            if None in item:
+                item = None
+        else:
+            item = examples.fit(examples.conversation_example(tokenizer, line), hp.seq_len + 1, options.long_examples)
+        if item is None:
+            left_out["longer than --seq-len dropped"] += 1
+        elif not pairs and not item.trained[1:].any():
+            left_out["with nothing to train"] += 1
+            item = None
+        return item
+
+    encoded, skipped = examples.read_lines(files, encode, options.bad_lines)
+    items = [item for item in encoded if item is not None]
+    batches = examples.Batches(items, hp.seq_len, hp.batch_size, seed=hp.seed, pairs=pairs)
+    notes = [f"{skipped} bad line(s) skipped"] * bool(skipped) + [f"{n} {why}" for why, n in left_out.items() if n]
+    summary = (f"{len(items):,} {what} ({len(batches.train):,} for training, padding "
+               f"{batches.padding:.0%} of its rows)" + "".join(f", {note}" for note in notes))
+    return batches, summary
 
 
 def _lora_record(spec: lora.LoRA | None) -> dict | None:
@@ -253,7 +304,16 @@ def save_final_model(out_dir: str, run: Run, trained) -> dict:
     """out_dir/model: what sample.py and convert_weights.py --to-hf read: the trained params,
     or with LoRA the base with the adapters merged in; and with LoRA out_dir/adapter, the
     adapters as HF PEFT saves them. Returns the model's params."""
-    params = trained if run.lora is None else lora.merge(run.params, trained, run.lora, "float32")
+    params = trained
+    if run.lora is not None:
+        base = run.params
+        if any(x.dtype != np.float32 for x in jax.tree_util.tree_leaves(base)):
+            # Trained on a base rounded to --base-dtype: merged into that, model/ would not be
+            # the user's base plus the adapters, as PEFT computes them. Read it again onto the
+            # same shards, in float32 (which holds any stored value exactly), as model/ is.
+            _, base = load_checkpoint(run.base_dir, "float32",
+                                      shardings=jax.tree_util.tree_map(lambda x: x.sharding, base))
+        params = lora.merge(base, trained, run.lora, "float32")
     path = os.path.join(out_dir, "model")
     save_checkpoint(path, run.config.replace(dtype="float32"), params, overwrite=True,
                     extra_files={os.path.basename(run.tokenizer.path): run.tokenizer.path})

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -29,8 +30,8 @@ from mistral_jax.runtime.distributed import is_primary
 from mistral_jax.runtime.options import OptionError, option, require_positive
 from mistral_jax.runtime.sharding import batch_sharding, logical_shardings, under_mesh
 from mistral_jax.training import lora
-from mistral_jax.training.loss import cross_entropy
-from mistral_jax.training.metrics import MetricsWriter, flops_per_token, format_line
+from mistral_jax.training.loss import cross_entropy, sequence_logprobs
+from mistral_jax.training.metrics import MetricsWriter, Peak, flops_per_token, format_line
 
 
 @flax.struct.dataclass
@@ -41,6 +42,9 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+
+
+OBJECTIVES = ("sft", "dpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,10 @@ class Hyperparameters:
                                             "attention's wq,wk,wv,wo, latent attention's "
                                             "wq_a,wq_b,wkv_a_with_mqa,wkv_b,wo, a dense feed-forward's w1,w2,w3 "
                                             "(default: every projection of the attention)")
+    objective: str = option("sft", "sft: next-token cross-entropy on the trained targets (all of text, the "
+                                   "assistant's of conversations); dpo: direct preference optimisation on "
+                                   "prompt/chosen/rejected pairs, against the starting model", choices=OBJECTIVES)
+    dpo_beta: float = option(0.1, "DPO: β, how far the trained model may move from the reference")
 
     def __post_init__(self):
         require_positive(self, "steps", "batch_size", "seq_len", "grad_accum", "loss_chunk")
@@ -81,8 +89,9 @@ class Hyperparameters:
                 raise OptionError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.seed < 2**63:  # what jax.random.key takes
             raise OptionError("seed", f"must be in [0, 2**63), got {self.seed}")
-        if not 0 < self.clip < math.inf:  # NaN too
-            raise OptionError("clip", f"must be a positive number, got {self.clip!r}")
+        for name in ("clip", "dpo_beta"):
+            if not 0 < getattr(self, name) < math.inf:  # NaN too
+                raise OptionError(name, f"must be a positive number, got {getattr(self, name)!r}")
         if not 0 <= self.final_lr_fraction <= 1:
             raise OptionError("final_lr_fraction", f"must be in [0, 1], got {self.final_lr_fraction!r}")
         for name in ("b1", "b2"):
@@ -97,6 +106,12 @@ class Hyperparameters:
                 if getattr(self, name) is not None:
                     raise OptionError(name, "needs --lora-rank")
         _ = self.lora_spec  # a bad rank, alpha or target is refused now
+
+    @property
+    def frozen(self) -> bool:
+        """Whether a step reads frozen params besides those it trains: LoRA's base, or DPO's
+        reference (the starting model; with LoRA, the same base without the adapters)."""
+        return self.lora_rank is not None or self.objective == "dpo"
 
     @property
     def lora_spec(self) -> lora.LoRA | None:
@@ -154,20 +169,45 @@ def make_optimizer(hp: Hyperparameters) -> optax.GradientTransformation:
         optax.adamw(learning_rate(hp), b1=hp.b1, b2=hp.b2, weight_decay=hp.weight_decay, mask=decay_mask))
 
 
-def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chunk: int = 128,
-            router_aux_loss: float = 0.0, router_z_loss: float = 0.0, adapters=None, spec: lora.LoRA | None = None):
-    """Mean next-token cross-entropy of batch [B, T+1] (plus z-loss; with experts, plus the
-    router's load-balancing and z-losses at these weights) -> (loss, metrics): the
-    cross-entropy `ce` and, with experts, `aux_loss` and `router_z_loss`, without gradient.
-    The output projection is fused into the loss (loss.cross_entropy). With LoRA adapters
-    (and their spec), the model is params adapted by them."""
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+def unpack(batch) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
+    """(inputs, targets, mask, positions, segments) of a batch: tokens [B, T+1] (text: every
+    target trained, mask None, positions 0..T-1) or rows of examples (examples.row_arrays:
+    "inputs", "targets", "mask", "positions", "segments", [B, T] each)."""
+    if isinstance(batch, Mapping):
+        return batch["inputs"], batch["targets"], batch["mask"], batch["positions"], batch["segments"]
+    return batch[:, :-1], batch[:, 1:], None, None, None
+
+
+def trained_tokens(batch) -> jax.Array:
+    """float32 [B]: each row's targets in the loss."""
+    inputs, _, mask, _, _ = unpack(batch)
+    if mask is None:
+        return jnp.full(inputs.shape[:1], inputs.shape[1], jnp.float32)
+    return jnp.sum(mask.reshape(mask.shape[0], -1), axis=1, dtype=jnp.float32)
+
+
+def _forward(params, config: MistralConfig, inputs, positions=None, segments=None, adapters=None,
+             spec: lora.LoRA | None = None):
+    """(final normed states [B, T, D], the sown router stats) of params (adapted by adapters)."""
     if "vision" in params:  # frozen: no gradient, no decay (decay_mask), so Adam moves it by exactly 0
         params = {**params, "vision": jax.lax.stop_gradient(params["vision"])}
-    hidden, sown = Mistral(config, lm_head=False).apply(lora.variables(params, adapters, spec), inputs,
-                                                        mutable=["router"])
+    return Mistral(config, lm_head=False).apply(lora.variables(params, adapters, spec), inputs, positions,
+                                                segments=segments, mutable=["router"])
+
+
+def loss_fn(params, config: MistralConfig, batch, z_loss: float, chunk: int = 128,
+            router_aux_loss: float = 0.0, router_z_loss: float = 0.0, adapters=None, spec: lora.LoRA | None = None):
+    """Next-token cross-entropy of batch (unpack: tokens [B, T+1], or packed examples whose
+    masked-out targets are not in it), the mean over its trained targets (plus z-loss; with
+    experts, plus the router's load-balancing and z-losses at these weights) -> (loss,
+    metrics): the cross-entropy `ce` and, with experts, `aux_loss` and `router_z_loss`,
+    without gradient. The output projection is fused into the loss (loss.cross_entropy). With
+    LoRA adapters (and their spec), the model is params adapted by them."""
+    inputs, targets, mask, positions, segments = unpack(batch)
+    hidden, sown = _forward(params, config, inputs, positions, segments, adapters, spec)
+    weights = None if mask is None else mask / jnp.maximum(jnp.sum(mask, dtype=jnp.float32), 1.0)
     loss, ce = cross_entropy(hidden, output_matrix(config, params).astype(config.dtype), targets, z_loss, chunk,
-                             output_trained=adapters is None)
+                             output_trained=adapters is None, weights=weights)
     metrics = {"ce": ce}
     if config.moe:
         (stats,) = sown["router"]["stats"]
@@ -175,6 +215,35 @@ def loss_fn(params, config: MistralConfig, batch: jax.Array, z_loss: float, chun
         loss = loss + router_aux_loss * aux + router_z_loss * router_z
         metrics.update(aux_loss=jax.lax.stop_gradient(aux), router_z_loss=jax.lax.stop_gradient(router_z))
     return loss, metrics
+
+
+def answer_logprobs(params, config: MistralConfig, batch, chunk: int = 128, adapters=None,
+                    spec: lora.LoRA | None = None) -> jax.Array:
+    """float32 [P, 2]: the summed log-probabilities of the trained (answer) tokens of each
+    preference pair's chosen and rejected rows (batch: examples.pair_arrays rows, [P, 2, T])."""
+    inputs, targets, mask = (batch[name] for name in ("inputs", "targets", "mask"))
+    P, _, T = inputs.shape
+    hidden, _ = _forward(params, config, inputs.reshape(2 * P, T), adapters=adapters, spec=spec)
+    logprobs = sequence_logprobs(hidden, output_matrix(config, params).astype(config.dtype),
+                                 targets.reshape(2 * P, T), mask.reshape(2 * P, T), chunk)
+    return logprobs.reshape(P, 2)
+
+
+def dpo_loss_fn(params, config: MistralConfig, batch, beta: float, reference, chunk: int = 128, adapters=None,
+                spec: lora.LoRA | None = None):
+    """DPO's loss over a batch of preference pairs, mean of -log σ(β·((π_c − ref_c) − (π_r −
+    ref_r))) with π and ref the answers' summed log-probabilities under the trained model
+    (params, with LoRA adapted by adapters) and the frozen reference (with LoRA, params
+    without adapters; else the reference params) -> (loss, metrics: the mean reward margin
+    β·(...), the share of pairs it ranks right, the chosen and rejected rewards)."""
+    policy = answer_logprobs(params, config, batch, chunk, adapters, spec)
+    ref = jax.lax.stop_gradient(answer_logprobs(params if adapters is not None else reference, config, batch, chunk))
+    rewards = beta * (policy - ref)  # [P, 2]: chosen, rejected
+    margin = rewards[:, 0] - rewards[:, 1]
+    loss = -jnp.mean(jax.nn.log_sigmoid(margin))
+    metrics = {"reward_margin": jnp.mean(margin), "reward_accuracy": jnp.mean((margin > 0).astype(jnp.float32)),
+               "chosen_reward": jnp.mean(rewards[:, 0]), "rejected_reward": jnp.mean(rewards[:, 1])}
+    return loss, jax.lax.stop_gradient(metrics)
 
 
 def router_weights(config: MistralConfig, hp: Hyperparameters) -> tuple[float, float]:
@@ -232,56 +301,72 @@ def state_shardings(state: TrainState):
 
 def make_train_step(config: MistralConfig, tx: optax.GradientTransformation, hp: Hyperparameters, mesh,
                     shardings, base_shardings=None):
-    """jitted (state, batch [B, T+1]) -> (state, metrics), the state donated; with LoRA
-    (hp.lora_spec), (state, batch, base) where base is the frozen params, placed as
-    base_shardings says, which the step reads and never differentiates."""
+    """jitted (state, batch) -> (state, metrics), the state donated; the batch tokens [B, T+1],
+    rows of packed examples, or with hp.objective "dpo" rows of preference pairs (unpack,
+    examples.py). With frozen params (hp.frozen: LoRA's base, DPO's reference), (state, batch,
+    base), base placed as base_shardings says, which the step reads and never differentiates.
+
+    The loss is the mean over the step's trained targets (DPO: over its pairs): each
+    micro-batch of --grad-accum weighs as its share of them."""
     spec = hp.lora_spec
 
     def objective(trained, base, micro_batch):
         params, adapters = (trained, None) if spec is None else (base, trained)
+        if hp.objective == "dpo":
+            return dpo_loss_fn(params, config, micro_batch, hp.dpo_beta, base, hp.loss_chunk, adapters, spec)
         return loss_fn(params, config, micro_batch, hp.z_loss, hp.loss_chunk, *router_weights(config, hp),
                        adapters=adapters, spec=spec)
 
     @under_mesh(mesh)
-    def train_step(state: TrainState, batch: jax.Array, base=None):
-        B = batch.shape[0]
+    def train_step(state: TrainState, batch, base=None):
         A = hp.grad_accum
         # Row r goes to micro-batch r % A, so each device's rows stay on that device.
-        micro = batch.reshape(B // A, A, -1).swapaxes(0, 1)
+        micro = jax.tree_util.tree_map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
+        counts = jax.vmap(lambda m: jnp.sum(trained_tokens(m)))(micro)  # [A]
+        shares = jnp.full((A,), 1 / A) if hp.objective == "dpo" else counts / jnp.maximum(jnp.sum(counts), 1.0)
         grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-        def accumulate(carry, micro_batch):
+        def accumulate(carry, xs):
+            micro_batch, share = xs
             (micro_loss, micro_metrics), micro_grads = grad_fn(state.params, base, micro_batch)
-            return jax.tree_util.tree_map(jnp.add, carry, (micro_grads, {"loss": micro_loss, **micro_metrics})), None
+            step = (micro_grads, {"loss": micro_loss, **micro_metrics})
+            return jax.tree_util.tree_map(lambda total, x: total + share * x, carry, step), None
 
-        names = ("loss", "ce") + (("aux_loss", "router_z_loss") if config.moe else ())
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params), {name: jnp.float32(0) for name in names}
-        (grads, sums), _ = jax.lax.scan(accumulate, zeros, micro)
-        grads = jax.tree_util.tree_map(lambda g: g / A, grads)
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                       jax.eval_shape(grad_fn, state.params, base, first))
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros[1], {"loss": zeros[0][0], **zeros[0][1]}), (micro, shares))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**{name: total / A for name, total in sums.items()}, "grad_norm": optax.tree.norm(grads),
-                   "lr": learning_rate(hp)(state.step)}
+        metrics = {**sums, "grad_norm": optax.tree.norm(grads), "lr": learning_rate(hp)(state.step),
+                   "trained_tokens": jnp.sum(counts)}
         if hp.skip_nonfinite:  # a non-finite step leaves params and Adam's state as they were
             finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
             params, opt_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
                                                        (params, opt_state), (state.params, state.opt_state))
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    in_shardings = (shardings, batch_sharding(mesh)) + (() if spec is None else (base_shardings,))
+    in_shardings = (shardings, batch_sharding(mesh)) + ((base_shardings,) if hp.frozen else ())
     return jax.jit(train_step, in_shardings=in_shardings, out_shardings=(shardings, None), donate_argnums=0)
 
 
-def make_eval_step(config: MistralConfig, mesh, param_sharding, loss_chunk: int = 128,
-                   spec: lora.LoRA | None = None, base_sharding=None):
-    """jitted (params, batch) -> mean cross-entropy; with LoRA (spec), (adapters, batch, base)."""
+def make_eval_step(config: MistralConfig, mesh, param_sharding, hp: Hyperparameters, base_sharding=None):
+    """jitted (params, batch) -> held-out metrics; with frozen params (hp.frozen), (trained,
+    batch, base). SFT: {"loss": the cross-entropy over the batch's trained targets, "weight":
+    their count}; DPO: {"loss", "weight": 1, and the reward metrics}."""
+    spec = hp.lora_spec
+
     @under_mesh(mesh)
     def eval_step(trained, batch, base=None):
         params, adapters = (trained, None) if spec is None else (base, trained)
-        return loss_fn(params, config, batch, 0.0, loss_chunk, adapters=adapters, spec=spec)[1]["ce"]
+        if hp.objective == "dpo":
+            loss, metrics = dpo_loss_fn(params, config, batch, hp.dpo_beta, base, hp.loss_chunk, adapters, spec)
+            return {"loss": loss, "weight": jnp.float32(1), **metrics}
+        ce = loss_fn(params, config, batch, 0.0, hp.loss_chunk, adapters=adapters, spec=spec)[1]["ce"]
+        return {"loss": ce, "weight": jnp.sum(trained_tokens(batch))}
 
     return jax.jit(eval_step, in_shardings=(param_sharding, batch_sharding(mesh)) + (
-        () if spec is None else (base_sharding,)))
+        (base_sharding,) if hp.frozen else ()))
 
 
 class TrainingDiverged(RuntimeError):
@@ -319,7 +404,7 @@ def _track_nonfinite(seen: NonFinite, step: jax.Array, metrics: dict, allowed: i
 
 def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str, schedule: Schedule = Schedule(),
         *, params=None, resume: bool = False, resume_from: int | None = None,
-        peak_flops: float | None = None) -> tuple[TrainState, bool]:
+        peak_flops: Peak | float | None = None) -> tuple[TrainState, bool]:
     """Trains from step 0, or, when resume, from the newest intact checkpoint in
     out_dir/checkpoints (a damaged one is moved aside, saying so) or from resume_from's
     (the later ones discarded). metrics.jsonl and TensorBoard keep the records up to the
@@ -330,17 +415,21 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
       params: initial weights (e.g. converted ones); default: fresh from hp.seed. With LoRA
         (hp.lora_spec), the frozen base the adapters are trained on (required); the state
         then holds the adapters.
-      peak_flops: the machine's peak FLOP/s, for MFU in the metrics; None leaves MFU out.
+      peak_flops: the machine's peak FLOP/s, for MFU in the metrics: a number is held fixed, a
+        metrics.Peak may rise as training goes; None leaves MFU out.
     Returns (state, interrupted): SIGTERM or SIGINT stops the run after the current step with
     a checkpoint saved.
     """
     tx = make_optimizer(hp)
     spec = hp.lora_spec
-    if spec is not None and params is None:
-        raise ValueError("LoRA adapters are trained on a base model: pass its params")
-    base_shardings = None if spec is None else param_shardings(config, mesh)
-    # The frozen base, where the rules table puts it (a no-op for params read onto the mesh).
-    base_args = () if spec is None else (jax.tree_util.tree_map(jax.device_put, params, base_shardings),)
+    if hp.frozen and params is None:
+        raise ValueError("LoRA adapters are trained on a base model, and DPO against a reference: pass its params")
+    base_shardings = param_shardings(config, mesh) if hp.frozen else None
+    base_args = ()
+    if spec is not None:  # the frozen base, where the rules table puts it (a no-op for params read onto the mesh)
+        base_args = (jax.tree_util.tree_map(jax.device_put, params, base_shardings),)
+    elif hp.frozen:  # DPO's reference: a copy, since the trained params (whose buffers the step donates) start equal
+        base_args = (jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=base_shardings)(params),)
     checkpoints = os.path.join(out_dir, "checkpoints")
     manager = store.train_state_manager(checkpoints, schedule.keep)
     state = None
@@ -355,16 +444,24 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
         state = init_state(config, tx, mesh, hp.seed, None if spec else params, spec)
     shardings = state_shardings(state)
     train_step = make_train_step(config, tx, hp, mesh, shardings, base_shardings)
-    eval_step = make_eval_step(config, mesh, shardings.params, hp.loss_chunk, spec, base_shardings)
+    eval_step = make_eval_step(config, mesh, shardings.params, hp, base_shardings)
     process, processes = jax.process_index(), jax.process_count()
     global_batch = lambda local: jax.make_array_from_process_local_data(batch_sharding(mesh), local)  # noqa: E731
     first = int(state.step)
     writer = MetricsWriter(out_dir, enabled=is_primary(), start_step=first)
     tokens_per_step = hp.batch_size * hp.seq_len
+    if not isinstance(peak_flops, Peak):
+        peak_flops = Peak(peak_flops, fixed=True) if peak_flops else None
     flops_per_step = flops_per_token(config, hp.seq_len, lora_params=None if spec is None else sum(
         x.size for x in jax.tree_util.tree_leaves(state.params))) * tokens_per_step
+    if hp.objective == "dpo":  # two rows a pair, and the reference's forward pass
+        tokens_per_step *= 2
+        flops_per_step = 2 * flops_per_step + flops_per_token(config, hp.seq_len, training=False) * tokens_per_step
 
-    example = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh))
+    sample = batches.batch(first, process, processes)
+    example_rows = isinstance(sample, Mapping)  # rows of examples, not tokens
+    example = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct((hp.batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding(mesh)), sample)
     compile_start = time.perf_counter()
     train_step = train_step.lower(state, example, *base_args).compile()
     if is_primary():
@@ -395,24 +492,33 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
                     f"the last good checkpoint is step {good} in {checkpoints} (--resume-from {good})"
                     if good is not None else "no checkpoint had been saved"))
             now = time.perf_counter()
-            seconds_per_step = (now - last_time) / (done - last_step)
+            seconds = now - last_time
+            seconds_per_step = seconds / (done - last_step)
             last_time, last_step = now, done
             record = {"step": done, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                       "lr": float(metrics["lr"]), "tokens_per_s": tokens_per_step / seconds_per_step}
             if hp.z_loss or config.moe:
                 record["ce"] = float(metrics["ce"])
-            for name in ("aux_loss", "router_z_loss"):
+            for name in ("aux_loss", "router_z_loss", "reward_margin", "reward_accuracy", "chosen_reward",
+                         "rejected_reward"):
                 if name in metrics:
                     record[name] = float(metrics[name])
+            if example_rows and hp.objective == "sft":
+                record["trained_tokens"] = int(metrics["trained_tokens"])
             if hp.skip_nonfinite:
                 record["skipped_steps"] = int(seen.count)
-            if peak_flops:
-                record["mfu"] = flops_per_step / seconds_per_step / peak_flops
+            if peak_flops is not None:
+                record["mfu"] = peak_flops.mfu(flops_per_step / seconds_per_step, seconds)
+                last_time = time.perf_counter()  # a re-measured peak is not training time
             if evaluate:
-                losses = jax.device_get([eval_step(state.params, global_batch(b), *base_args)  # one host sync
-                                         for b in batches.validation(schedule.eval_batches, process, processes)])
-                record["eval_loss"] = float(sum(losses) / len(losses))
-                record["eval_ppl"] = math.exp(record["eval_loss"])
+                held_out = jax.device_get([eval_step(state.params, global_batch(b), *base_args)  # one host sync
+                                           for b in batches.validation(schedule.eval_batches, process, processes)])
+                weight = sum(float(m["weight"]) for m in held_out)
+                for name in ("loss", "reward_accuracy"):
+                    if name in held_out[0]:  # each batch weighs as its trained targets (SFT) or pairs (DPO)
+                        record[f"eval_{name}"] = sum(float(m[name] * m["weight"]) for m in held_out) / max(weight, 1)
+                if hp.objective == "sft":
+                    record["eval_ppl"] = math.exp(record["eval_loss"])
                 last_time = time.perf_counter()  # evaluation is not training time
             writer.write(record, format_line(record, hp.steps, (hp.steps - done) * seconds_per_step))
             if save:
