@@ -18,6 +18,7 @@ from mistral_common.protocol.instruct.validator import ValidationMode
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 from mistral_jax.checkpoints.convert import load_pytorch
+from mistral_jax.runtime.sharding import make_mesh
 from mistral_jax.text.tokenizer import Tokenizer
 from mistral_jax.training import examples, lora, trainer
 
@@ -182,6 +183,28 @@ def test_packed_loss_and_gradients_equal_examples_run_alone(reference, kernels, 
         planted.append({"positions": np.broadcast_to(np.arange(seq_len), batch["positions"].shape)})
     for bug in planted:
         assert abs(float(loss_of({**batch, **bug})) - hf_loss) > 1e-3 * hf_loss, list(bug)
+
+
+def test_grad_accum_weighs_micro_batches_by_their_trained_tokens(ref_windowed):
+    """Micro-batches with unequal counts of trained targets: --grad-accum 2's step has the
+    loss and gradient norm of the whole batch in one (averaging the two means would not)."""
+    rng = np.random.default_rng(3)
+    items = [examples.Example(rng.integers(0, 320, n).astype(np.int32), rng.random(n) < p)
+             for n, p in ((60, 0.9), (50, 0.1), (40, 0.9), (30, 0.1))]
+    batch = examples.stack([examples.row_arrays([e], 64) for e in items])  # rows 0, 2 dense; 1, 3 sparse
+    config, params = load_pytorch(ref_windowed.dir)
+    mesh = make_mesh("", jax.devices()[:1])
+    found = {}
+    for accum in (1, 2):
+        hp = trainer.Hyperparameters(steps=2, batch_size=4, seq_len=64, grad_accum=accum)
+        tx = trainer.make_optimizer(hp)
+        state = trainer.init_state(config, tx, mesh, params=jax.tree_util.tree_map(np.array, params))  # donated
+        found[accum] = jax.device_get(trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state))(
+            state, batch)[1])
+    # Row r goes to micro-batch r % 2: the dense rows in one, the sparse in the other.
+    assert abs(found[2]["loss"] - found[1]["loss"]) < 1e-5 * found[1]["loss"]
+    assert abs(found[2]["grad_norm"] - found[1]["grad_norm"]) < 1e-5 * found[1]["grad_norm"]
+    assert found[1]["trained_tokens"] == found[2]["trained_tokens"] == batch["mask"].sum()
 
 
 def test_dpo_loss_gradients_and_rewards_equal_pytorch(ref_full, tmp_path):
