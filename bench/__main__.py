@@ -5,6 +5,7 @@
   python -m bench --only lora --configs small [--write]
   python -m bench --only latent --configs small-latent [--write]
   python -m bench --only vision --configs small-vision [--write]
+  python -m bench --only finetune --configs small [--write]
 
 Each suite runs once per config and side, each in its own process, so that each side runs
 as it does by default: ours with glibc's malloc on huge pages, as train.py and sample.py
@@ -23,11 +24,11 @@ import sys
 import tempfile
 import time
 
-from bench import common, decode, experts, latent, lora, report, scaling, train, vision
+from bench import common, decode, experts, finetune, latent, lora, report, scaling, train, vision
 from mistral_jax.runtime.platforms import huge_page_tunables, restart_with_huge_pages
 
 SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run, "experts": experts.run, "lora": lora.run,
-          "latent": latent.run, "vision": vision.run}
+          "latent": latent.run, "vision": vision.run, "finetune": finetune.run}
 
 
 def parse_args():

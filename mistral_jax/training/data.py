@@ -96,7 +96,8 @@ def read_documents(files: list[str]) -> Iterator[str]:
                 try:
                     text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{file}:{number} is not a JSON object with a \"text\" field") from None
+                    raise ValueError(f"{file}:{number} is not a JSON object with a \"text\" field (nor \"messages\": "
+                                     "a conversation; preference pairs train with --objective dpo)") from None
                 yield text
 
 
