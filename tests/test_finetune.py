@@ -110,9 +110,12 @@ def test_packing_keeps_examples_whole():
     rng = np.random.default_rng(0)
     items = [examples.Example(np.arange(n, dtype=np.int32), rng.random(n) < 0.5) for n in (9, 5, 7, 3, 11, 2)]
     rows = examples.pack(items, 16)
-    assert [[len(e) for e in row] for row in rows] == [[9, 5], [7, 3], [11, 2]]  # 8 + 4 (+ 6 > 16), 6 + 2, 10 + 1
-    assert sum(rows, []) == items and all(sum(len(e) - 1 for e in row) <= 16 for row in rows)
-    for row in rows:  # the next example did not fit: each row is full up to it
+    # First fit: 8 + 4 in row 0, 6 does not fit (a row 1), 2 back in row 0, 10 in row 1, 1 in row 0.
+    assert [[len(e) for e in row] for row in rows] == [[9, 5, 3, 2], [7, 11]]
+    assert sorted(map(id, sum(rows, []))) == sorted(map(id, items))
+    assert all(sum(len(e) - 1 for e in row) <= 16 for row in rows)
+    assert [[len(e) for e in row] for row in examples.pack(items, 16, open_rows=1)] == [[9, 5], [7, 3], [11, 2]]
+    for row in rows:
         arrays = examples.row_arrays(row, 16)
         start = 0
         for segment, example in enumerate(row):
@@ -386,10 +389,11 @@ def test_train_py_says_what_is_wrong_with_the_data(instruct_checkpoint, tmp_path
                                        "--long-examples", "drop", "--seq-len", 24)
     assert status == 0, stderr
     assert "1 bad line(s) skipped" in stdout and "longer than --seq-len dropped" in stdout
+    pairs = write_pairs(tmp_path / "p.jsonl")
     for flags, pattern in [
         (["--data", chats, "--objective", "dpo"], r"bad.jsonl:1 is no preference pair: it has no 'prompt'"),
-        (["--data", write_pairs(tmp_path / "p.jsonl"), "--objective", "dpo", "--init-from", ""],
-         "--objective dpo needs --init-from"),
+        (["--data", pairs], r"p.jsonl:1 is not a JSON object with a \"text\" field .* --objective dpo\)"),
+        (["--data", pairs, "--objective", "dpo", "--init-from", ""], "--objective dpo needs --init-from"),
         (["--data", chats, "--dpo-beta", 0], "--dpo-beta must be a positive number"),
     ]:
         status, _, stderr = run_train(capsys, *base, *flags, "--out", tmp_path / "c", "--overwrite")

@@ -4,9 +4,9 @@ packed several to a row, each attending only to itself; preference pairs a row p
 
 An example of n tokens fills n - 1 positions of a row: inputs ids[:-1], targets ids[1:], the
 loss mask of the targets, positions 0..n-2 (restarting per example) and one segment id per
-example, which the attention kernels read (layers.Attention). An example is never split: one
-that does not fit starts the next row, whose unused tail is padding, out of the loss. As
-data.TokenBatches, a batch is a pure function of (seed, step).
+example, which the attention kernels read (layers.Attention). An example is never split: it
+goes into the first open row with room for it (pack), each row's unused tail is padding, out
+of the loss. As data.TokenBatches, a batch is a pure function of (seed, step).
 
 Lines (each file's line numbers are reported on a bad line):
   {"messages": [...], "tools": [...]}  a conversation; the assistant's tokens trained
@@ -133,17 +133,28 @@ def fit(example: Example, length: int, long: str) -> Example | None:
     return None if long == "drop" else Example(example.ids[:length], example.trained[:length])
 
 
-def pack(examples: Sequence[Example], seq_len: int) -> list[list[Example]]:
-    """Rows of examples in order, each filling at most seq_len positions (n - 1 per example of
-    n tokens): an example that does not fit starts the next row."""
-    rows, row, used = [], [], 0
+OPEN_ROWS = 64  # the rows first fit still fills; older ones are closed
+
+
+def pack(examples: Sequence[Example], seq_len: int, open_rows: int = OPEN_ROWS) -> list[list[Example]]:
+    """Rows of examples, each filling at most seq_len positions (n - 1 per example of n
+    tokens), by first fit: each example in order goes into the first of the last open_rows
+    rows with room for it, else starts a row. Examples are never split; first fit leaves less
+    padding than starting a row at the first one that does not fit (BENCHMARKS.md)."""
+    rows: list[list[Example]] = []
+    room: list[int] = []
+    first_open = 0
     for example in examples:
-        if row and used + len(example) - 1 > seq_len:
-            rows.append(row)
-            row, used = [], 0
-        row.append(example)
-        used += len(example) - 1
-    return rows + ([row] if row else [])
+        n = len(example) - 1
+        row = next((i for i in range(first_open, len(rows)) if room[i] >= n), None)
+        if row is None:
+            rows.append([])
+            room.append(seq_len)
+            row = len(rows) - 1
+            first_open = max(first_open, len(rows) - open_rows)
+        rows[row].append(example)
+        room[row] -= n
+    return rows
 
 
 def row_arrays(row: Sequence[Example], seq_len: int) -> dict[str, np.ndarray]:
