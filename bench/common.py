@@ -83,25 +83,34 @@ def matmul_peak_flops() -> float:
 def hf_train_step(model, batch, aux_loss_coef: float = 0.0):
     """One training step of an HF causal LM as its users write it, as a function of no
     arguments: the cross-entropy of batch [B, T+1] (plus, with aux_loss_coef, the router's
-    load-balancing loss times it), backward, global-norm clipping at 1.0 and torch AdamW
-    (β 0.9/0.95, weight decay 0.1) over the parameters that require gradients (all of them, or
-    PEFT's adapters)."""
+    load-balancing loss times it), then hf_optimizer_step over the parameters that require
+    gradients (all of them, or PEFT's adapters)."""
     import torch
 
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     router = dict(output_router_logits=True) if aux_loss_coef else {}
 
-    def step():
+    def loss_of():
         out = model(batch[:, :-1], use_cache=False, **router)
         logits = out.logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        if aux_loss_coef:
-            loss = loss + aux_loss_coef * out.aux_loss
+        return loss + aux_loss_coef * out.aux_loss if aux_loss_coef else loss
+    return hf_optimizer_step([p for p in model.parameters() if p.requires_grad], loss_of)
+
+
+def hf_optimizer_step(trained, loss_of):
+    """A function of no arguments: loss_of() backward, global-norm clipping at 1.0 and a torch
+    AdamW step (β 0.9/0.95, weight decay 0.1) over trained; it returns the loss."""
+    import torch
+
+    optimizer = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step():
+        loss = loss_of()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
     return step
 
 

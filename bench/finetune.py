@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from bench.common import CONFIGS, random_hf_model, timed
+from bench.common import CONFIGS, hf_optimizer_step, random_hf_model, timed
 
 RANK, ROWS, SEQ, PAIRS, BETA = 16, 8, 256, 4, 0.1
 
@@ -184,21 +184,13 @@ def check_document_masking(model, sft, inputs, positions, mask) -> float:
 
 
 def _step(trained, loss_of, checks: dict, kind: str):
-    """One optimizer step as hf_train_step (clip at 1.0, AdamW β 0.9/0.95, weight decay 0.1),
-    of loss_of(), a function of no arguments; the first step's loss kept in checks[kind]."""
-    import torch
+    """hf_optimizer_step of loss_of(), the first step's loss kept in checks[kind]."""
+    step = hf_optimizer_step(trained, loss_of)
 
-    optimizer = torch.optim.AdamW(trained, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-
-    def step():
-        loss = loss_of()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if kind not in checks:
-            checks[kind] = loss.item()
-    return step
+    def step_and_check():
+        loss = step()
+        checks.setdefault(kind, loss.item())
+    return step_and_check
 
 
 def _hf(config, model, sft, dpo, reps: int):

@@ -207,6 +207,7 @@ class Batches:
         self._rows_of = (lambda items: list(items)) if pairs else (lambda items: pack(items, seq_len))
         self._arrays = pair_arrays if pairs else row_arrays
         self._counts: dict[int, int] = {}
+        self._val_rows: list[dict[str, np.ndarray]] | None = None
         self._epoch, self._rows = -1, []
         rows = self._epoch_rows(0)
         filled = sum(len(e) - 1 for item in self.train for e in (item if pairs else (item,)))
@@ -235,8 +236,9 @@ class Batches:
     def validation(self, max_batches: int, process_index: int = 0,
                    process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
         """Fixed validation batches (the same every evaluation), this process's rows."""
-        rows_of_val = [self._arrays(row, self.seq_len) for row in self._rows_of(self.val)]
-        rows = self.global_batch // process_count
+        if self._val_rows is None:  # packed once: every evaluation reads the same rows
+            self._val_rows = [self._arrays(row, self.seq_len) for row in self._rows_of(self.val)]
+        rows_of_val, rows = self._val_rows, self.global_batch // process_count
         for b in range(min(max_batches, max(1, len(rows_of_val) // self.global_batch))):
             yield stack([rows_of_val[(b * self.global_batch + process_index * rows + r) % len(rows_of_val)]
                          for r in range(rows)])
