@@ -51,10 +51,18 @@ class SampleOptions:
     max_new_tokens: int = option(64, "the most tokens generated per prompt (per reply)")
     seed: int = option(0, "PRNG seed of sampling")
     dtype: str | None = option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
+    quantize: str | None = option(None, "the layers' projections quantized as the checkpoint is read: int8 per "
+                                        "output channel, int4 in groups of --quant-group inputs",
+                                  choices=("int8", "int4"))
+    quant_group: int | None = option(None, "inputs per quantization scale (default: int8 a whole channel, int4 128)")
     steps_per_call: int = option(16, "decode steps per compiled call when streaming")
 
     def __post_init__(self):
         require_positive(self, "max_new_tokens", "steps_per_call")
+        if self.quant_group is not None:
+            require_positive(self, "quant_group")
+            if self.quantize is None:
+                raise OptionError("quant_group", "needs --quantize")
         for name in ("system", "tools", "reasoning_effort", "image"):
             if getattr(self, name) not in (None, ()) and not (self.chat or self.interactive):
                 raise OptionError(name, "needs --chat or --interactive (images are laid out by the chat format)")
@@ -175,6 +183,7 @@ def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
     from mistral_jax.checkpoints.store import load_checkpoint
     from mistral_jax.inference.sampling import Sampler
+    from mistral_jax.model.quantize import quantize_params
     from mistral_jax.text.chat import has_images
     from mistral_jax.text.tokenizer import Tokenizer, find_tokenizer
     from mistral_jax.training.lora import load_peft, merge
@@ -190,10 +199,13 @@ def main():
     tokenizer_path = options.tokenizer or find_tokenizer(options.checkpoint)
     if tokenizer_path is None and os.path.isdir(options.checkpoint):
         raise ValueError(f"{options.checkpoint} has no tokenizer file; pass --tokenizer")
-    config, params = load_checkpoint(options.checkpoint, options.dtype)
-    if options.adapter:
+    config, params = load_checkpoint(options.checkpoint, options.dtype, group=options.quant_group,
+                                     quantize=None if options.adapter else options.quantize)
+    if options.adapter:  # merged into the float weights, then quantized
         spec, adapters = load_peft(options.adapter, config)
         params = merge(params, adapters, spec)
+        if options.quantize:
+            params = quantize_params(config, params, options.quantize, options.quant_group)
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

@@ -8,6 +8,8 @@ meshes against one device, and (dense) generate with an image through a vision e
 `experts` as argv[1]: a mixture of experts, its experts split
 over the `expert` axis (and its train step with the router's losses); `latent`: Mistral Small
 4's shape, latent attention and fine-grained experts with a shared one, the first layer dense.
+Every model also with its projections quantized (int4 in groups of 32, latent: int8; dense: its generations,
+and the LoRA adapters' gradients over the quantized base, QLoRA).
 Prints one JSON line of findings; the test asserts on them."""
 
 import dataclasses
@@ -19,6 +21,7 @@ import numpy as np
 
 from mistral_jax.inference.engine import Engine, Request
 from mistral_jax.inference.sampling import Sampler, generate, start
+from mistral_jax.model import quantize
 from mistral_jax.model.config import LatentAttention, Llama4Scaling, MistralConfig, MoE, Vision, YaRN
 from mistral_jax.model.transformer import Mistral, init_params, param_shardings, unstack_layers
 from mistral_jax.runtime import platforms
@@ -77,6 +80,21 @@ def engine_tokens(params, mesh):
     return out
 
 
+def quantized_findings(params, mesh, batch):
+    """The quantized model's logits, and (dense) its generations and QLoRA gradients, the quantized
+    weights placed by their logical axes (the scales' too)."""
+    quantized = quantize.quantize_params(CONFIG, params, *(("int8", None) if LATENT else ("int4", 32)))
+    quantized = jax.device_put(quantized, param_shardings(CONFIG, mesh, quantized))
+    forward = jax.jit(lambda p, t: Mistral(CONFIG).apply({"params": p}, t))
+    found = {"logits": np.asarray(forward(quantized, jax.device_put(BATCH[:, :-1], batch_sharding(mesh))))}
+    wo = quantized["layers"]["attention"]["wo"]
+    found["wo_shards"] = [list(wo[part].addressable_shards[0].data.shape) for part in ("q", "scale")]
+    if not EXPERTS:
+        found["tokens"] = generate(CONFIG, quantized, PROMPTS, 12, eos_id=None, mesh=mesh)
+        found["grads"] = lora_findings(mesh, quantized, batch)[0]
+    return found
+
+
 def run(mesh):
     tx = trainer.make_optimizer(HP)
     state = trainer.init_state(CONFIG, tx, mesh, seed=0)
@@ -113,6 +131,9 @@ def run(mesh):
         grads["packed_splash"] = gradients(CONFIG.replace(attention="splash"), mesh, state.params, packed)
     if not EXPERTS:
         grads["lora"], metrics_lora = lora_findings(mesh, state.params, batch)
+    split["quantized"] = quantized_findings(state.params, mesh, batch)
+    if "grads" in split["quantized"]:
+        grads["qlora"] = split["quantized"].pop("grads")
     step = trainer.make_train_step(CONFIG, tx, HP, mesh, trainer.state_shardings(state))
     state, metrics = step(state, batch)
     if not EXPERTS:
@@ -160,12 +181,16 @@ def max_rel_diff(tree, reference):
                for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(reference)))
 
 
-SAME_GRADIENTS = {"lora": "lora", "packed": "packed", "packed_splash": "packed"}  # what one device's they equal
+SAME_GRADIENTS = {"lora": "lora", "qlora": "qlora", "packed": "packed", "packed_splash": "packed"}  # what one device's they equal
 reference = run(make_mesh("", jax.devices()[:1]))
 findings = {}
 for spec in MESHES:
     params, logits, tokens, metrics, grads, split = run(make_mesh(spec))
+    quantized, quantized_reference = split.pop("quantized"), reference[5]["quantized"]
     findings[spec] = {
+        "quantized_logits_max_diff": float(np.abs(quantized["logits"] - quantized_reference["logits"]).max()),
+        "quantized_tokens_equal": quantized.get("tokens") == quantized_reference.get("tokens"),
+        "quantized_wo_shards": quantized["wo_shards"],
         "init_max_diff": max(float(np.abs(a - b).max()) for a, b in
                              zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(reference[0]))),
         "logits_max_diff": float(np.abs(logits - reference[1]).max()),

@@ -55,6 +55,7 @@ def assert_equal_to_one_device(spec, f):
     assert f["loss_diff"] < 1e-5 and f["grad_norm_rel_diff"] < 1e-5, spec
     for kernel, diff in f["grads_max_rel_diff"].items():  # every gradient, relative to its largest entry
         assert diff < 1e-5, (spec, kernel)
+    assert f["quantized_logits_max_diff"] < 1e-5 and f["quantized_tokens_equal"], spec  # int4 weights
 
 
 def test_equal_to_one_device_under_meshes():
@@ -66,13 +67,18 @@ def test_equal_to_one_device_under_meshes():
         assert f["engine_tokens_equal"], spec  # continuous batching over the mesh (serve.py --mesh)
         assert f["image_tokens_equal"], spec  # an image through the vision encoder on the mesh
         # lora: the adapters' gradients; packed: of examples packed with segment ids
-        assert set(f["grads_max_rel_diff"]) == {"xla", "splash", "lora", "packed", "packed_splash"}
+        # qlora: the adapters' over the int4 base
+        assert set(f["grads_max_rel_diff"]) == {"xla", "splash", "lora", "qlora", "packed", "packed_splash"}
         assert f["lora_loss_diff"] < 1e-5, spec
     # wq [L, D, H, d] = [4, 64, 8, 16]: really split where the mesh has fsdp or tensor axes.
     assert findings["data=8"]["wq"]["devices"] == 8 and findings["data=8"]["wq"]["shard"] == [4, 64, 8, 16]
     assert findings["fsdp=8"]["wq"]["shard"] == [4, 8, 8, 16]
     assert findings["data=2,fsdp=2,tensor=2"]["wq"]["shard"] == [4, 32, 4, 16]
     assert findings["fsdp=2,tensor=4"]["wq"]["shard"] == [4, 32, 2, 16]
+    # int4 wo [L, H, d, D] = [4, 8, 16, 64] in groups of 32 inputs (two heads): its scale
+    # [4, 4, 1, 64] split as wo is, heads over tensor and D over fsdp.
+    assert findings["fsdp=2,tensor=4"]["quantized_wo_shards"] == [[4, 2, 16, 32], [4, 1, 1, 32]]
+    assert findings["data=8"]["quantized_wo_shards"] == [[4, 8, 16, 64], [4, 4, 1, 64]]
     # The cache per kind of layer, k [G, n, B, C, K, d] (2 groups of a full and a sliding
     # layer): the full layers' [2, 1, 4, 16, 2, 16] (prompt + output), the sliding layers'
     # [2, 1, 4, 8, 2, 16] (the window). Rows over data x fsdp, kv heads over tensor where it

@@ -26,6 +26,7 @@ from mistral_jax.checkpoints.layouts import IGNORED, rows_of, source_names, tens
 from mistral_jax.checkpoints.store import atomic_directory, check_destination, load_checkpoint, save_checkpoint
 from mistral_jax.checkpoints.tensor_files import (TensorFileError, aligned_empty, read_tensor_file, to_numpy,
                                                   write_safetensors)
+from mistral_jax.model import quantize as quantization
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import abstract_params
 from mistral_jax.text.tokenizer import Tokenizer, checkpoint_name, find_tokenizer
@@ -292,15 +293,28 @@ def save_hf(out_dir: str, config: MistralConfig, params: dict, dtype: str | None
 
 def convert_pytorch_checkpoint(src: str, dst: str, dtype: str = "bfloat16", overwrite: bool = False,
                                on_start: Callable[[int], None] = lambda n: None,
-                               on_tensor: Callable[[str], None] = lambda name: None) -> MistralConfig:
+                               on_tensor: Callable[[str], None] = lambda name: None,
+                               quantize: str | None = None, group: int | None = None) -> MistralConfig:
     """A PyTorch checkpoint directory -> a mistral_jax checkpoint (orbax params, config.json,
-    and src's tokenizer file, under its own name, when it has one). Holds one copy of the params."""
+    and src's tokenizer file, under its own name, when it has one). Holds one copy of the params;
+    with quantize ("int8", "int4"; group as quantize.block_sizes), the layers' projections
+    quantized as each is read, so that copy is the quantized one."""
+    if quantize is not None:
+        quantization.check_mode(quantize)
     check_destination(dst, overwrite)
     config, _, n_tensors, arrays = read_pytorch(src, dtype, on_tensor)
+    if quantize is not None:  # a bad group is said before anything is read
+        for path, box in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract_params(config)))[0]:
+            if name := quantization.quantizable(config, tuple(k.key for k in path)):
+                quantization.block_sizes(box.shape, name, quantize, group)
     on_start(n_tensors)
     params: dict = {}
     for path, array in arrays:
-        set_path(params, path, jax.device_put(array, may_alias=True))  # orbax saves jax arrays faster
+        value = jax.device_put(array, may_alias=True)  # orbax saves jax arrays faster
+        if quantize is not None and (name := quantization.quantizable(config, path)):
+            value = quantization.quantize_stacked(value, quantization.block_sizes(value.shape, name, quantize, group),
+                                                  quantize)
+        set_path(params, path, value)
     tokenizer = _tokenizer_file(src)
     save_checkpoint(dst, config, params, overwrite=overwrite,
                     extra_files={checkpoint_name(tokenizer): tokenizer} if tokenizer else None)
@@ -313,6 +327,7 @@ def export_hf_checkpoint(ckpt: str, dst: str, dtype: str | None = None, overwrit
     """A mistral_jax checkpoint -> an HF transformers directory (config.json, safetensors)."""
     check_destination(dst, overwrite)
     config, params = load_checkpoint(ckpt, dtype)
+    params = quantization.dequantize_params(params, config.param_dtype)  # HF holds float weights
     on_start(len(tensor_names("hf", config)))
     tokenizer = _tokenizer_file(ckpt)
     with atomic_directory(dst, overwrite) as tmp:

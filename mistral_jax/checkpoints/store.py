@@ -22,12 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from mistral_jax.checkpoints import integrity
 from mistral_jax.checkpoints.integrity import DamagedCheckpoint
+from mistral_jax.model import quantize as quantization
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.runtime import locks
 from mistral_jax.runtime.distributed import barrier, is_primary
+from mistral_jax.runtime.sharding import reshaped
 
 logger = logging.getLogger("mistral_jax")
 PARAMS_DIR = "params"
@@ -132,7 +135,7 @@ def save_checkpoint(path: str, config: MistralConfig, params, *, overwrite: bool
     """
     if not config.scan_layers:
         raise ValueError("save_checkpoint takes params with the layers stacked, as Mistral(config) has them")
-    dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
+    dtype = _float_dtype(params)
     with atomic_directory(path, overwrite) as tmp:
         try:
             _checkpointer().save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
@@ -145,17 +148,25 @@ def save_checkpoint(path: str, config: MistralConfig, params, *, overwrite: bool
             integrity.write_checksums(tmp)
 
 
-def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tuple[MistralConfig, dict]:
+def load_checkpoint(path: str, dtype: str | None = None, shardings=None, quantize: str | None = None,
+                    group: int | None = None) -> tuple[MistralConfig, dict]:
     """Restores (config, params) from a directory written by save_checkpoint.
 
     Args:
       path: the checkpoint directory.
-      dtype: cast params to this dtype while restoring ("float32", "bfloat16"); also the
-        compute dtype of the returned config. Default: as stored.
-      shardings: a pytree of jax.sharding.Sharding matching the params; each array is read
-        straight onto its shards, so a model never has to fit on one device. Default: all on
-        the first device.
+      dtype: cast the float params to this dtype while restoring ("float32", "bfloat16"); also
+        the compute dtype of the returned config. Default: as stored. Quantized weights stay so.
+      shardings: a pytree of jax.sharding.Sharding matching the params (or the float model's
+        params: a quantized weight's q then takes its weight's sharding, the scale the same
+        reshaped); each array is read straight onto its shards, so a model never has to fit on
+        one device. Default: all on the first device.
+      quantize: "int8" or "int4": every projection of the layers quantized as it is read
+        (model/quantize.py), one stacked weight at a time, so the whole model is never held in
+        float; group: its inputs per scale (None: int8 per channel, int4 128). A checkpoint
+        stored quantized loads as it is.
     """
+    if quantize is not None:
+        quantization.check_mode(quantize)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} not found")
     config = MistralConfig.from_dir(path)
@@ -169,13 +180,58 @@ def load_checkpoint(path: str, dtype: str | None = None, shardings=None) -> tupl
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree_util.tree_map(lambda _: device, stored)
-        target = jax.tree_util.tree_map(
-            lambda meta, sharding: jax.ShapeDtypeStruct(meta.shape, np.dtype(dtype or meta.dtype), sharding=sharding),
-            stored, shardings)
-        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-        params = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args))
-    dtype = jnp.dtype(jax.tree_util.tree_leaves(params)[0].dtype).name
+        # One sharding per weight (a quantized one's is its q's), spread over q and scale when stored so.
+        shardings = jax.tree_util.tree_map(lambda s: s["q"] if quantization.is_quantized(s) else s, shardings,
+                                           is_leaf=quantization.is_quantized)
+        target = jax.tree_util.tree_map(lambda sharding, meta: _target(meta, sharding, dtype), shardings, stored)
+        stored_mode = quantization.mode_of(target)
+        if quantize is None or stored_mode is not None:
+            if quantize not in (None, stored_mode):
+                raise ValueError(f"{path} is stored quantized to {stored_mode}; it cannot be requantized to {quantize}")
+            params = _restore(checkpointer, params_dir, target)
+        else:
+            params = _restore_quantizing(checkpointer, params_dir, config, target, quantize, group)
+    dtype = _float_dtype(params)
     return config.replace(param_dtype=dtype, dtype=dtype), params
+
+
+def _restore(checkpointer: ocp.Checkpointer, params_dir: str, target, partial: bool = False):
+    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+    return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(target, restore_args=restore_args,
+                                                                        partial_restore=partial))
+
+
+def _restore_quantizing(checkpointer: ocp.Checkpointer, params_dir: str, config: MistralConfig, target, mode: str,
+                        group: int | None):
+    """The params of target, the layers' projections quantized one stacked weight at a time:
+    each is read in its stored dtype, quantized layer by layer and let go before the next."""
+    flat = traverse_util.flatten_dict(target)
+    weights = {keys: name for keys in flat if (name := quantization.quantizable(config, keys))}
+    rest = {keys: leaf for keys, leaf in flat.items() if keys not in weights}
+    params = traverse_util.flatten_dict(_restore(checkpointer, params_dir, traverse_util.unflatten_dict(rest), True))
+    for keys, name in weights.items():
+        leaf = flat[keys]
+        blocks = quantization.block_sizes(leaf.shape, name, mode, group)  # before reading: a bad group is said at once
+        read = traverse_util.unflatten_dict({keys: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)})
+        w = traverse_util.flatten_dict(_restore(checkpointer, params_dir, read, True))[keys]
+        params[keys] = quantization.quantize_stacked(w, blocks, mode, leaf.sharding)
+        del w
+    return traverse_util.unflatten_dict(params)
+
+
+def _target(meta, sharding, dtype: str | None):
+    """What a stored weight is read as: a float one in dtype, a quantized one as stored."""
+    if quantization.is_quantized(meta):
+        return {part: jax.ShapeDtypeStruct(meta[part].shape, meta[part].dtype,
+                                           sharding=reshaped(sharding, meta[part].shape)) for part in ("q", "scale")}
+    return jax.ShapeDtypeStruct(meta.shape, np.dtype(dtype or meta.dtype), sharding=sharding)
+
+
+def _float_dtype(params) -> str:
+    """The dtype of the params' float arrays (the embedding's; quantized weights are integers)."""
+    floats = [x for x in jax.tree_util.tree_leaves(params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    embedding = params.get("tok_embeddings") if isinstance(params, dict) else None
+    return jnp.dtype((embedding if embedding is not None else floats[0]).dtype).name
 
 
 @contextlib.contextmanager

@@ -15,11 +15,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mistral_jax.model import moe, rope
+from mistral_jax.model import moe, quantize, rope
 from mistral_jax.model.attention import causal_attention, latent_attention, masked_attention
 from mistral_jax.model.cache import rolling_update
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.config_groups import yarn_mscale
+from mistral_jax.runtime import platforms
 from mistral_jax.runtime.sharding import constrain
 
 ACTIVATIONS = ("batch", "length", None)  # [B, T, D] between blocks: split by rows, whole in D
@@ -27,16 +28,26 @@ ACTIVATIONS = ("batch", "length", None)  # [B, T, D] between blocks: split by ro
 
 def param(module: nn.Module, name: str, shape: tuple[int, ...], axes: tuple[str, ...],
            init: nn.initializers.Initializer) -> jnp.ndarray:
-    """A parameter annotated with logical axes, cast to the compute dtype."""
+    """A parameter annotated with logical axes, cast to the compute dtype; a weight the params
+    hold quantized (model/quantize.py) as quantize.Quantized, for project to multiply."""
     c = module.config
+    stored = module.get_variable("params", name) if module.has_variable("params", name) else None
+    if quantize.is_quantized(stored):
+        if stored["q"].shape != shape:
+            raise ValueError(f"quantized {module.path}/{name} has shape {stored['q'].shape}; the model expects {shape}")
+        return quantize.Quantized(stored["q"], stored["scale"])
     value = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.dtype(c.param_dtype))
     return value.astype(c.dtype)
 
 
 def project(module: nn.Module, name: str, spec: str, x: jnp.ndarray, w: jnp.ndarray) -> jnp.ndarray:
     """einsum(spec, x, w), plus the low-rank path (x·a)·b where the "lora" collection holds an
-    adapter {"a", "b"} of w (training/lora.py): a spans w's contracted dimensions, b its output ones."""
-    y = jnp.einsum(spec, x, w)
+    adapter {"a", "b"} of w (training/lora.py): a spans w's contracted dimensions, b its output ones.
+    A quantized w is dequantized in the product, in the form the platform runs fastest."""
+    if isinstance(w, quantize.Quantized):
+        y = quantize.product(spec, x, w, platforms.quantized_product())
+    else:
+        y = jnp.einsum(spec, x, w)
     if not module.has_variable("lora", name):
         return y
     adapter = module.get_variable("lora", name)
@@ -50,7 +61,8 @@ def project(module: nn.Module, name: str, spec: str, x: jnp.ndarray, w: jnp.ndar
 def adapted(module: nn.Module, name: str, w: jnp.ndarray) -> jnp.ndarray:
     """w [in..., out...] with its LoRA adapter's update a·b added where the "lora"
     collection holds one: for a weight used other than as a projection of x (latent
-    attention's absorbed wkv_b)."""
+    attention's absorbed wkv_b); a quantized w dequantized."""
+    w = quantize.as_float(w, module.config.dtype)
     if not module.has_variable("lora", name):
         return w
     a, b = (module.get_variable("lora", name)[k].astype(w.dtype) for k in ("a", "b"))
@@ -252,6 +264,7 @@ class Experts(nn.Module):
         w3 = param(self, "w3", (E, D, F), ("expert", "embed", "mlp"), fan_in(1, 2, 0))
         w2 = param(self, "w2", (E, F, D), ("expert", "mlp", "embed"), fan_in(1, 2, 0))
         tokens = x.reshape(-1, D)
+        w1, w3, w2 = (quantize.as_float(w, c.dtype) for w in (w1, w3, w2))  # dequantized whole: see quantize.py
         y, stats = moe.feed_forward(tokens, gate, w1, w3, w2, experts.n_experts_per_tok, c.expert_kernel,
                                     experts.routed_scaling_factor)
         if experts.n_shared_experts:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mistral_jax.model import moe
+from mistral_jax.model import moe, quantize
 from mistral_jax.model.attention import attention_mask
 from mistral_jax.model.cache import KVCache, rolling_update, write_slots
 from mistral_jax.model.config import REMAT_POLICIES, MistralConfig
@@ -108,7 +108,9 @@ class Mistral(nn.Module):
             # LoRA adapters of the stack's layers (lora.variables), stacked [L, ...] like the weights.
             adapters = self.get_variable("lora", name) if self.has_variable("lora", name) else None
             if c.scan_layers:
-                layers = self.param(name, _init_layers, stack)
+                stored = self.get_variable("params", name) if self.has_variable("params", name) else None
+                # Quantized layers as they are: Flax's shape check would pair q and scale with the float weights.
+                layers = stored if quantize.mode_of(stored) else self.param(name, _init_layers, stack)
                 if cache is None:
                     x, stack_stats = _scan_over_layers(stack, layers, adapters, x, positions, segments)
                 else:
@@ -272,9 +274,12 @@ def init_params(config: MistralConfig, key: jax.Array):
     return nn.unbox(Mistral(config).init(key, jnp.zeros((1, 1), jnp.int32))["params"])
 
 
-def param_shardings(config: MistralConfig, mesh: Mesh):
-    """NamedSharding per parameter over mesh, from the logical axes the model declares."""
-    return logical_shardings(abstract_params(config), mesh)
+def param_shardings(config: MistralConfig, mesh: Mesh, like=None):
+    """NamedSharding per parameter over mesh, from the logical axes the model declares; shaped
+    as the params `like` (arrays or their shapes) where they hold quantized weights: q and scale
+    each by the weight's axes (model/quantize.py)."""
+    boxed = abstract_params(config)
+    return logical_shardings(boxed if like is None else quantize.annotate(boxed, like), mesh)
 
 
 def unstack_layers(config: MistralConfig, params: dict) -> tuple[MistralConfig, dict]:

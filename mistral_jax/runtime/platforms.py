@@ -2,6 +2,7 @@
 
 - the attention kernel that `attention="auto"` means on each platform, and the experts'
   grouped matmul (`expert_kernel="auto"`);
+- the form of a product with a quantized weight, and the storage int4 weights enter a train step in;
 - whether decoding runs the layer stack as one scan over stacked weights or as a block per
   layer over an array per layer (CPU: per layer);
 - restarting a script with glibc's malloc on huge pages (for XLA:CPU).
@@ -41,6 +42,21 @@ def expert_kernel(requested: str) -> str:
     if requested != "auto":
         return requested
     return "ragged_dot" if target_platform() == "tpu" else "tiles"
+
+
+def quantized_product() -> str:
+    """How a quantized weight meets its input (model/quantize.py product): on CPU a block of
+    rows dequantized at a time, which XLA:CPU runs 5x faster than dequantizing the whole
+    weight before its dot (BENCHMARKS.md, "Low-bit weights"); on TPU and GPU the weight
+    dequantized in the dot's operand, which XLA fuses into the matmul."""
+    return "row_blocks" if target_platform() == "cpu" else "dequantize"
+
+
+def int4_as_int8(platform_name: str) -> bool:
+    """Whether int4 weights enter a program compiled ahead of time (the train step) as int8, the
+    same values: XLA:CPU holds int4 unpacked, a byte each as int8, and jax refuses such an array
+    sharded over a mesh to a program compiled for int4's packed layout."""
+    return platform_name == "cpu"
 
 
 def decode_platform(mesh=None) -> str:

@@ -97,6 +97,18 @@ def sharding_for(names, shape, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec_for(tuple(names), tuple(shape), mesh))
 
 
+def reshaped(sharding, shape: tuple[int, ...]):
+    """A weight's sharding for an array along the same axes but of another shape (its
+    quantization scales): each dimension its mesh axes do not divide replicated."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    parts = [axes if axes is None or not size % math.prod(
+        sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)) else None
+        for axes, size in zip(spec, shape)]
+    return NamedSharding(sharding.mesh, PartitionSpec(*parts))
+
+
 def under_mesh(mesh: Mesh):
     """Decorates a function to be traced with mesh as the abstract mesh: how `constrain` and
     kernels that run under shard_map (splash attention) learn the mesh inside jit."""

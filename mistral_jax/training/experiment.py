@@ -12,10 +12,12 @@ import shutil
 from collections.abc import Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mistral_jax.checkpoints.store import load_checkpoint, remove, save_checkpoint, saved_steps
 from mistral_jax.inference.sampling import generate
+from mistral_jax.model import quantize
 from mistral_jax.model.config import DTYPES, REMAT_POLICIES, MistralConfig
 from mistral_jax.model.transformer import param_shardings
 from mistral_jax.runtime import distributed, locks
@@ -61,7 +63,10 @@ class RunOptions:
     dtype: str = option("float32", "compute dtype; parameters and optimizer state stay float32",
                          choices=DTYPES[:2])
     base_dtype: str | None = option(None, "LoRA: storage dtype of the frozen --init-from weights (default: "
-                                          "bfloat16)", choices=DTYPES[:2])
+                                          "bfloat16); int8 or int4: its layers' projections quantized (QLoRA), "
+                                          "the rest bfloat16", choices=DTYPES[:2] + quantize.MODES)
+    quant_group: int | None = option(None, "inputs per scale of an int8 or int4 --base-dtype (default: int8 a "
+                                           "whole channel, int4 128)")
     remat: str = option("none", "what each block saves for the backward pass", choices=tuple(REMAT_POLICIES))
     mesh: str = option("", 'e.g. "data=2,fsdp=2,tensor=2"; -1 = the rest (default: all on fsdp)')
     peak_flops: float | None = option(None, "peak FLOP/s of a device, for MFU (on CPU: of a process, whose "
@@ -135,6 +140,10 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
         raise OptionError("lora_rank", "needs --init-from: adapters are trained on a model's weights")
     if options.base_dtype is not None and spec is None:
         raise OptionError("base_dtype", "is the frozen base's dtype of LoRA: give it with --lora-rank")
+    if options.quant_group is not None:
+        require_positive(options, "quant_group")
+        if options.base_dtype not in quantize.MODES:
+            raise OptionError("quant_group", "is the scales' group of an int8 or int4 --base-dtype")
     if spec is not None and os.path.isdir(options.init_from):  # the default targets: the base's attention's
         spec = dataclasses.replace(spec, targets=spec.targets_of(MistralConfig.from_dir(options.init_from)))
     checkpoints = os.path.join(options.out, "checkpoints")
@@ -170,8 +179,13 @@ def prepare_run(options: RunOptions, hp: Hyperparameters) -> Run:
         if spec is not None:
             spec.check(base)
         # Read straight onto the mesh: no device (or host) ever holds the whole model.
-        config, params = load_checkpoint(options.init_from, (options.base_dtype or "bfloat16") if spec else "float32",
-                                         shardings=param_shardings(base, mesh))
+        quantized = options.base_dtype in quantize.MODES
+        dtype = "float32" if spec is None else "bfloat16" if quantized else options.base_dtype or "bfloat16"
+        config, params = load_checkpoint(options.init_from, dtype, shardings=param_shardings(base, mesh),
+                                         quantize=options.base_dtype if quantized else None, group=options.quant_group)
+        if spec is None and quantize.mode_of(params):
+            raise ValueError(f"{options.init_from} is stored quantized ({quantize.mode_of(params)}): train LoRA "
+                             "adapters on it (--lora-rank), or convert the float weights again to train them all")
         source = options.tokenizer or find_tokenizer(options.init_from)
         if source is None:
             raise ValueError(f"{options.init_from} has no tokenizer file; pass --tokenizer")
@@ -313,6 +327,7 @@ def save_final_model(out_dir: str, run: Run, trained) -> dict:
             # same shards, in float32 (which holds any stored value exactly), as model/ is.
             _, base = load_checkpoint(run.base_dir, "float32",
                                       shardings=jax.tree_util.tree_map(lambda x: x.sharding, base))
+            base = quantize.dequantize_params(base, jnp.float32)  # a base stored quantized: its values
         params = lora.merge(base, trained, run.lora, "float32")
     path = os.path.join(out_dir, "model")
     save_checkpoint(path, run.config.replace(dtype="float32"), params, overwrite=True,

@@ -32,6 +32,7 @@ import numpy as np
 from mistral_jax.checkpoints.layouts import LATENT_ATTENTION_TENSORS, LAYER_TENSORS, layer_tensors, row_order
 from mistral_jax.checkpoints.store import atomic_directory
 from mistral_jax.checkpoints.tensor_files import TensorFileError, read_tensor_file, write_safetensors
+from mistral_jax.model import quantize
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import abstract_params
 from mistral_jax.runtime.distributed import fetch, is_primary
@@ -172,7 +173,8 @@ def variables(params: dict, adapters: dict | None, spec: LoRA | None) -> dict:
 
 def merge(params: dict, adapters: dict, spec: LoRA, dtype: str | None = None) -> dict:
     """params with each adapted weight w replaced by w + scale·a·b, summed in float32 and
-    stored in dtype (default: the weight's own), where the weights lie."""
+    stored in dtype (default: the weight's own; a quantized one's dequantized float32), where
+    the weights lie."""
     return _merge(params, adapters, spec.scale, dtype)
 
 
@@ -184,6 +186,8 @@ def _merge(params, adapters, scale, dtype):
         for module, targets in modules.items():
             for target, pair in targets.items():
                 w, a, b = layers[module][target], pair["a"], pair["b"]
+                if quantize.is_quantized(w):  # merged into its dequantized values: a float weight
+                    w = quantize.dequantize(w["q"], w["scale"])
                 L, r = a.shape[0], a.shape[-1]
                 delta = jnp.einsum("LIr,LrO->LIO", a.reshape(L, -1, r), b.reshape(L, r, -1),
                                    precision=jax.lax.Precision.HIGHEST).reshape(w.shape)
