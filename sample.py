@@ -25,11 +25,11 @@ import sys
 import time
 
 from mistral_jax.runtime import cli, platforms
-from mistral_jax.runtime.options import OptionError, option, require_positive
+from mistral_jax.runtime.options import OptionError, Quantization, option, require_positive
 
 
 @dataclasses.dataclass(frozen=True)
-class SampleOptions:
+class SampleOptions(Quantization):
     """What to sample from, and how much."""
 
     checkpoint: str = option(help="directory written by convert_weights.py or train.py")
@@ -51,18 +51,11 @@ class SampleOptions:
     max_new_tokens: int = option(64, "the most tokens generated per prompt (per reply)")
     seed: int = option(0, "PRNG seed of sampling")
     dtype: str | None = option(None, "compute dtype (default: as stored)", choices=("bfloat16", "float32"))
-    quantize: str | None = option(None, "the layers' projections quantized as the checkpoint is read: int8 per "
-                                        "output channel, int4 in groups of --quant-group inputs",
-                                  choices=("int8", "int4"))
-    quant_group: int | None = option(None, "inputs per quantization scale (default: int8 a whole channel, int4 128)")
     steps_per_call: int = option(16, "decode steps per compiled call when streaming")
 
     def __post_init__(self):
+        super().__post_init__()
         require_positive(self, "max_new_tokens", "steps_per_call")
-        if self.quant_group is not None:
-            require_positive(self, "quant_group")
-            if self.quantize is None:
-                raise OptionError("quant_group", "needs --quantize")
         for name in ("system", "tools", "reasoning_effort", "image"):
             if getattr(self, name) not in (None, ()) and not (self.chat or self.interactive):
                 raise OptionError(name, "needs --chat or --interactive (images are laid out by the chat format)")

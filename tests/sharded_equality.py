@@ -181,7 +181,8 @@ def max_rel_diff(tree, reference):
                for a, b in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(reference)))
 
 
-SAME_GRADIENTS = {"lora": "lora", "qlora": "qlora", "packed": "packed", "packed_splash": "packed"}  # what one device's they equal
+# what one device's they equal
+SAME_GRADIENTS = {"lora": "lora", "qlora": "qlora", "packed": "packed", "packed_splash": "packed"}
 reference = run(make_mesh("", jax.devices()[:1]))
 findings = {}
 for spec in MESHES:

@@ -4,6 +4,7 @@ really in the program). Each in a subprocess: they need 8 CPU devices or libtpu'
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -103,3 +104,105 @@ def test_7b_serving_splits_its_slots_over_tensor_on_v5e_8():
         assert r["arguments"] - r["params"] == pytest.approx(slots, rel=0.01), r  # the slots' cache and little else
         assert r["aliased"] == pytest.approx(slots, rel=0.01), r  # written in place
         assert r["total"] < 11 * GiB, r["total"] / GiB
+
+
+QUANTIZED_PROGRAMS = """
+import json
+import jax, jax.numpy as jnp
+from mistral_jax.inference import sampling
+from mistral_jax.model.config import MistralConfig
+from mistral_jax.plans import aot
+from mistral_jax.runtime.sharding import make_mesh
+mesh = make_mesh("", aot.target_devices("v5e-1"))
+config = MistralConfig(dim=512, n_layers=2, head_dim=64, hidden_dim=1536, n_heads=8, n_kv_heads=2, vocab_size=1024,
+                       dtype="bfloat16", param_dtype="bfloat16", attention="splash")
+replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+options = dict(sampler=sampling.Sampler(), eos_id=2)
+hlo = {}
+for mode in ("int8", "int4"):
+    params = aot.abstract_params(config, mesh, quantized=mode)
+    with aot.traced_for(mesh):
+        prefill = sampling.start.lower(params, config, arg((8, 256), jnp.int32), arg((8,), jnp.int32),
+                                       arg((), jax.random.key(0).dtype), chunk=128, max_tokens=256, mesh=mesh,
+                                       **options).compile()
+        state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       prefill.out_info, prefill.output_shardings)
+        decode = sampling.decode.lower(params, config, state, arg((), jnp.int32), **options).compile()
+    hlo[mode] = {"prefill": prefill.as_text(), "decode": decode.as_text()}
+print(json.dumps(hlo))
+"""
+INTEGER = ("s8[", "s4[")
+
+
+def hlo_computations(hlo: str) -> dict[str, list[tuple[str, str, str, str]]]:
+    """Optimized HLO text -> {computation: [(name, type, opcode, operands and attributes)]}."""
+    computations, current = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%([\w.\-]+) \(.*\{$", line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+        elif line == "}":
+            current = None
+        elif current is not None and (instruction := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)$",
+                                                               line)):
+            current.append(instruction.groups())
+    return computations
+
+
+def integer_weights_in_matmuls(hlo: str) -> tuple[int, list[str]]:
+    """(matmuls that read int8/int4 values, the instructions that turn them into floats elsewhere).
+
+    Each instruction outside a fused computation is a unit of the compiled program: a fusion
+    with everything it calls, or the instruction alone; what a unit writes goes to memory, what
+    stays inside it does not. A unit that converts int8/int4 values to floats without a
+    convolution or dot in it writes a float copy of a weight (or of a piece of it)."""
+    computations = hlo_computations(hlo)
+    types = {name: type_ for body in computations.values() for name, type_, _, _ in body}
+    calls = {name: re.findall(r"calls=%([\w.\-]+)", rest) for body in computations.values()
+             for name, _, opcode, rest in body if opcode == "fusion"}
+    fused = {called for names in calls.values() for called in names}
+
+    def unit(name: str, body: list) -> list:
+        todo, seen = list(calls.get(name, ())), set()
+        while todo:
+            if (computation := todo.pop()) not in seen:
+                seen.add(computation)
+                todo += [c for n, _, op, _ in computations[computation] if op == "fusion" for c in calls[n]]
+        return [i for c in seen for i in computations[c]] or [i for i in body if i[0] == name]
+
+    matmuls, copies = 0, []
+    for computation, body in computations.items():
+        if computation in fused:
+            continue
+        for name, type_, opcode, _ in body:
+            inside = unit(name, body)
+            products = sum(op in ("convolution", "dot") for _, _, op, _ in inside)
+            dequantized = [i for i in inside if i[2] == "convert" and not i[1].startswith(INTEGER)
+                           and types.get(i[3].split(")")[0].strip("% "), "").startswith(INTEGER)]
+            if products and any(t.startswith(INTEGER) for _, t, _, _ in inside):
+                matmuls += products
+            elif dequantized:
+                copies.append(f"{computation}: %{name} = {type_.split('{')[0]} {opcode}")
+    return matmuls, copies
+
+
+@pytest.mark.skipif(not _libtpu_installed(), reason='needs libtpu as a compile target: pip install "jax[tpu]"')
+def test_quantized_weights_enter_the_tpu_matmuls_as_integers():
+    """Prefill and decode (generate's two programs, as the plans compile them) of a 2-layer model
+    (dim 512, hidden 1536, GQA 8/2) with int8 (per channel) and int4 (groups of 128) weights,
+    compiled for one TPU v5e chip: in the optimized HLO every product with a quantized weight
+    reads its integers inside the matmul's own fusion, and nothing else turns them into floats,
+    so no float copy of a weight is written, per step or ever. Each layer's 7 projections are
+    such matmuls (the layers are one scanned body). With q · scale as the dot's operand, XLA:TPU
+    wrote each int4 weight out in float32 (dynamic-slice_convert_fusion f32[1,512,1536] per layer
+    and step) before the matmul read it."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    out = subprocess.run([sys.executable, "-c", QUANTIZED_PROGRAMS], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for mode, programs in json.loads(out.stdout.strip().splitlines()[-1]).items():
+        for program, hlo in programs.items():
+            matmuls, copies = integer_weights_in_matmuls(hlo)
+            assert not copies, (mode, program, copies)
+            assert matmuls >= 7, (mode, program, matmuls)

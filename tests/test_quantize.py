@@ -243,7 +243,8 @@ def test_quantized_checkpoints_convert_load_and_sample(converted, tmp_path, caps
          r"int4 group of 24 inputs does not tile"),
         (sample, ["--checkpoint", out, "--quantize", "int8", "--prompt", "x"],
          "stored quantized to int4; it cannot be requantized to int8"),
-        (sample, ["--checkpoint", checkpoint, "--quant-group", "0", "--prompt", "x"], "--quant-group must be a positive"),
+        (sample, ["--checkpoint", checkpoint, "--quant-group", "0", "--prompt", "x"],
+         "--quant-group must be a positive"),
     ]:
         status, _, stderr = run_script(capsys, script, *map(str, argv))
         if message.startswith("--") and script is convert_weights:  # argparse's usage, then "prog: error: ..."

@@ -208,13 +208,15 @@ def _restore_quantizing(checkpointer: ocp.Checkpointer, params_dir: str, config:
     flat = traverse_util.flatten_dict(target)
     weights = {keys: name for keys in flat if (name := quantization.quantizable(config, keys))}
     rest = {keys: leaf for keys, leaf in flat.items() if keys not in weights}
+    # Each weight's blocks before anything is read: a group that does not tile one is said at once.
+    blocks = {keys: quantization.block_sizes(flat[keys].shape, name, mode, group) for keys, name in weights.items()}
     params = traverse_util.flatten_dict(_restore(checkpointer, params_dir, traverse_util.unflatten_dict(rest), True))
-    for keys, name in weights.items():
+    for keys in weights:
         leaf = flat[keys]
-        blocks = quantization.block_sizes(leaf.shape, name, mode, group)  # before reading: a bad group is said at once
-        read = traverse_util.unflatten_dict({keys: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)})
-        w = traverse_util.flatten_dict(_restore(checkpointer, params_dir, read, True))[keys]
-        params[keys] = quantization.quantize_stacked(w, blocks, mode, leaf.sharding)
+        read = {keys: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)}
+        w = _restore(checkpointer, params_dir, traverse_util.unflatten_dict(read), True)
+        w = traverse_util.flatten_dict(w)[keys]
+        params[keys] = quantization.quantize_stacked(w, blocks[keys], mode, leaf.sharding)
         del w
     return traverse_util.unflatten_dict(params)
 

@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.model.config import MistralConfig
+from mistral_jax.runtime.options import QUANTIZATIONS
 from mistral_jax.runtime.sharding import reshaped
 
+MODES = QUANTIZATIONS  # "int8", "int4"
 QMAX = {"int8": 127, "int4": 7}
 STORAGE = {"int8": jnp.int8, "int4": jnp.int4}
-MODES = tuple(QMAX)
 DEFAULT_GROUP = 128
 
 # weight name -> (input axes, output axes), input-major; axes before them (layers, experts) are neither
@@ -115,13 +116,14 @@ def _split(x: jax.Array, blocks: tuple[int, ...]) -> jax.Array:
 def product(spec: str, x: jax.Array, w: Quantized, form: str) -> jax.Array:
     """einsum(spec, x, q · scale), w input-major (its contracted axes first), in x's dtype.
 
-    form "dequantize": the weight dequantized in the product's operand, which XLA on TPU and
-    GPU fuses into the matmul (no float copy of the weight). form "row_blocks" (XLA:CPU, which
-    would write the whole float weight first): over blocks of ROW_BLOCK inputs, each dequantized
-    and multiplied while in cache, accumulated in float32.
+    form "dequantize" (TPU, GPU): per group of inputs, (x · q) · scale, accumulated in float32:
+    the integers go straight into the matmul and the scales multiply its output, so no float
+    copy of the weight exists. (q · scale as the dot's operand left XLA:TPU writing int4's
+    grouped weight out in float32, a layer at a time: tests/test_aot.py. XLA:CPU cannot run its
+    batched bf16 dot into float32.) form "row_blocks"
+    (XLA:CPU, which would write the whole float weight first): over blocks of ROW_BLOCK inputs,
+    each dequantized and multiplied while in cache, accumulated in float32.
     """
-    if form == "dequantize":
-        return jnp.einsum(spec, x, dequantize(w.q, w.scale).astype(x.dtype))
     (x_dims, w_dims), out = spec.split("->")[0].split(","), spec.split("->")[1]
     contracted = "".join(c for c in w_dims if c in x_dims)
     rows = x_dims[:len(x_dims) - len(contracted)]
@@ -132,6 +134,11 @@ def product(spec: str, x: jax.Array, w: Quantized, form: str) -> jax.Array:
     x2 = x.reshape(-1, inputs)
     q, scale = w.q.reshape(inputs, outputs), w.scale.reshape(-1, outputs)
     group = inputs // scale.shape[0]
+    if form == "dequantize":
+        groups = scale.shape[0]
+        y = jnp.einsum("Ngk,gko->Ngo", x2.reshape(-1, groups, group), q.reshape(groups, group, outputs).astype(x.dtype),
+                       preferred_element_type=jnp.float32)
+        return jnp.einsum("Ngo,go->No", y, scale).astype(x.dtype).reshape(x.shape[:len(rows)] + w.shape[n_in:])
     step = _row_block(inputs, group)
     n = inputs // step
     xs = x2.reshape(-1, n, step).transpose(1, 0, 2)

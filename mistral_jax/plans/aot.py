@@ -4,11 +4,14 @@ Lowers and compiles the train step and generate (prefill + decode) from abstract
 (nothing of the model's size is allocated) for a mesh of TPU devices described by libtpu's
 topologies (`pip install "jax[tpu]"`; no TPU needed) or of this machine's CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=8`, the stand-in for an 8-GPU node, for
-which no compiler is available here), and reads per-device memory from XLA's
-`memory_analysis()`.
+which no compiler is available here; one of them for a single 24 GB GPU), and reads per-device
+memory from XLA's `memory_analysis()`. Weights may be int8 or int4 (model/quantize.py): all of
+them for generate and serve, the frozen base of a LoRA step (QLoRA).
 
   python -m mistral_jax.plans.aot --target v5e-16 --mesh fsdp=16 --program train --batch 16 --seq 4096
   python -m mistral_jax.plans.aot --target v4-8 --mesh fsdp=4 --program train --lora-rank 16 --largest-batch
+  python -m mistral_jax.plans.aot --target v5e-1 --program generate --batch 8 --quantize int4
+  python -m mistral_jax.plans.aot --target cpu-24g --program train --batch 1 --lora-rank 16 --base-dtype int8
 
 (`python -m bench.plans --write` compiles every row of docs/SCALING.md and rewrites it.)
 """
@@ -16,6 +19,7 @@ which no compiler is available here), and reads per-device memory from XLA's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import math
@@ -27,10 +31,12 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.inference import engine, sampling
+from mistral_jax.model import quantize
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.presets import PIXTRAL
 from mistral_jax.model.transformer import init_params, param_shardings
 from mistral_jax.model.vision import ImageFeatures, image_tokens
+from mistral_jax.runtime import platforms
 from mistral_jax.runtime.cli import run as run_cli
 from mistral_jax.runtime.sharding import batch_sharding, make_mesh
 from mistral_jax.training import lora, trainer
@@ -45,15 +51,18 @@ class Target:
     chip_config: str | None  # "megacore": one device per chip of two TensorCores
     hbm_gib: float  # memory per device
     devices: int
+    host_bounds: tuple[int, int, int] = (2, 2, 1)  # libtpu's chips per host (a slice smaller than a host: itself)
 
 
 TARGETS = {
     "v5e-16": Target("tpu", "v5e:4x4", "default", 16, 16),
     "v5e-8": Target("tpu", "v5e:2x4", "default", 16, 8),
+    "v5e-1": Target("tpu", "v5e:1x1", "default", 16, 1, (1, 1, 1)),
     "v4-8": Target("tpu", "v4:2x2x1", "megacore", 32, 4),
     "v5p-8": Target("tpu", "v5:2x2x1", "megacore", 95, 4),
     "v5p-32": Target("tpu", "v5:2x2x4", "megacore", 95, 16),
     "cpu-8": Target("cpu", None, None, 80, 8),  # stand-in for 8 x 80 GB GPUs (A100/H100)
+    "cpu-24g": Target("cpu", None, None, 24, 1),  # stand-in for one 24 GB GPU (RTX 4090, L4, A10)
 }
 
 
@@ -61,14 +70,14 @@ def target_devices(name: str) -> list:
     target = TARGETS[name]
     if target.platform == "cpu":
         devices = jax.devices("cpu")
-        if len(devices) != target.devices:
+        if len(devices) < target.devices:
             raise RuntimeError(f"target {name} needs {target.devices} CPU devices, this process has {len(devices)}; "
                                f"run with XLA_FLAGS=--xla_force_host_platform_device_count={target.devices}")
-        return devices
+        return devices[:target.devices]
     from jax.experimental import topologies
     try:
         topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                                chip_config_name=target.chip_config, chips_per_host_bounds=(2, 2, 1),
+                                                chip_config_name=target.chip_config, chips_per_host_bounds=target.host_bounds,
                                                 num_slices=1, wrap=(False, False, False))
     except Exception as e:  # libtpu missing or unable to describe the topology
         raise RuntimeError(f"cannot describe TPU topology {target.topology} ({type(e).__name__}: {e}); "
@@ -105,20 +114,24 @@ def memory_report(program: str, compiled, compile_s: float = 0.0, **parts) -> Re
 
 
 def _bytes_per_device(tree) -> int:
-    """Bytes of one device's shards of abstract arrays with shardings (the largest shard)."""
+    """Bytes of one device's shards of abstract arrays with shardings (the largest shard; int4
+    packed two to a byte)."""
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize
-               for x in jax.tree_util.tree_leaves(tree))
+               // (2 if x.dtype == jnp.int4 else 1) for x in jax.tree_util.tree_leaves(tree))
 
 
-def compile_train_step(config: MistralConfig, hp: trainer.Hyperparameters, mesh, base_dtype: str = "bfloat16"
-                       ) -> Report:
+def compile_train_step(config: MistralConfig, hp: trainer.Hyperparameters, mesh, base_dtype: str = "bfloat16",
+                       group: int | None = None) -> Report:
     """The train step as train.py builds it: f32 master params and AdamW state (with LoRA,
-    hp.lora_spec, those of the adapters, and the frozen base in base_dtype), `config`'s
-    compute dtype and remat, a global batch [batch_size, seq_len + 1]."""
+    hp.lora_spec, those of the adapters, and the frozen base in base_dtype: a float dtype, or
+    int8 / int4 for the layers' projections quantized in blocks of `group` inputs and the rest
+    bf16, QLoRA), `config`'s compute dtype and remat, a global batch [batch_size, seq_len + 1]."""
     tx = trainer.make_optimizer(hp)
     spec = hp.lora_spec
     state = trainer.abstract_state(config, tx, mesh, spec)
-    base = () if spec is None else (trainer.abstract_params_on(config, mesh, dtype=base_dtype),)
+    quantized = base_dtype in quantize.MODES
+    base = () if spec is None else (abstract_params(config, mesh, "bfloat16" if quantized else base_dtype,
+                                                    base_dtype if quantized else None, group),)
     step = trainer.make_train_step(config, tx, hp, mesh, trainer.state_shardings(state),
                                    *(trainer.state_shardings(b) for b in base))
     batch = jax.ShapeDtypeStruct((hp.batch_size, hp.seq_len + 1), jnp.int32, sharding=batch_sharding(mesh))
@@ -133,21 +146,51 @@ def train_program(lora_rank: int | None) -> str:
     return "train" if lora_rank is None else f"train LoRA r{lora_rank}"
 
 
-def _abstract_params(config: MistralConfig, mesh):
-    """The params as abstract arrays in config.param_dtype, sharded as param_shardings says."""
-    return jax.tree_util.tree_map(
-        lambda shape, s: jax.ShapeDtypeStruct(shape.shape, jnp.dtype(config.param_dtype), sharding=s),
-        jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)), param_shardings(config, mesh))
+def abstract_params(config: MistralConfig, mesh, dtype: str | None = None, quantized: str | None = None,
+                    group: int | None = None):
+    """The params as abstract arrays in dtype (default config.param_dtype), sharded as
+    param_shardings says; with quantized ("int8", "int4") the layers' projections as
+    quantize.quantize_params gives them (group: its inputs per scale), int4 as int8 for a CPU
+    mesh (platforms.int4_as_int8: XLA:CPU holds it a byte each, as train.py passes it)."""
+    params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype or config.param_dtype)),
+                                    jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)))
+    if quantized is not None:
+        params = jax.eval_shape(lambda p: quantize.quantize_params(config, p, quantized, group), params)
+        if platforms.int4_as_int8(mesh.devices.flat[0].platform):
+            params = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, jnp.int8) if x.dtype == jnp.int4 else x, params)
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  params, param_shardings(config, mesh, params))
 
 
+def traced_for(mesh):
+    """The context generate's and serve's programs are traced in. For one device, its mesh: what
+    the platform decides (platforms.target_platform: the quantized product's form, splash
+    compiled rather than interpreted) is then decided for that device, not for this host's CPU,
+    and sharding a program over one device changes nothing else. For several, none, as sample.py
+    and serve.py trace them; from this CPU host their TPU programs then take the CPU's choices."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh.devices.size == 1 else contextlib.nullcontext()
+
+
+def _traced_for_mesh(compile_programs):
+    @functools.wraps(compile_programs)
+    def compile_on(config: MistralConfig, mesh, *args, **kwargs) -> list[Report]:
+        with traced_for(mesh):
+            return compile_programs(config, mesh, *args, **kwargs)
+    return compile_on
+
+
+@_traced_for_mesh
 def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, new_tokens: int,
-                     image: int | None = None) -> list[Report]:
+                     image: int | None = None, quantized: str | None = None, group: int | None = None
+                     ) -> list[Report]:
     """Prefill of prompts [batch, prompt_len] then the decode loop up to new_tokens, params in
-    config.param_dtype and the layers stacked (as accelerators decode), the KV cache sharded
-    as KVCache.shardings says. With image (config.vision), each prompt shows an image of image
-    x image pixels (as mistral-common sizes it): the encoder's program on the batch's images,
-    then the prefill takes their embeddings."""
-    params = _abstract_params(config, mesh)
+    config.param_dtype (or their projections quantized: abstract_params) and the layers stacked
+    (as accelerators decode), the KV cache sharded as KVCache.shardings says. With image
+    (config.vision), each prompt shows an image of image x image pixels (as mistral-common
+    sizes it): the encoder's program on the batch's images, then the prefill takes their
+    embeddings."""
+    params = abstract_params(config, mesh, quantized=quantized, group=group)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     prompts = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=replicated)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=replicated)
@@ -180,12 +223,14 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
     return reports
 
 
-def compile_serve(config: MistralConfig, mesh, slots: int, max_len: int, steps_per_call: int = 4) -> list[Report]:
+@_traced_for_mesh
+def compile_serve(config: MistralConfig, mesh, slots: int, max_len: int, steps_per_call: int = 4,
+                  quantized: str | None = None, group: int | None = None) -> list[Report]:
     """serve.py's two programs (inference/engine.py) for `slots` slots of max_len tokens: admit
     of prompts of max_len / 2 tokens, as many as its default prefill budget takes at once (at
     least one), and the decode step of every slot; the slots' cache sharded as
     KVCache.shardings says and held across calls (donated, so both write it in place)."""
-    params = _abstract_params(config, mesh)
+    params = abstract_params(config, mesh, quantized=quantized, group=group)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     state = jax.eval_shape(functools.partial(engine.empty_slots, config, slots=slots, max_len=max_len))
     cache_shardings = state.cache.shardings(mesh)
@@ -226,6 +271,15 @@ class Plan:
     lora_rank: int | None = None  # train LoRA adapters of this rank on every projection of each layer
     # (lora.model_targets), the base frozen in bf16
     image: int | None = None  # generate: each prompt shows an image this many pixels square (the PIXTRAL tower)
+    quantize: str | None = None  # "int8" / "int4": the layers' projections so (generate, serve; LoRA: the base)
+    quant_group: int | None = None  # inputs per scale (None: int8 per channel, int4 128)
+
+    @property
+    def model(self) -> str:
+        """The model column: the preset, its vision tower, its quantized weights."""
+        group = self.quant_group or (quantize.DEFAULT_GROUP if self.quantize == "int4" else None)
+        weights = f" {self.quantize}" + (f" g{group}" if group else "") if self.quantize else ""
+        return self.preset + (" + vision" if self.image else "") + weights
 
 
 def config_for(plan: Plan) -> MistralConfig:
@@ -243,15 +297,18 @@ def run(plan: Plan) -> list[Report]:
     """Compiles the plan; a compiler that refuses for lack of memory gives a report saying so."""
     mesh = make_mesh(plan.mesh, target_devices(plan.target))
     config = config_for(plan)
+    quantized = dict(quantized=plan.quantize, group=plan.quant_group)
     try:
         if plan.program == "train":
+            if plan.quantize and plan.lora_rank is None:
+                raise ValueError("a quantized train step is QLoRA's: give lora_rank (the base quantized)")
             adapters = {} if plan.lora_rank is None else dict(lora_rank=plan.lora_rank,
                                                                lora_targets=",".join(lora.model_targets(config)))
             hp = trainer.Hyperparameters(batch_size=plan.batch, seq_len=plan.seq, **adapters)
-            return [compile_train_step(config, hp, mesh)]
+            return [compile_train_step(config, hp, mesh, plan.quantize or "bfloat16", plan.quant_group)]
         if plan.program == "serve":
-            return compile_serve(config, mesh, plan.batch, plan.seq)
-        return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2, plan.image)
+            return compile_serve(config, mesh, plan.batch, plan.seq, **quantized)
+        return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2, plan.image, **quantized)
     except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -310,8 +367,7 @@ HEADER = ("| model | target | mesh | program | batch x context | params | optimi
 
 def format_row(plan: Plan, r: Report) -> str:
     device = f"{TARGETS[plan.target].hbm_gib:g}"
-    model = plan.preset + (" + vision" if plan.image else "")
-    head = f"| {model} | {plan.target} | {plan.mesh} | {r.program} | {plan.batch} x {plan.seq} |"
+    head = f"| {plan.model} | {plan.target} | {plan.mesh} | {r.program} | {plan.batch} x {plan.seq} |"
     if r.error:
         return head + f" | | | | {device} | no: {r.error} |"
     return head + (f" {r.params / GiB:.2f} | {r.optimizer / GiB:.2f} | {r.temporaries / GiB:.2f} | "
@@ -350,13 +406,25 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=4096, help="train: sequence length; generate: prompt + new tokens")
     p.add_argument("--preset", default="mistral-7b-v0.1")
     p.add_argument("--lora-rank", type=int, help="train: LoRA adapters of this rank on every projection of each layer, "
-                                                 "the base frozen in bf16")
+                                                 "the base frozen in bf16 (or --base-dtype)")
+    p.add_argument("--quantize", choices=quantize.MODES, help="generate, serve: the layers' projections in int8 "
+                                                              "(per channel) or int4 (groups of --quant-group)")
+    p.add_argument("--base-dtype", choices=quantize.MODES, help="train with --lora-rank: the frozen base's projections "
+                                                                "quantized (QLoRA), the rest bf16")
+    p.add_argument("--quant-group", type=int, help="inputs per scale of --quantize / --base-dtype (default: int8 a "
+                                                   "whole channel, int4 128)")
     p.add_argument("--largest-batch", action="store_true",
                    help="search for the largest batch that fits (compiling at each batch tried; --batch ignored)")
     args = p.parse_args(argv)
+    training = args.program == "train"
+    if (args.quantize and training) or (args.base_dtype and (not training or args.lora_rank is None)):
+        p.error("--quantize is for generate and serve, --base-dtype for train with --lora-rank")
+    if args.quant_group and not (args.quantize or args.base_dtype):
+        p.error("--quant-group is the group of --quantize or --base-dtype")
     compile_only_environment()
     print(HEADER)
-    plan = Plan(args.target, args.mesh, args.program, args.batch, args.seq, args.preset, args.lora_rank)
+    plan = Plan(args.target, args.mesh, args.program, args.batch, args.seq, args.preset, args.lora_rank,
+                quantize=args.quantize or args.base_dtype, quant_group=args.quant_group)
     if not args.largest_batch:
         compile_rows([plan])
         return

@@ -34,7 +34,7 @@ from mistral_jax.inference.engine import PREFILL_BUDGET, Engine, Request
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import param_shardings
 from mistral_jax.runtime.sharding import make_mesh
-from mistral_jax.runtime.options import OptionError, option, require_positive
+from mistral_jax.runtime.options import OptionError, Quantization, option, require_positive
 from mistral_jax.serving import api
 from mistral_jax.text.tokenizer import Tokenizer, find_tokenizer
 
@@ -42,7 +42,7 @@ log = logging.getLogger("mistral_jax.serve")
 
 
 @dataclasses.dataclass(frozen=True)
-class ServeOptions:
+class ServeOptions(Quantization):
     """What to serve, and where."""
 
     checkpoint: str = option(help="directory written by convert_weights.py or train.py")
@@ -63,6 +63,7 @@ class ServeOptions:
     shutdown_timeout: float = option(30.0, "seconds requests in flight may take to finish after SIGTERM")
 
     def __post_init__(self):
+        super().__post_init__()
         require_positive(self, "slots", "steps_per_call", "prefill_budget", "max_queue")
         if not 0 <= self.port < 65536:
             raise OptionError("port", f"must be in [0, 65535], got {self.port}")
@@ -116,7 +117,8 @@ class Service:
         mesh = make_mesh(options.mesh) if options.mesh else None
         # Read straight onto the mesh: no device holds the whole model.
         shardings = None if mesh is None else param_shardings(MistralConfig.from_dir(options.checkpoint), mesh)
-        config, params = load_checkpoint(options.checkpoint, options.dtype, shardings=shardings)
+        config, params = load_checkpoint(options.checkpoint, options.dtype, shardings=shardings,
+                                         quantize=options.quantize, group=options.quant_group)
         if self.tokenizer.vocab_size != config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary is "
                              f"{config.vocab_size}: they do not belong together")
