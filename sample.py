@@ -176,7 +176,8 @@ def main():
     # The library is imported here, after platforms.restart_with_huge_pages has run.
     from mistral_jax.checkpoints.store import load_checkpoint
     from mistral_jax.inference.sampling import Sampler
-    from mistral_jax.model.quantize import quantize_params
+    from mistral_jax.model.quantize import held_for, quantize_params
+    from mistral_jax.runtime.platforms import decode_platform
     from mistral_jax.text.chat import has_images
     from mistral_jax.text.tokenizer import Tokenizer, find_tokenizer
     from mistral_jax.training.lora import load_peft, merge
@@ -199,6 +200,7 @@ def main():
         params = merge(params, adapters, spec)
         if options.quantize:
             params = quantize_params(config, params, options.quantize, options.quant_group)
+    params = held_for(params, decode_platform())
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

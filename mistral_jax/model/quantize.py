@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mistral_jax.model.config import MistralConfig
+from mistral_jax.runtime import platforms
 from mistral_jax.runtime.options import QUANTIZATIONS
 from mistral_jax.runtime.sharding import reshaped
 
@@ -42,7 +43,7 @@ PROJECTIONS = {
     "w1": (1, 1), "w3": (1, 1), "w2": (1, 1),  # [D, F], [F, D]; the experts' [E, D, F], [E, F, D]
     "wq_a": (1, 1), "wq_b": (1, 2), "wkv_a_with_mqa": (1, 1), "wkv_b": (1, 2),  # latent attention
 }
-ROW_BLOCK = 512  # inputs per step of the CPU product (a block of the weight dequantized in cache)
+ROW_BLOCK_BYTES = 8 << 20  # the CPU product's float32 block of a weight: larger or smaller ran slower here
 
 
 class Quantized(NamedTuple):
@@ -119,10 +120,12 @@ def product(spec: str, x: jax.Array, w: Quantized, form: str) -> jax.Array:
     form "dequantize" (TPU, GPU): per group of inputs, (x · q) · scale, accumulated in float32:
     the integers go straight into the matmul and the scales multiply its output, so no float
     copy of the weight exists. (q · scale as the dot's operand left XLA:TPU writing int4's
-    grouped weight out in float32, a layer at a time: tests/test_aot.py. XLA:CPU cannot run its
-    batched bf16 dot into float32.) form "row_blocks"
-    (XLA:CPU, which would write the whole float weight first): over blocks of ROW_BLOCK inputs,
-    each dequantized and multiplied while in cache, accumulated in float32.
+    grouped weight out in float32, a layer at a time: tests/test_aot.py.) The partial products
+    are [rows, groups, outputs]: XLA:TPU keeps them inside the matmul (the QLoRA plans of
+    docs/SCALING.md); whether XLA:GPU does at training sizes is not yet measured.
+    form "row_blocks" (XLA:CPU, which would write the whole float weight first, and cannot run
+    the batched dot above into float32): over blocks of inputs whose float32 copy is at most
+    ROW_BLOCK_BYTES, each dequantized and multiplied, accumulated in float32.
     """
     (x_dims, w_dims), out = spec.split("->")[0].split(","), spec.split("->")[1]
     contracted = "".join(c for c in w_dims if c in x_dims)
@@ -139,7 +142,7 @@ def product(spec: str, x: jax.Array, w: Quantized, form: str) -> jax.Array:
         y = jnp.einsum("Ngk,gko->Ngo", x2.reshape(-1, groups, group), q.reshape(groups, group, outputs).astype(x.dtype),
                        preferred_element_type=jnp.float32)
         return jnp.einsum("Ngo,go->No", y, scale).astype(x.dtype).reshape(x.shape[:len(rows)] + w.shape[n_in:])
-    step = _row_block(inputs, group)
+    step = _row_block(inputs, outputs, group)
     n = inputs // step
     xs = x2.reshape(-1, n, step).transpose(1, 0, 2)
     qs = q.reshape(n, step, outputs)
@@ -157,13 +160,13 @@ def product(spec: str, x: jax.Array, w: Quantized, form: str) -> jax.Array:
     return y.astype(x.dtype).reshape(x.shape[:len(rows)] + w.shape[n_in:])
 
 
-def _row_block(inputs: int, group: int) -> int:
-    """Inputs per block of the CPU product: whole groups, dividing `inputs`, at most ROW_BLOCK
-    (or one group where a group is larger)."""
+def _row_block(inputs: int, outputs: int, group: int) -> int:
+    """Inputs per block of the CPU product: whole groups, dividing `inputs`, as many as keep the
+    block's float32 copy within ROW_BLOCK_BYTES (at least one group, or one input per channel)."""
     unit = 1 if group >= inputs else group
     best = unit
     for m in range(1, inputs // unit + 1):
-        if (inputs // unit) % m == 0 and unit * m <= ROW_BLOCK:
+        if (inputs // unit) % m == 0 and unit * m * outputs * 4 <= ROW_BLOCK_BYTES:
             best = unit * m
     return best
 
@@ -228,6 +231,16 @@ def dequantize_params(params: dict, dtype) -> dict:
 def _map_projections(fn, params: dict) -> dict:
     """fn(path, leaf) over params, a quantized weight's {"q", "scale"} taken as one leaf."""
     return jax.tree_util.tree_map_with_path(fn, params, is_leaf=is_quantized)
+
+
+def held_for(params: dict, platform: str) -> dict:
+    """params as the programs of `platform` take them: on XLA:CPU int4 weights as int8, the same
+    values in the byte each that XLA:CPU holds int4 in anyway, which its product reads faster
+    (BENCHMARKS.md, "Low-bit weights"), and which jax lets into sharded ahead-of-time programs.
+    Call it once, outside jit: converting inside would write the weight again at every call."""
+    if not platforms.int4_as_int8(platform):
+        return params
+    return jax.tree_util.tree_map(lambda x: x.astype(jnp.int8) if x.dtype == jnp.int4 else x, params)
 
 
 def mode_of(params: dict) -> str | None:

@@ -46,16 +46,17 @@ def expert_kernel(requested: str) -> str:
 
 def quantized_product() -> str:
     """How a quantized weight meets its input (model/quantize.py product): on CPU a block of
-    rows dequantized at a time, which XLA:CPU runs 5x faster than dequantizing the whole
-    weight before its dot (BENCHMARKS.md, "Low-bit weights"); on TPU and GPU the weight
-    dequantized in the dot's operand, which XLA fuses into the matmul."""
+    rows dequantized at a time, which XLA:CPU runs several times faster than dequantizing the whole
+    weight before its dot (BENCHMARKS.md, "Low-bit weights"); on TPU and GPU the integers
+    straight into the matmul, a group of inputs at a time, the scales applied to its output."""
     return "row_blocks" if target_platform() == "cpu" else "dequantize"
 
 
 def int4_as_int8(platform_name: str) -> bool:
-    """Whether int4 weights enter a program compiled ahead of time (the train step) as int8, the
-    same values: XLA:CPU holds int4 unpacked, a byte each as int8, and jax refuses such an array
-    sharded over a mesh to a program compiled for int4's packed layout."""
+    """Whether int4 weights enter the programs as int8, the same values (quantize.held_for):
+    XLA:CPU holds int4 unpacked, a byte each as int8, converts it to floats several times slower than
+    int8, and jax refuses such an array sharded over a mesh to a program compiled ahead of
+    time for int4's packed layout."""
     return platform_name == "cpu"
 
 

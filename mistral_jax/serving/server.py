@@ -31,8 +31,10 @@ from starlette.routing import Route
 
 from mistral_jax.checkpoints.store import load_checkpoint
 from mistral_jax.inference.engine import PREFILL_BUDGET, Engine, Request
+from mistral_jax.model import quantize
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import param_shardings
+from mistral_jax.runtime.platforms import decode_platform
 from mistral_jax.runtime.sharding import make_mesh
 from mistral_jax.runtime.options import OptionError, Quantization, option, require_positive
 from mistral_jax.serving import api
@@ -119,6 +121,7 @@ class Service:
         shardings = None if mesh is None else param_shardings(MistralConfig.from_dir(options.checkpoint), mesh)
         config, params = load_checkpoint(options.checkpoint, options.dtype, shardings=shardings,
                                          quantize=options.quantize, group=options.quant_group)
+        params = quantize.held_for(params, decode_platform(mesh))
         if self.tokenizer.vocab_size != config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model's vocabulary is "
                              f"{config.vocab_size}: they do not belong together")

@@ -24,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mistral_jax.checkpoints import store
+from mistral_jax.model import quantize
 from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.transformer import Mistral, abstract_params, init_params, output_matrix, param_shardings
 from mistral_jax.runtime import platforms
@@ -428,9 +429,8 @@ def fit(config: MistralConfig, hp: Hyperparameters, batches, mesh, out_dir: str,
     base_shardings = param_shardings(config, mesh, params) if hp.frozen else None  # params may be quantized
     base_args = ()
     if spec is not None:  # the frozen base, where the rules table puts it (a no-op for params read onto the mesh)
-        unpacked = platforms.int4_as_int8(platforms.decode_platform(mesh))
-        base_args = (jax.tree_util.tree_map(lambda x, s: jax.device_put(
-            x.astype(jnp.int8) if unpacked and x.dtype == jnp.int4 else x, s), params, base_shardings),)
+        held = quantize.held_for(params, platforms.decode_platform(mesh))
+        base_args = (jax.device_put(held, base_shardings),)
     elif hp.frozen:  # DPO's reference: a copy, since the trained params (whose buffers the step donates) start equal
         base_args = (jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p), out_shardings=base_shardings)(params),)
     checkpoints = os.path.join(out_dir, "checkpoints")
