@@ -6,17 +6,20 @@
   python -m bench --only latent --configs small-latent [--write]
   python -m bench --only vision --configs small-vision [--write]
   python -m bench --only finetune --configs small [--write]
+  python -m bench --only quantized --configs tiny small default [--write]
 
 Each suite runs once per config and side, each in its own process, so that each side runs
 as it does by default: ours with glibc's malloc on huge pages, as train.py and sample.py
-restart themselves (platforms.restart_with_huge_pages); PyTorch in the environment given
-(huge pages slowed it down: BENCHMARKS.md). The machine's limits are measured once, here.
+restart themselves (platforms.restart_with_huge_pages); the baseline (PyTorch, or for the
+quantized suite llama.cpp) in the environment given (huge pages slowed PyTorch down:
+BENCHMARKS.md). The machine's limits are measured once, here.
 
 --write replaces, for each suite run, its generated section of BENCHMARKS.md with this run's
 table (the command, machine and measured limits included).
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -24,11 +27,14 @@ import sys
 import tempfile
 import time
 
-from bench import common, decode, experts, finetune, latent, lora, report, scaling, train, vision
+from bench import common, decode, experts, finetune, latent, lora, quantized, report, scaling, train, vision
 from mistral_jax.runtime.platforms import huge_page_tunables, restart_with_huge_pages
 
 SUITES = {"train": train.run, "decode": decode.run, "scaling": scaling.run, "experts": experts.run, "lora": lora.run,
-          "latent": latent.run, "vision": vision.run, "finetune": finetune.run}
+          "latent": latent.run, "vision": vision.run, "finetune": finetune.run, "quantized": quantized.run}
+# The baseline of a suite other than PyTorch (HF): (its column's label, the package measured)
+BASELINES = {"quantized": ("llama.cpp", "llama-cpp-python")}
+ONCE_PER_RUN = {"quantized"}  # suites with rows measured once per run (their run's `first`)
 
 
 def parse_args():
@@ -41,15 +47,17 @@ def parse_args():
     p.add_argument("--side", choices=["ours", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--limits", nargs=2, type=float, help=argparse.SUPPRESS)  # peak FLOP/s, bandwidth B/s
     p.add_argument("--rows-to", help=argparse.SUPPRESS)
+    p.add_argument("--first-config", action="store_true", help=argparse.SUPPRESS)  # the run's first config
     return p.parse_args()
 
 
-def measure_side(side: str, suite: str, config: str, reps: int, peak: float, bandwidth: float) -> list[dict]:
+def measure_side(side: str, suite: str, config: str, reps: int, peak: float, bandwidth: float,
+                 first: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         rows_file = os.path.join(tmp, "rows.json")
         subprocess.run([sys.executable, "-m", "bench", "--side", side, "--only", suite, "--configs", config,
-                        "--reps", str(reps), "--limits", str(peak), str(bandwidth), "--rows-to", rows_file],
-                       cwd=common.REPO, check=True)
+                        "--reps", str(reps), "--limits", str(peak), str(bandwidth), "--rows-to", rows_file]
+                       + ["--first-config"] * first, cwd=common.REPO, check=True)
         with open(rows_file) as f:
             return json.load(f)
 
@@ -72,30 +80,21 @@ def main():
     if args.side:
         (suite,) = args.only
         peak, bandwidth = args.limits
-        rows = SUITES[suite](bandwidth, peak, names=args.configs, reps=args.reps, side=args.side)
+        once = {"first": args.first_config} if suite in ONCE_PER_RUN else {}
+        rows = SUITES[suite](bandwidth, peak, names=args.configs, reps=args.reps, side=args.side, **once)
         with open(args.rows_to, "w") as f:
             json.dump(rows, f)
         return
 
     command = "python -m bench " + " ".join(sys.argv[1:])
     peak, bandwidth = common.matmul_peak_flops(), common.memory_bandwidth()
-    torch_tunables = os.environ.get("GLIBC_TUNABLES", "")
-    header = [
-        f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')})",
-        f"Machine: {report.machine_description()}; {report.versions()}; "
-        f"torch threads = XLA threads = {os.cpu_count()}; GLIBC_TUNABLES: ours "
-        f"`{huge_page_tunables() or torch_tunables}`, PyTorch `{torch_tunables}`",
-        f"Measured limits: float32 matmul peak {peak / 1e9:.0f} GFLOP/s; memory bandwidth {bandwidth / 1e9:.1f} GB/s",
-        "",
-        "| workload | mistral_jax | PyTorch (HF) | ratio | of machine limit | notes |",
-        "|---|---|---|---|---|---|",
-    ]
-    print("\n".join(header), flush=True)
     for suite in args.only:
-        lines = list(header)
+        lines = header(suite, command, peak, bandwidth)
+        print("\n".join(lines), flush=True)
         rows = []
         for config in args.configs:  # the two sides of a row minutes apart at most: this machine drifts
-            ours, torch = (measure_side(side, suite, config, args.reps, peak, bandwidth) for side in ("ours", "torch"))
+            ours, torch = (measure_side(side, suite, config, args.reps, peak, bandwidth, config == args.configs[0])
+                           for side in ("ours", "torch"))
             rows += merge(ours, torch)
         for row in rows:
             torch, limit = row["torch"], row.get("limit")
@@ -106,6 +105,24 @@ def main():
             lines.append(line)
         if args.write:
             report.rewrite_section(os.path.join(common.REPO, "BENCHMARKS.md"), f"bench:{suite}", "\n".join(lines))
+
+
+def header(suite: str, command: str, peak: float, bandwidth: float) -> list[str]:
+    """The lines above a suite's table: the command, the machine, its measured limits, the columns."""
+    label, package = BASELINES.get(suite, ("PyTorch (HF)", None))
+    name = label.split(" ")[0]  # "PyTorch", "llama.cpp"
+    versions = report.versions() + (f", {package} {importlib.metadata.version(package)}" if package else "")
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    return [
+        f"Command: `{command.strip()}` ({time.strftime('%Y-%m-%d')})",
+        f"Machine: {report.machine_description()}; {versions}; "
+        f"{'torch' if package is None else name} threads = XLA threads = {os.cpu_count()}; GLIBC_TUNABLES: ours "
+        f"`{huge_page_tunables() or tunables}`, {name} `{tunables}`",
+        f"Measured limits: float32 matmul peak {peak / 1e9:.0f} GFLOP/s; memory bandwidth {bandwidth / 1e9:.1f} GB/s",
+        "",
+        f"| workload | mistral_jax | {label} | ratio | of machine limit | notes |",
+        "|---|---|---|---|---|---|",
+    ]
 
 
 if __name__ == "__main__":
