@@ -1,8 +1,9 @@
 """Every row of docs/SCALING.md: the train step and generate of Mistral 7B, Ministral 8B,
 Mistral Nemo 12B and Mixtral 8x7B, 7B's LoRA fine-tune, Ministral 3 8B at 128k context,
 Devstral 2 123B's generation, Mistral Small 4's generation and LoRA fine-tune, Large 3's
-generation and serve.py's programs for 7B and Ministral 3 8B, compiled ahead of time for TPU slices and the 8-device CPU
-stand-in (mistral_jax.plans.aot), per-device memory from XLA.
+generation, serve.py's programs for 7B and Ministral 3 8B, and 7B with int8 / int4 weights on one
+device (generation, QLoRA), compiled ahead of time for TPU slices and chips, the 8-device CPU
+stand-in and a one-device one (mistral_jax.plans.aot), per-device memory from XLA.
 
   python -m bench.plans                      # compiles and prints every row
   python -m bench.plans --write              # ... and rewrites the tables in docs/SCALING.md
@@ -104,9 +105,20 @@ VISION_PLANS = [
     aot.Plan("v5p-8", "tensor=4", "generate", 16, 8192, "mistral-small-4", image=1024),
     aot.Plan("cpu-8", "tensor=8", "generate", 16, 8192, "mistral-small-4", image=1024),
 ]
+# Low-bit weights on one device: Mistral 7B generating (prefill + decode, 4096-token contexts) with
+# bf16, int8 (per channel) and int4 (groups of 128) weights, and its rank-16 LoRA step on one
+# 4096-token sequence with the frozen base in bf16 (LoRA) or int8 / int4 (QLoRA), on one 16 GiB
+# TPU v5e chip and the stand-in for one 24 GB GPU.
+QUANTIZED_PLANS = [
+    *(aot.Plan(target, "tensor=1", "generate", batch, 4096, quantize=weights)
+      for target in ("v5e-1", "cpu-24g") for batch in (1, 8) for weights in (None, "int8", "int4")),
+    *(aot.Plan(target, "fsdp=1", "train", 1, 4096, lora_rank=16, quantize=base)
+      for target in ("v5e-1", "cpu-24g") for base in (None, "int8", "int4")),
+]
 TABLES = {"dense": ("aot", PLANS), "experts": ("aot:experts", EXPERT_PLANS), "lora": ("aot:lora", LORA_PLANS),
           "mistral3": ("aot:mistral3", MISTRAL3_PLANS), "mistral4": ("aot:mistral4", MISTRAL4_PLANS),
-          "serve": ("aot:serve", SERVE_PLANS), "vision": ("aot:vision", VISION_PLANS)}
+          "serve": ("aot:serve", SERVE_PLANS), "vision": ("aot:vision", VISION_PLANS),
+          "quantized": ("aot:quantized", QUANTIZED_PLANS)}
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """The 7B, Ministral and Mixtral plans (and 7B serving), checked by compiling them: on 8 fake CPU devices
-(the guards on the sharding rules and the layouts) and for a TPU v5e-16 slice through libtpu's topology description (splash attention
-really in the program). Each in a subprocess: they need 8 CPU devices or libtpu's backend."""
+(the guards on the sharding rules and the layouts) and for a TPU v5e-16 slice through libtpu's topology
+description (splash attention really in the program); and int8 / int4 weights read by the TPU's matmuls
+as integers (the optimized HLO of one v5e chip's programs). Each in a subprocess: they need 8 CPU devices
+or libtpu's backend."""
 
 import json
 import os

@@ -174,8 +174,14 @@ def test_quantized_model_is_hf_on_the_dequantized_weights(converted, tmp_path, m
         got = np.asarray(jax.jit(Mistral(config).apply)({"params": quantized}, tokens))
         assert np.abs(got - expected).max() < TOL, form
     monkeypatch.undo()
+    held = quantize.held_for(quantized, "cpu")  # as sample.py and serve.py run on CPU: int4 as int8
+    for a, b in zip(jax.tree_util.tree_leaves(quantized), jax.tree_util.tree_leaves(held), strict=True):
+        assert b.dtype == (jnp.int8 if a.dtype == jnp.int4 else a.dtype)
+        assert np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    got = np.asarray(jax.jit(Mistral(config).apply)({"params": held}, tokens))
+    assert np.abs(got - expected).max() < TOL
     prompt = [1, 415, 5565, 302, 4843, 349]
-    assert generate(config, quantized, [prompt], 20, eos_id=2)[0] == hf_greedy_ids(model, prompt, 20)
+    assert generate(config, held, [prompt], 20, eos_id=2)[0] == hf_greedy_ids(model, prompt, 20)
 
 
 @pytest.mark.parametrize("fixture,mode,group", [("ref_mixtral", "int4", 32), ("ref_mistral4", "int8", None)])

@@ -36,7 +36,6 @@ from mistral_jax.model.config import MistralConfig
 from mistral_jax.model.presets import PIXTRAL
 from mistral_jax.model.transformer import init_params, param_shardings
 from mistral_jax.model.vision import ImageFeatures, image_tokens
-from mistral_jax.runtime import platforms
 from mistral_jax.runtime.cli import run as run_cli
 from mistral_jax.runtime.sharding import batch_sharding, make_mesh
 from mistral_jax.training import lora, trainer
@@ -77,8 +76,9 @@ def target_devices(name: str) -> list:
     from jax.experimental import topologies
     try:
         topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology,
-                                                chip_config_name=target.chip_config, chips_per_host_bounds=target.host_bounds,
-                                                num_slices=1, wrap=(False, False, False))
+                                                chip_config_name=target.chip_config,
+                                                chips_per_host_bounds=target.host_bounds, num_slices=1,
+                                                wrap=(False, False, False))
     except Exception as e:  # libtpu missing or unable to describe the topology
         raise RuntimeError(f"cannot describe TPU topology {target.topology} ({type(e).__name__}: {e}); "
                            'TPU targets need libtpu: pip install "jax[tpu]==0.10.2"') from None
@@ -150,15 +150,13 @@ def abstract_params(config: MistralConfig, mesh, dtype: str | None = None, quant
                     group: int | None = None):
     """The params as abstract arrays in dtype (default config.param_dtype), sharded as
     param_shardings says; with quantized ("int8", "int4") the layers' projections as
-    quantize.quantize_params gives them (group: its inputs per scale), int4 as int8 for a CPU
-    mesh (platforms.int4_as_int8: XLA:CPU holds it a byte each, as train.py passes it)."""
+    quantize.quantize_params gives them (group: its inputs per scale), held as the mesh's
+    platform takes them (quantize.held_for: int4 as int8 on CPU)."""
     params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype or config.param_dtype)),
                                     jax.eval_shape(lambda key: init_params(config, key), jax.random.key(0)))
     if quantized is not None:
         params = jax.eval_shape(lambda p: quantize.quantize_params(config, p, quantized, group), params)
-        if platforms.int4_as_int8(mesh.devices.flat[0].platform):
-            params = jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, jnp.int8) if x.dtype == jnp.int4 else x, params)
+        params = jax.eval_shape(lambda p: quantize.held_for(p, mesh.devices.flat[0].platform), params)
     return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   params, param_shardings(config, mesh, params))
 
@@ -211,14 +209,31 @@ def compile_generate(config: MistralConfig, mesh, batch: int, prompt_len: int, n
         images = ImageFeatures(embeddings, prompts)
 
     start = time.perf_counter()
-    prefill = sampling.start.lower(params, config, prompts, lengths, key, chunk=chunk, max_tokens=new_tokens,
-                                   mesh=mesh, images=images, **options).compile()
-    reports.append(memory_report("prefill", prefill, time.perf_counter() - start, params=_bytes_per_device(params)))
-    state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   prefill.out_info, prefill.output_shardings)
+    prefill_options = dict(chunk=chunk, max_tokens=new_tokens, mesh=mesh, **options)
+    try:
+        prefill = sampling.start.lower(params, config, prompts, lengths, key, images=images, **prefill_options
+                                       ).compile()
+    except jax.errors.JaxRuntimeError as e:  # refused: the decode loop is compiled all the same, from the
+        # state's shapes (the cache sharded as decode keeps it, the small rest replicated)
+        reports.append(refused("prefill", e))
+        state = jax.eval_shape(lambda p, *args, images: sampling.start(p, config, *args, images=images,
+                                                                       **prefill_options),
+                               params, prompts, lengths, key, images=images)
+        state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                       state.replace(cache=None)).replace(cache=jax.tree_util.tree_map(
+                                           lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                           state.cache, state.cache.shardings(mesh)))
+    else:
+        reports.append(memory_report("prefill", prefill, time.perf_counter() - start,
+                                     params=_bytes_per_device(params)))
+        state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       prefill.out_info, prefill.output_shardings)
     start = time.perf_counter()
     until_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    decode = sampling.decode.lower(params, config, state, until_step, **options).compile()
+    try:
+        decode = sampling.decode.lower(params, config, state, until_step, **options).compile()
+    except jax.errors.JaxRuntimeError as e:
+        return reports + [refused("decode", e)]
     reports.append(memory_report("decode", decode, time.perf_counter() - start, params=_bytes_per_device(params)))
     return reports
 
@@ -310,11 +325,14 @@ def run(plan: Plan) -> list[Report]:
             return compile_serve(config, mesh, plan.batch, plan.seq, **quantized)
         return compile_generate(config, mesh, plan.batch, plan.seq // 2, plan.seq // 2, plan.image, **quantized)
     except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-            raise
-        reason = str(e).split("RESOURCE_EXHAUSTED: ")[-1].split("\n")[0]
-        program = train_program(plan.lora_rank) if plan.program == "train" else plan.program
-        return [Report(program, 0, 0, 0, 0, 0.0, error=reason)]
+        return [refused(train_program(plan.lora_rank) if plan.program == "train" else plan.program, e)]
+
+
+def refused(program: str, error: jax.errors.JaxRuntimeError) -> Report:
+    """The report of a program the compiler refused for lack of memory; any other error raised."""
+    if "RESOURCE_EXHAUSTED" not in str(error):
+        raise error
+    return Report(program, 0, 0, 0, 0, 0.0, error=str(error).split("RESOURCE_EXHAUSTED: ")[-1].split("\n")[0])
 
 
 def fits(plan: Plan, report: Report) -> str:
