@@ -177,7 +177,6 @@ def main():
     from mistral_jax.checkpoints.store import load_checkpoint
     from mistral_jax.inference.sampling import Sampler
     from mistral_jax.model.quantize import held_for, quantize_params
-    from mistral_jax.runtime.platforms import decode_platform
     from mistral_jax.text.chat import has_images
     from mistral_jax.text.tokenizer import Tokenizer, find_tokenizer
     from mistral_jax.training.lora import load_peft, merge
@@ -200,7 +199,7 @@ def main():
         params = merge(params, adapters, spec)
         if options.quantize:
             params = quantize_params(config, params, options.quantize, options.quant_group)
-    params = held_for(params, decode_platform())
+    params = held_for(params, platforms.decode_platform())  # int4 as int8 on CPU
     tokenizer = Tokenizer(tokenizer_path)
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "

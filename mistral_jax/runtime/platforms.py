@@ -2,7 +2,7 @@
 
 - the attention kernel that `attention="auto"` means on each platform, and the experts'
   grouped matmul (`expert_kernel="auto"`);
-- the form of a product with a quantized weight, and the storage int4 weights enter a train step in;
+- the form of a product with a quantized weight, and how int4 weights are held (CPU: as int8);
 - whether decoding runs the layer stack as one scan over stacked weights or as a block per
   layer over an array per layer (CPU: per layer);
 - restarting a script with glibc's malloc on huge pages (for XLA:CPU).
